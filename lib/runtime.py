@@ -1,0 +1,88 @@
+"""Per-process run state handed to the role loops, and the small helpers every role needs."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lib.config import Config
+from lib.topology import Groups, RankInfo, Role, Topology
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    topo: Topology
+    info: RankInfo
+    groups: Groups
+    run_dir: str
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.info.device)
+
+    @property
+    def is_trainer_leader(self) -> bool:
+        """Rank 0 of the trainers writes the run's files and prints training progress."""
+        return self.info.role in (Role.trainer, Role.both) and self.info.rank == self.topo.trainer_ranks[0]
+
+    @property
+    def is_engine_leader(self) -> bool:
+        return self.info.role in (Role.engine, Role.both) and self.info.rank == self.topo.engine_ranks[0]
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.cfg.target.tokenizer or self.cfg.target.path
+
+    def handoff_address(self) -> str:
+        """A Unix socket path per pair, short enough for AF_UNIX (< 108 bytes), unique per run."""
+        digest = hashlib.sha1(os.path.abspath(self.run_dir).encode()).hexdigest()[:12]
+        return f"/tmp/specdraft-{digest}-pair{self.info.pair_index}.sock"
+
+    def peer_name(self) -> str:
+        if self.info.pair is None:
+            return "self"
+        peer = self.topo.rank_info(self.info.pair)
+        return f"{peer.role.value} rank {peer.rank}"
+
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, prefix: str):
+        super().__init__("%(asctime)s " + prefix + " %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(prefix: str) -> logging.Logger:
+    """Every line names the rank and role, so interleaved output from 2N processes stays readable."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_RankFormatter(prefix))
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("SPECDRAFT_LOG_LEVEL", "INFO"))
+    return logging.getLogger("specdraft")
+
+
+def resolve_run_dir(cfg: Config, groups: Groups) -> str:
+    """The launcher fixes run.dir for all ranks; a bare torchrun lets rank 0 choose and tell everyone."""
+    choice = [cfg.run.dir]
+    if cfg.run.dir == "auto":
+        if dist.get_rank() == 0:
+            choice = [os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S"))]
+        dist.broadcast_object_list(choice, src=0, group=groups.meta)
+    return os.path.abspath(choice[0])
+
+
+def startup_barrier(groups: Groups, timeout_s: float, what: str) -> None:
+    """A barrier that names the ranks that did not arrive (gloo's monitored barrier)."""
+    import datetime
+
+    try:
+        dist.monitored_barrier(group=groups.meta, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"start-up barrier '{what}' failed: {exc}") from None

@@ -1,0 +1,103 @@
+"""Entry point for every rank under torchrun: compose config, build topology, dispatch on role.
+
+    torchrun --nproc_per_node=2N train.py [hydra overrides]
+
+Local ranks [0, P/2) of a node are trainers, [P/2, P) engines (trainer r pairs with engine r + P/2);
+placement=sequential runs one process per GPU that plays both roles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from lib.config import ConfigError, Device, LaunchShape, compose, resolve_device, validate  # noqa: E402
+from lib.runtime import RunContext, resolve_run_dir, setup_logging, startup_barrier  # noqa: E402
+from lib.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E402,E501
+
+
+def visible_gpus() -> int:
+    # device_count() does not create a CUDA context, so MPS settings applied later still take effect.
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def write_run_files(ctx: RunContext, records: list[dict]) -> None:
+    from omegaconf import OmegaConf
+
+    os.makedirs(ctx.run_dir, exist_ok=True)
+    with open(os.path.join(ctx.run_dir, "topology.json"), "w") as f:
+        json.dump({"world_size": ctx.topo.world_size, "nnodes": ctx.topo.nnodes,
+                   "nproc_per_node": ctx.topo.nproc_per_node, "placement": ctx.topo.placement.value,
+                   "mps": os.environ.get("SPECDRAFT_MPS", "unknown"), "ranks": records}, f, indent=1)
+    resolved = OmegaConf.structured(ctx.cfg)
+    resolved.run.dir = ctx.run_dir
+    OmegaConf.save(resolved, os.path.join(ctx.run_dir, "config.yaml"))
+
+
+def dispatch(ctx: RunContext) -> None:
+    if ctx.info.role == Role.trainer:
+        from lib.trainer_loop import run_trainer
+        run_trainer(ctx)
+    elif ctx.info.role == Role.engine:
+        from engine_worker import run_engine
+        run_engine(ctx)
+    else:
+        from lib.sequential import run_sequential
+        run_sequential(ctx)
+
+
+def main(overrides: list[str]) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    log = setup_logging(f"[rank {rank}]")
+    try:
+        cfg = compose(overrides)
+        gpus = visible_gpus()
+        shape = LaunchShape.from_env(gpus)
+        validate(cfg, shape)
+    except ConfigError as exc:
+        # Every rank fails the same way; one line from rank 0 is enough.
+        if rank == 0:
+            log.error("config error: %s", exc)
+        return 2
+    use_cuda = resolve_device(cfg, gpus) == Device.cuda
+    topo = Topology(shape.nnodes, shape.nproc_per_node, cfg.placement.name, use_cuda, cfg.engine.tp)
+    info = topo.rank_info(rank)
+    log = setup_logging(f"[rank {rank} {info.role.value}]")
+    if use_cuda:
+        torch.cuda.set_device(torch.device(info.device))
+    groups = None
+    try:
+        init_world(cfg.run.startup_timeout_s)
+        groups = build_groups(topo, info, cfg.run.startup_timeout_s)
+        ctx = RunContext(cfg, topo, info, groups, resolve_run_dir(cfg, groups))
+        records = gather_topology(groups, info)
+        if rank == 0:
+            write_run_files(ctx, records)
+            from omegaconf import OmegaConf
+            log.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            log.info("topology: %d ranks on %d node(s), placement=%s, run dir %s", topo.world_size,
+                     topo.nnodes, topo.placement.value, ctx.run_dir)
+        if cfg.train.max_steps == 0 or cfg.run.dry_run:
+            sums = check_groups(topo, groups, info)
+            log.info("dry run: groups ok %s", sums)
+            startup_barrier(groups, cfg.run.startup_timeout_s, "dry run done")
+            return 0
+        dispatch(ctx)
+        return 0
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            log.error("interrupted")
+        else:
+            log.error("rank %d (%s) failed: %s\n%s", rank, info.role.value, exc, traceback.format_exc())
+        return 1
+    finally:
+        destroy(groups)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
