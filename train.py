@@ -39,6 +39,14 @@ def write_run_files(ctx: RunContext, records: list[dict]) -> None:
     OmegaConf.save(resolved, os.path.join(ctx.run_dir, "config.yaml"))
 
 
+def record_dry_run(ctx: RunContext, sums: dict[str, int]) -> None:
+    """Per-rank evidence that each group reduced over exactly its members (for cluster checks)."""
+    out = os.path.join(ctx.run_dir, "dry_run")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"rank-{ctx.info.rank}.json"), "w") as f:
+        json.dump({"rank": ctx.info.rank, "role": ctx.info.role.value, "sums": sums}, f)
+
+
 def dispatch(ctx: RunContext) -> None:
     if ctx.info.role == Role.trainer:
         from lib.trainer_loop import run_trainer
@@ -85,6 +93,7 @@ def main(overrides: list[str]) -> int:
         if cfg.train.max_steps == 0 or cfg.run.dry_run:
             sums = check_groups(topo, groups, info)
             log.info("dry run: groups ok %s", sums)
+            record_dry_run(ctx, sums)
             startup_barrier(groups, cfg.run.startup_timeout_s, "dry run done")
             return 0
         dispatch(ctx)

@@ -1,0 +1,88 @@
+"""Resumable checkpoints on the trainer group (torch.distributed.checkpoint), written atomically.
+
+Layout: checkpoints/step-N/ holds the DCP shards (model + optimizer), one `rank-R.pt` per trainer
+with what is private to its pair (data position, RNG), and `meta.json`, written last. A directory
+is complete only when it carries meta.json and has its final name: it is written as step-N.tmp and
+renamed by the leader after every trainer finished, so a crash mid-write is never picked up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))
+             and os.path.isfile(os.path.join(root, name, "meta.json"))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    meta: dict[str, Any], private: dict[str, Any], group: dist.ProcessGroup, keep: int) -> str:
+    """Collective over the trainer (gloo) group; returns the final directory."""
+    root = checkpoint_root(run_dir)
+    final = os.path.join(root, f"step-{step}")
+    tmp = final + ".tmp"
+    leader = dist.get_rank(group) == 0
+    if leader:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier(group=group)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=group)
+    torch.save(private, os.path.join(tmp, f"rank-{dist.get_rank(group)}.pt"))
+    dist.barrier(group=group)
+    if leader:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, "world": dist.get_world_size(group), **meta}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _prune(root, keep)
+    dist.barrier(group=group)
+    return final
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    group: dist.ProcessGroup) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores model and optimizer in place; returns (meta, this rank's private state)."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    world = dist.get_world_size(group)
+    if meta["world"] != world:
+        raise RuntimeError(f"checkpoint {path} was written by {meta['world']} trainers but this run has {world}; "
+                           "resume with the same number of pairs (the data position is per pair)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    private = torch.load(os.path.join(path, f"rank-{dist.get_rank(group)}.pt"), weights_only=False)
+    return meta, private
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded fp32 CPU state dict on every trainer (a collective: all trainers must call it)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _prune(root: str, keep: int) -> None:
+    steps = sorted(int(m.group(1)) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
+    for step in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, f"step-{step}"), ignore_errors=True)
