@@ -17,7 +17,7 @@ import torch.distributed as dist
 from lib.draft_setup import DraftBundle, build_draft
 from lib.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.eagle3.export import export_draft
-from lib.eagle3.loss import count_valid_positions, sim_accept_len, ttt_forward
+from lib.eagle3.loss import count_valid_positions, sim_accept_len
 from lib.metrics import MetricsWriter, plot_curves, write_summary
 from lib.runtime import RunContext
 from lib.topology import enter_loop_timeouts
@@ -95,16 +95,18 @@ def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Opti
                counters: dict[str, int]) -> tuple[dict[str, Any], Optional[dict]]:
     cfg, device, group = ctx.cfg, ctx.device, ctx.groups.trainer
     t0 = time.perf_counter()
-    micro, wait_s = receive_micro_batches(source, cfg.train.grad_accum)
+    micro, wait_s = receive_micro_batches(source, cfg.train.grad_accum, device)
+    # Target distributions once per micro-batch: they feed both the normaliser and the loss.
+    targets = [bundle.target_head.target_probs(t["final_hidden"]) for _, t in micro]
     # The normaliser is the global count of valid positions, so 1 trainer and N trainers with the
     # same global batch produce the same gradient.
-    counts = sum(count_valid_positions(bundle.draft_view, bundle.target_head, t, cfg.train.ttt_length)
-                 for _, t in micro)
+    counts = sum(count_valid_positions(bundle.target_head, t, cfg.train.ttt_length, target=tgt)
+                 for (_, t), tgt in zip(micro, targets))
     counts = counts.to(device=device, dtype=torch.float32)
     dist.all_reduce(counts, group=group)
     stats = None
-    for _, tensors in micro:
-        loss, m = ttt_forward(bundle.model, bundle.target_head, tensors, cfg.train.ttt_length, denominators=counts)
+    for (_, tensors), target in zip(micro, targets):
+        loss, m = bundle.model(tensors, target, counts)
         loss.backward()
         source.release()
         stats = m["sums"] if stats is None else stats + m["sums"]
@@ -130,9 +132,14 @@ def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Opti
     return row, micro[-1][0].get("loader_state")
 
 
-def receive_micro_batches(source: PayloadSource, n: int) -> tuple[list, float]:
+def receive_micro_batches(source: PayloadSource, n: int, device: torch.device) -> tuple[list, float]:
+    """n payloads with their sample boundaries attached; returns them and the time spent waiting."""
     t = time.perf_counter()
-    micro = [source.recv() for _ in range(n)]
+    micro = []
+    for _ in range(n):
+        header, tensors = source.recv()
+        tensors = dict(tensors, cu_seqlens=torch.tensor(header["cu_seqlens"], dtype=torch.int32, device=device))
+        micro.append((header, tensors))
     return micro, time.perf_counter() - t
 
 
@@ -162,7 +169,7 @@ def checkpoint(ctx: RunContext, bundle: DraftBundle, optimizer, schedule, step: 
                     meta={"schedule": schedule.state_dict(), "counters": counters},
                     private={"loader_state": loader_state, "rng": torch.get_rng_state()},
                     group=ctx.groups.trainer_gloo, keep=cfg.checkpoint.keep)
-    state = full_model_state(bundle.model)
+    state = {k.removeprefix("draft."): v for k, v in full_model_state(bundle.model).items()}
     if ctx.is_trainer_leader:
         for out in (os.path.join(ctx.run_dir, "checkpoints", f"step-{step}", "draft"),
                     os.path.join(ctx.run_dir, "draft")):
