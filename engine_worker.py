@@ -74,7 +74,8 @@ def run_engine(ctx: RunContext) -> None:
     cfg = ctx.cfg
     stepper = EngineStepper(ctx)
     sender = make_sender(stepper.specs, cfg.handoff.slots, ctx.handoff_address(), ctx.peer_name(),
-                         cfg.run.loop_timeout_s, ctx.device, cfg.run.startup_timeout_s)
+                         cfg.run.loop_timeout_s, ctx.device, cfg.run.startup_timeout_s,
+                         cross_device=ctx.cross_device_handoff)
     try:
         start = [None]
         dist.recv_object_list(start, src=ctx.info.pair, group=ctx.groups.meta)

@@ -22,7 +22,8 @@ class ReceiverSource:
         shape = target_shape(cfg.target, ctx.device)
         specs = eagle3_payload_specs(cfg.engine.token_budget, shape.hidden_size, shape.n_aux, shape.dtype)
         self.receiver = make_receiver(specs, cfg.handoff.slots, ctx.handoff_address(), ctx.peer_name(),
-                                      cfg.run.loop_timeout_s, ctx.device, cfg.run.startup_timeout_s)
+                                      cfg.run.loop_timeout_s, ctx.device, cfg.run.startup_timeout_s,
+                                      cross_device=ctx.cross_device_handoff)
 
     def start(self, start_step: int, loader_state: Optional[dict], num_micro_batches: int) -> None:
         dist.send_object_list([(start_step, loader_state, num_micro_batches)], dst=self.ctx.info.pair,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lib.config import Config
+from lib.config import Config, Placement
 from lib.topology import Groups, RankInfo, Role, Topology
 
 
@@ -39,6 +39,11 @@ class RunContext:
     @property
     def tokenizer_path(self) -> str:
         return self.cfg.target.tokenizer or self.cfg.target.path
+
+    @property
+    def cross_device_handoff(self) -> bool:
+        """Disaggregated pairs sit on two GPUs: the trainer copies each slot to its own device."""
+        return self.topo.placement == Placement.disaggregate and self.device.type == "cuda"
 
     def handoff_address(self) -> str:
         """A Unix socket path per pair, short enough for AF_UNIX (< 108 bytes), unique per run."""
