@@ -48,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-gpu", type=int, default=0)
     p.add_argument("--trainer-gpu", type=int, default=0, help="another GPU than --engine-gpu: cross-device ring")
     p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--engine-work-ms", type=float, default=0.0,
+                   help="GPU work the engine does per step before writing the slot (pipelined mode)")
+    p.add_argument("--trainer-work-ms", type=float, default=0.0,
+                   help="GPU work the trainer does per step on the payload (pipelined mode): with it, the "
+                        "trainer wait is the handoff's own cost, not the engine's production time")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.tokens = args.tokens or (8192 if cuda else 256)
@@ -76,6 +81,12 @@ def summarize(seconds: list[float]) -> dict:
     ms = sorted(s * 1e3 for s in seconds)
     return {"p50_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))], "max_ms": ms[-1],
             "mean_ms": statistics.fmean(ms)}
+
+
+def gpu_work(ms: float, device: torch.device) -> None:
+    """Stand-in for the role's real kernels: keeps the GPU busy for `ms` without host involvement."""
+    if ms > 0 and device.type == "cuda":
+        torch.cuda._sleep(int(ms * 1e-3 * torch.cuda.clock_rate(device) * 1e6))
 
 
 def source_payload(specs, device: torch.device) -> dict[str, torch.Tensor]:
@@ -109,6 +120,7 @@ def run_ring(args, rank: int, specs, address: str) -> dict:
         src = source_payload(specs, device)
         synchronize(device)
         for step in range(total):
+            gpu_work(args.engine_work_ms, device)
             t0 = time.perf_counter()
             views = sender.acquire()
             t1 = time.perf_counter()
@@ -126,10 +138,29 @@ def run_ring(args, rank: int, specs, address: str) -> dict:
         return {"engine_stall": summarize(stalls), "engine_acquire": summarize(acquires), "engine_send": summarize(sends)}
     receiver = make_receiver(specs, args.slots, address, "engine (rank 0)", args.timeout_s, device, args.timeout_s, cross_device=cross)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
+    pipelined = args.trainer_work_ms > 0 and device.type == "cuda"
+    gaps = []
     t_start = None
     for step in range(total):
         if step == args.warmup:
             t_start = time.perf_counter()
+        if pipelined:
+            # Host time in recv() plus any GPU stall on the slot's event, measured by events around
+            # it: what the trainer loses when the engine is ahead, as in the colocated pipeline.
+            before = torch.cuda.Event(enable_timing=True)
+            after = torch.cuda.Event(enable_timing=True)
+            before.record()
+            t0 = time.perf_counter()
+            header, views = receiver.recv()
+            t1 = time.perf_counter()
+            after.record()
+            wrong += (views["input_ids"][n - 1] != header["step"]).to(torch.int64)
+            gpu_work(args.trainer_work_ms, device)
+            receiver.release()
+            if step >= args.warmup:
+                waits.append(t1 - t0)
+                gaps.append((before, after))
+            continue
         t0 = time.perf_counter()
         header, views = receiver.recv()
         wrong += (views["input_ids"][n - 1] != header["step"]).to(torch.int64)  # the tiny kernel that reads it
@@ -138,7 +169,11 @@ def run_ring(args, rank: int, specs, address: str) -> dict:
         receiver.release()
         if step >= args.warmup:
             waits.append(t1 - t0)
+    synchronize(device)
     elapsed = time.perf_counter() - t_start
+    if pipelined:
+        stalls = [b.elapsed_time(a) * 1e-3 for b, a in gaps]
+        waits = [w + g for w, g in zip(waits, stalls)]
     del views  # close() can drop the mapping only when no view of the slots is left
     receiver.close()
     if int(wrong) != 0:

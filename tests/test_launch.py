@@ -1,0 +1,485 @@
+"""launch.sh, slurm/train.sbatch and lib/mps.py on a CPU machine.
+
+The launch plan (process count, run directory, device, MPS decision, torchrun command) is checked
+through `--print-plan`; the MPS lifecycle and failure reporting run the real launcher, the real
+torchrun and real worker processes.
+
+Stand-ins, and why: this machine has no GPU, no NVIDIA driver and no Slurm, so `nvidia-smi`,
+`nvidia-cuda-mps-control`, `scontrol` and `srun` cannot run here. Small executables put first on
+PATH take their place. The MPS stand-in behaves like the real daemon as observed on the lent H100
+(`-d` forks a daemon that serves a Unix socket `<pipe>/control` and writes a pid file; a client
+with no daemon prints "Cannot find MPS control daemon process" and exits 1; `quit` removes the pid
+file but leaves the socket), so the lifecycle rules — start only if absent, quit only what we
+started, auto falls back, on fails with the log tail, quit on SIGTERM — are exercised for real.
+The client probe is replaced through SPECDRAFT_MPS_PROBE because a CUDA call cannot succeed here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from lib.mps import MpsDaemon, MpsError, apply_role_mps_env, daemon_alive, mps_status
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch.sh")
+SBATCH = os.path.join(REPO, "slurm", "train.sbatch")
+
+FAKE_MPS_CONTROL = r'''#!PYTHON
+import os, socket, sys
+pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+log_dir = os.environ.get("CUDA_MPS_LOG_DIRECTORY", "/var/log/nvidia-mps")
+control = os.path.join(pipe, "control")
+pid_file = os.path.join(pipe, "nvidia-cuda-mps-control.pid")
+
+def log(line):
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "control.log"), "a") as f:
+        f.write(line + "\n")
+
+def ask(command):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(control)
+    except OSError:
+        return None
+    s.sendall(command.encode())
+    s.shutdown(socket.SHUT_WR)
+    return s.makefile().read()
+
+if sys.argv[1:] == ["-d"]:
+    if os.environ.get("FAKE_MPS_START_ERROR"):
+        log("fake start failure: " + os.environ["FAKE_MPS_START_ERROR"])
+        sys.exit(1)
+    if ask("get_server_list") is not None:
+        print("An instance of this daemon is already running")
+        sys.exit(1)
+    if os.fork():
+        sys.exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if os.path.exists(control):
+        os.unlink(control)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(control)
+    server.listen(16)
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    log("start")
+    while True:
+        conn, _ = server.accept()
+        command = conn.makefile().read().strip()
+        if command == "quit":
+            os.unlink(pid_file)
+            log("quit")
+            conn.close()
+            os._exit(0)
+        conn.sendall(b"\n")
+        conn.close()
+else:
+    reply = ask(sys.stdin.read().strip())
+    if reply is None:
+        print("Cannot find MPS control daemon process")
+        sys.exit(1)
+    sys.stdout.write(reply)
+'''
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+i=0
+while [ "$i" -lt "${FAKE_GPUS:-0}" ]; do echo "GPU $i: Fake GPU (UUID: GPU-fake-$i)"; i=$((i + 1)); done
+"""
+
+FAKE_SCONTROL = """#!/bin/sh
+[ "$1 $2" = "show hostnames" ] || exit 1
+echo node-a; echo node-b
+"""
+
+# Drops srun's own options and runs the task once, as on one node.
+FAKE_SRUN = """#!/bin/sh
+while [ "${1#--}" != "$1" ]; do shift; done
+exec "$@"
+"""
+
+# What torchrun runs in place of train.py: records what a rank sees, writes topology.json like
+# train.py does, then fails / sleeps as the test asks through `fake.*` overrides.
+ENTRY = r'''
+import json, os, sys, time
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+run_dir = args["run.dir"]
+seen = {k: os.environ.get(k) for k in ("SPECDRAFT_MPS", "CUDA_MPS_PIPE_DIRECTORY", "OMP_NUM_THREADS")}
+seen.update(pid=os.getpid(), argv=sys.argv[1:])
+if rank == 0:
+    half = world // 2
+    records = [dict(rank=r, local_rank=r, host="h", role="trainer" if r < half else "engine",
+                    pair=r + half if r < half else r - half, device="cuda:0", pid=0) for r in range(world)]
+    with open(os.path.join(run_dir, "topology.json"), "w") as f:
+        json.dump({"ranks": records}, f)
+with open(os.path.join(run_dir, f"seen-{rank}.json"), "w") as f:
+    json.dump(seen, f)
+if args.get("fake.cuda") == "1":
+    import torch
+    torch.cuda.set_device(0)
+    assert torch.ones(1024, device="cuda").sum().item() == 1024
+time.sleep(float(args.get("fake.sleep", 0)))
+sys.exit(3 if str(rank) == args.get("fake.fail_rank") else 0)
+'''
+
+
+def _write_exe(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text.replace("#!PYTHON", "#!" + sys.executable))
+    os.chmod(path, 0o755)
+
+
+@pytest.fixture
+def tools(tmp_path):
+    """A PATH directory with the stand-ins, and an environment using them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("nvidia-cuda-mps-control", FAKE_MPS_CONTROL), ("nvidia-smi", FAKE_NVIDIA_SMI),
+                       ("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        _write_exe(str(bin_dir / name), text)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CUDA_", "SPECDRAFT_", "PYTORCH_", "SLURM_", "LAUNCH_")) and k not in ("NPROC", "OMP_NUM_THREADS")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["PYTHON"] = sys.executable
+    return env
+
+
+@pytest.fixture
+def mps_dirs(monkeypatch):
+    """Short pipe/log paths (Unix socket paths are limited to ~107 bytes); stops leftover stand-ins."""
+    base = tempfile.mkdtemp(prefix="sdmps", dir="/tmp")
+    pipe, log = os.path.join(base, "pipe"), os.path.join(base, "log")
+    yield pipe, log
+    pid_file = os.path.join(pipe, "nvidia-cuda-mps-control.pid")
+    if os.path.exists(pid_file):
+        os.kill(int(open(pid_file).read()), signal.SIGTERM)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _events(log_dir: str) -> list[str]:
+    path = os.path.join(log_dir, "control.log")
+    return open(path).read().split("\n")[:-1] if os.path.exists(path) else []
+
+
+def plan(env: dict, *args: str) -> dict:
+    done = subprocess.run(["bash", LAUNCH, "--print-plan", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    out["argv"] = shlex.split(out["command"])
+    return out
+
+
+def plan_error(env: dict, *args: str) -> str:
+    done = subprocess.run(["bash", LAUNCH, "--print-plan", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done.stdout
+    return done.stderr
+
+
+def torchrun_args(p: dict) -> list[str]:
+    """The Hydra overrides torchrun passes to the entry script."""
+    argv = p["argv"]
+    return argv[argv.index(os.path.join(REPO, "train.py")) + 1:]
+
+
+def test_scripts_have_valid_bash_syntax():
+    for script in (LAUNCH, SBATCH):
+        done = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+        assert done.returncode == 0, f"{script}: {done.stderr}"
+
+
+def test_plan_without_gpu_runs_one_pair_on_cpu(tools):
+    env = {**tools, "CUDA_VISIBLE_DEVICES": ""}
+    p = plan(env)
+    assert (p["gpus"], p["device"], p["nproc"]) == ("0", "cpu", "2")
+    assert p["mps"].startswith("off")
+    assert p["run_dir"].startswith(os.path.join(REPO, "outputs") + os.sep)
+    assert torchrun_args(p) == [f"run.dir={p['run_dir']}", "device=cpu"]
+    assert "--standalone" in p["argv"] and "--nproc_per_node=2" in p["argv"]
+
+
+@pytest.mark.parametrize("placement, gpus, nproc, mps", [
+    ("colocate", 4, 8, "start (mps=auto)"),
+    ("disaggregate", 4, 4, "off (placement=disaggregate does not share GPUs)"),
+    ("sequential", 4, 4, "off (placement=sequential does not share GPUs)"),
+])
+def test_plan_process_count_follows_placement(tools, placement, gpus, nproc, mps):
+    p = plan({**tools, "FAKE_GPUS": str(gpus)}, f"placement={placement}")
+    assert (p["device"], p["nproc"], p["mps"]) == ("cuda", str(nproc), mps)
+    assert "device=cpu" not in torchrun_args(p)
+    assert torchrun_args(p)[-1] == f"placement={placement}"
+
+
+def test_plan_counts_only_visible_gpus(tools):
+    p = plan({**tools, "FAKE_GPUS": "8", "CUDA_VISIBLE_DEVICES": "2,5"})
+    assert (p["gpus"], p["nproc"]) == ("2", "4")
+
+
+def test_plan_rejects_impossible_launches(tools):
+    assert "even number of GPUs" in plan_error({**tools, "FAKE_GPUS": "3"}, "placement=disaggregate")
+    assert "placement=nearby" in plan_error(tools, "placement=nearby")
+    assert "mps=sometimes" in plan_error(tools, "mps=sometimes")
+    assert "mps=auto or mps=off" in plan_error({**tools, "CUDA_VISIBLE_DEVICES": ""}, "mps=on")
+    assert "device=cuda" in plan_error({**tools, "CUDA_VISIBLE_DEVICES": ""}, "device=cuda")
+    assert "NPROC=3" in plan_error({**tools, "CUDA_VISIBLE_DEVICES": "", "NPROC": "3"})
+
+
+def test_plan_nproc_override_and_user_environment_kept(tools):
+    env = {**tools, "FAKE_GPUS": "2", "NPROC": "6", "OMP_NUM_THREADS": "5",
+           "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
+    p = plan(env)
+    assert p["nproc"] == "6"
+    assert "OMP_NUM_THREADS=5" in p["env"] and "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:64" in p["env"]
+    assert "OMP_NUM_THREADS=" in plan({**tools, "FAKE_GPUS": "2"})["env"]
+
+
+def test_plan_user_run_dir_is_forwarded_once(tools, tmp_path):
+    env = {**tools, "CUDA_VISIBLE_DEVICES": ""}
+    p = plan(env, f"run.dir={tmp_path}/mine", "train.max_steps=0")
+    assert p["run_dir"] == f"{tmp_path}/mine"
+    assert [a for a in torchrun_args(p) if a.startswith("run.dir=")] == [f"run.dir={tmp_path}/mine"]
+    quoted = plan(env, f"run.dir='{tmp_path}/my run'")
+    assert quoted["run_dir"] == f"{tmp_path}/my run"
+    assert torchrun_args(quoted) == ["device=cpu", f"run.dir='{tmp_path}/my run'"]
+
+
+def test_plan_forwards_overrides_verbatim_in_order(tools):
+    overrides = ["train.max_steps=0", "data.path=/d/my chats.jsonl", "target.name='q\"x'",
+                 "+extra=[1, 2]", "mps=auto", "placement=colocate"]
+    p = plan({**tools, "CUDA_VISIBLE_DEVICES": ""}, *overrides)
+    assert torchrun_args(p) == [f"run.dir={p['run_dir']}", "device=cpu", *overrides]
+
+
+def test_plan_quotes_a_run_dir_with_spaces_for_hydra(tools):
+    p = plan({**tools, "CUDA_VISIBLE_DEVICES": "", "SPECDRAFT_RUN_DIR": "/tmp/runs/a b"})
+    assert torchrun_args(p)[0] == "run.dir='/tmp/runs/a b'"
+
+
+def test_sbatch_runs_launch_per_node_with_c10d_rendezvous(tools):
+    env = {**tools, "CUDA_VISIBLE_DEVICES": "", "LAUNCH_DRY_RUN": "1", "SLURM_JOB_ID": "42",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_SUBMIT_DIR": REPO}
+    done = subprocess.run(["bash", SBATCH, "train.max_steps=0", "note=a b"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    p = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    argv = shlex.split(p["command"])
+    rdzv = argv[argv.index("--nnodes"):argv.index("--nnodes") + 8]
+    assert rdzv == ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "node-a:29500", "--rdzv_id", "42"]
+    assert p["run_dir"].startswith(os.path.join(REPO, "outputs") + os.sep) and p["run_dir"].endswith("-job42")
+    assert argv[-2:] == ["train.max_steps=0", "note=a b"]
+    no_job = subprocess.run(["bash", SBATCH], env=tools, capture_output=True, text=True, timeout=60)
+    assert no_job.returncode != 0 and "sbatch" in no_job.stderr
+
+
+# ---------------------------------------------------------------- lib/mps.py
+
+
+def _daemon(env_path: str, monkeypatch, pipe: str, log: str, **kw) -> MpsDaemon:
+    monkeypatch.setenv("PATH", env_path)
+    return MpsDaemon(pipe_dir=pipe, log_dir=log, probe_command=kw.pop("probe", ["true"]), **kw)
+
+
+def test_daemon_started_is_quit_and_reused_is_left(tools, mps_dirs, monkeypatch):
+    pipe, log = mps_dirs
+    first = _daemon(tools["PATH"], monkeypatch, pipe, log)
+    with first:
+        assert first.active and first.started_here and daemon_alive(pipe)
+        assert mps_status({"CUDA_MPS_PIPE_DIRECTORY": pipe}) == "on"
+        env = first.client_env({})
+        assert (env["CUDA_MPS_PIPE_DIRECTORY"], env["SPECDRAFT_MPS"]) == (pipe, "on")
+        with _daemon(tools["PATH"], monkeypatch, pipe, log, mode="on") as second:
+            assert second.active and not second.started_here
+        assert daemon_alive(pipe), "a reused daemon must not be quit"
+    assert _events(log) == ["start", "quit"]
+    assert not daemon_alive(pipe)
+    assert mps_status({"CUDA_MPS_PIPE_DIRECTORY": pipe}) == "off"
+    assert mps_status({"CUDA_MPS_PIPE_DIRECTORY": pipe, "SPECDRAFT_MPS": "on"}) == "unknown"
+
+
+def test_daemon_auto_falls_back_and_quits_what_it_started(tools, mps_dirs, monkeypatch, capfd):
+    pipe, log = mps_dirs
+    daemon = _daemon(tools["PATH"], monkeypatch, pipe, log, probe=[sys.executable, "-c", "raise SystemExit(7)"])
+    assert daemon.start() is False
+    assert "probe client failed" in daemon.fallback_reason and "time-slice" in capfd.readouterr().err
+    assert _events(log) == ["start", "quit"] and not daemon_alive(pipe)
+    env = daemon.client_env({"CUDA_MPS_PIPE_DIRECTORY": pipe, "OTHER": "1"})
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in env and env["SPECDRAFT_MPS"] == "off" and env["OTHER"] == "1"
+
+
+def test_daemon_on_fails_with_log_tail(tools, mps_dirs, monkeypatch):
+    pipe, log = mps_dirs
+    monkeypatch.setenv("FAKE_MPS_START_ERROR", "operation not supported")
+    with pytest.raises(MpsError, match="(?s)mps=on.*fake start failure: operation not supported"):
+        _daemon(tools["PATH"], monkeypatch, pipe, log, mode="on").start()
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no control tool at all
+    with pytest.raises(MpsError, match="not on PATH"):
+        MpsDaemon("on", pipe_dir=pipe, log_dir=log).start()
+    assert MpsDaemon("auto", pipe_dir=pipe, log_dir=log).start() is False
+
+
+def test_daemon_rejects_bad_mode():
+    with pytest.raises(ValueError, match="mps='sometimes'.*auto, on, off"):
+        MpsDaemon("sometimes")
+
+
+def test_apply_role_mps_env_sets_limits_before_cuda(monkeypatch):
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    monkeypatch.delenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", raising=False)
+    assert apply_role_mps_env("engine", None, None) == {}
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
+    set_now = apply_role_mps_env("trainer", 40, "20G", device_ordinal=3)
+    assert set_now == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "3=20G"}
+    assert os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "3=20G"
+    assert apply_role_mps_env("engine", None, "0=30G,1=512M")["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=30G,1=512M"
+    for bad in (0, 101, 50.0, True):
+        with pytest.raises(ValueError, match="trainer: MPS SM percentage"):
+            apply_role_mps_env("trainer", bad, None)
+    for bad in ("20GB", "lots", "0=20G,x=1G", ""):
+        with pytest.raises(ValueError, match="engine: MPS pinned memory limit"):
+            apply_role_mps_env("engine", None, bad)
+
+
+# ---------------------------------------------------------------- launch.sh end to end (CPU ranks)
+
+
+def _launch_env(tools: dict, tmp_path, pipe: str, log: str, probe: str) -> dict:
+    entry = tmp_path / "entry.py"
+    entry.write_text(ENTRY)
+    probe_cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(probe)}"
+    return {**tools, "FAKE_GPUS": "1", "SPECDRAFT_ENTRY": str(entry), "SPECDRAFT_MPS_PROBE": probe_cmd,
+            "CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": log}
+
+
+def _seen(run_dir, rank: int) -> dict:
+    return json.loads((run_dir / f"seen-{rank}.json").read_text())
+
+
+PROBE_SEES_DAEMON = "import os, sys; sys.exit(not os.path.exists(os.environ['CUDA_MPS_PIPE_DIRECTORY'] + '/control'))"
+
+
+def test_launch_failure_names_rank_and_role_and_quits_mps(tools, mps_dirs, tmp_path):
+    pipe, log = mps_dirs
+    run_dir = tmp_path / "run"
+    env = _launch_env(tools, tmp_path, pipe, log, PROBE_SEES_DAEMON)
+    done = subprocess.run(["bash", LAUNCH, f"run.dir={run_dir}", "fake.fail_rank=1"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr  # torchrun's exit code for a failed rank
+    assert "rank 1 (local 1" in done.stderr and "engine, pair rank 0" in done.stderr, done.stderr
+    assert "root cause" in done.stderr and "exit code 3" in done.stderr
+    seen = _seen(run_dir, 0)
+    assert (seen["SPECDRAFT_MPS"], seen["CUDA_MPS_PIPE_DIRECTORY"]) == ("on", pipe)
+    assert _events(log) == ["start", "quit"]
+
+
+def test_launch_reuses_running_daemon_and_leaves_it(tools, mps_dirs, tmp_path, monkeypatch):
+    pipe, log = mps_dirs
+    run_dir = tmp_path / "run"
+    env = _launch_env(tools, tmp_path, pipe, log, PROBE_SEES_DAEMON)
+    with _daemon(tools["PATH"], monkeypatch, pipe, log) as outer:
+        done = subprocess.run(["bash", LAUNCH, f"run.dir={run_dir}", "mps=on"], env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert daemon_alive(pipe) and outer.started_here
+        assert _events(log) == ["start"]
+    assert _seen(run_dir, 1)["SPECDRAFT_MPS"] == "on"
+
+
+def test_launch_auto_falls_back_when_probe_fails(tools, mps_dirs, tmp_path):
+    pipe, log = mps_dirs
+    run_dir = tmp_path / "run"
+    env = _launch_env(tools, tmp_path, pipe, log, "raise SystemExit(1)")
+    done = subprocess.run(["bash", LAUNCH, f"run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "time-slice" in done.stderr
+    seen = _seen(run_dir, 0)
+    assert (seen["SPECDRAFT_MPS"], seen["CUDA_MPS_PIPE_DIRECTORY"]) == ("off", None)
+    assert _events(log) == ["start", "quit"]
+
+    env["FAKE_MPS_START_ERROR"] = "operation not supported"
+    failed = subprocess.run(["bash", LAUNCH, f"run.dir={tmp_path / 'run2'}", "mps=on"], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert failed.returncode != 0 and "operation not supported" in failed.stderr
+    assert not (tmp_path / "run2" / "seen-0.json").exists(), "no rank may start when mps=on fails"
+
+
+def test_launch_sigterm_stops_ranks_and_quits_mps(tools, mps_dirs, tmp_path):
+    pipe, log = mps_dirs
+    run_dir = tmp_path / "run"
+    env = _launch_env(tools, tmp_path, pipe, log, PROBE_SEES_DAEMON)
+    proc = subprocess.Popen(["bash", LAUNCH, f"run.dir={run_dir}", "fake.sleep=300"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((run_dir / f"seen-{r}.json").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, "ranks did not start"
+            time.sleep(0.2)
+        time.sleep(0.5)  # both seen files complete
+        rank_pids = [_seen(run_dir, r)["pid"] for r in (0, 1)]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, err
+    assert "SIGTERM" in err and _events(log) == ["start", "quit"]
+    for pid in rank_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# ---------------------------------------------------------------- real MPS (GPU machines only)
+
+needs_gpu_and_mps = pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or shutil.which("nvidia-cuda-mps-control") is None,
+    reason="needs a CUDA GPU and nvidia-cuda-mps-control",
+)
+
+ALLOC_2G = "import torch; torch.empty(2 << 30, dtype=torch.uint8, device='cuda'); torch.cuda.synchronize()"
+
+
+@needs_gpu_and_mps
+def test_gpu_real_daemon_serves_clients_and_enforces_role_limits(mps_dirs):
+    pipe, log = mps_dirs
+    with MpsDaemon("on", pipe_dir=pipe, log_dir=log) as mps:
+        assert mps.active and mps.started_here and mps_status(mps.client_env()) == "on"
+        env = mps.client_env()
+        free = subprocess.run([sys.executable, "-c", ALLOC_2G], env=env, capture_output=True, text=True, timeout=120)
+        assert free.returncode == 0, free.stderr
+        # The limit names the process's device; a 2 GiB allocation must then fail under a 1G cap.
+        capped = dict(env, CUDA_MPS_PINNED_DEVICE_MEM_LIMIT="0=1G", CUDA_MPS_ACTIVE_THREAD_PERCENTAGE="50")
+        over = subprocess.run([sys.executable, "-c", ALLOC_2G], env=capped, capture_output=True, text=True, timeout=120)
+        assert over.returncode != 0 and "out of memory" in over.stderr.lower(), over.stderr
+    assert not daemon_alive(pipe)
+    assert "NEW CLIENT" in open(os.path.join(log, "control.log")).read()
+
+
+@needs_gpu_and_mps
+def test_gpu_launch_runs_colocated_pair_under_real_mps(mps_dirs, tmp_path):
+    pipe, log = mps_dirs
+    entry = tmp_path / "entry.py"
+    entry.write_text(ENTRY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECDRAFT_", "CUDA_MPS_"))}
+    env.update(PYTHON=sys.executable, SPECDRAFT_ENTRY=str(entry), CUDA_VISIBLE_DEVICES="0",
+               CUDA_MPS_PIPE_DIRECTORY=pipe, CUDA_MPS_LOG_DIRECTORY=log)
+    run_dir = tmp_path / "run"
+    done = subprocess.run(["bash", LAUNCH, f"run.dir={run_dir}", "mps=on", "fake.cuda=1"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [_seen(run_dir, r)["SPECDRAFT_MPS"] for r in (0, 1)] == ["on", "on"]
+    assert not daemon_alive(pipe)
+    control_log = open(os.path.join(log, "control.log")).read()
+    assert control_log.count("NEW CLIENT") >= 3 and "Cmd:quit" in control_log  # probe + 2 ranks
