@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lib.batch import PackedBatch, eagle3_payload_specs
-from lib.runtime import RunContext
+from lib.runtime import RunContext, peak_memory
 
 log = logging.getLogger("specdraft.engine")
 
@@ -62,7 +62,8 @@ class EngineStepper:
                 slot[k][:n].copy_(v, non_blocking=True)
             tensors = slot
         header = {"step": self.step, "num_rows": n, "sample_ids": list(batch.sample_ids),
-                  "cu_seqlens": batch.cu_seqlens.tolist(), "loader_state": self.loader.state_dict()}
+                  "cu_seqlens": batch.cu_seqlens.tolist(), "loader_state": self.loader.state_dict(),
+                  "engine_peak_alloc_bytes": peak_memory(device)}
         self.step += 1
         return header, tensors
 

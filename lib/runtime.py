@@ -91,3 +91,11 @@ def startup_barrier(groups: Groups, timeout_s: float, what: str) -> None:
         dist.monitored_barrier(group=groups.meta, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as exc:
         raise RuntimeError(f"start-up barrier '{what}' failed: {exc}") from None
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes this process allocated: CUDA allocator peak on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

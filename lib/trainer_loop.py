@@ -19,7 +19,7 @@ from lib.checkpoint import full_model_state, latest_checkpoint, load_checkpoint,
 from lib.eagle3.export import export_draft
 from lib.eagle3.loss import count_valid_positions, sim_accept_len
 from lib.metrics import MetricsWriter, plot_curves, write_summary
-from lib.runtime import RunContext
+from lib.runtime import RunContext, peak_memory
 from lib.topology import enter_loop_timeouts
 
 log = logging.getLogger("specdraft.trainer")
@@ -128,7 +128,8 @@ def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Opti
     row = summarize_stats(reduced[:-2].cpu(), cfg.train.ttt_length)
     row.update(grad_norm=grad_norm, step_time_s=step_time, tokens_per_s=float(reduced[-2]) / step_time,
                samples_per_s=float(reduced[-1]) / step_time, handoff_ms=wait_s * 1e3,
-               peak_alloc_bytes=peak_memory(device))
+               peak_alloc_bytes=peak_memory(device),
+               engine_peak_alloc_bytes=max(h.get("engine_peak_alloc_bytes", 0) for h, _ in micro))
     return row, micro[-1][0].get("loader_state")
 
 
@@ -154,13 +155,6 @@ def summarize_stats(sums: torch.Tensor, ttt_length: int) -> dict[str, float]:
     row["loss"] = sum(0.8 ** i * row[f"ploss_{i}"] for i in range(ttt_length))
     row["sim_accept_len"] = sim_accept_len([row[f"acc_{i}"] for i in range(ttt_length)])
     return row
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def checkpoint(ctx: RunContext, bundle: DraftBundle, optimizer, schedule, step: int, loader_state, counters) -> None:

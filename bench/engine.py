@@ -1,0 +1,197 @@
+"""Engine capture throughput: the hf backend's packed paths against plain per-sequence HF forwards.
+
+    python bench/engine.py --out engine.json                      # Qwen3-8B shape on one GPU
+    python bench/engine.py --shape tiny --device cpu --steps 2    # smoke test
+
+Random bf16 weights of the target's shape; every batch holds exactly --tokens tokens made of
+sequences of --min-len..--max-len tokens. FLOPs count 2 * (matmul parameters) per token, embeddings
+excluded and no lm_head (the engine never runs it), plus causal attention 2 * n^2 * heads * head_dim
+per layer per sequence. MFU is against the H100/H200 dense bf16 peak (989 TFLOP/s) and against the
+~790 TFLOP/s a large bf16 matmul reaches on the lent machines.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import transformers
+from torch._dynamo.utils import counters
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib.batch import PackedBatch  # noqa: E402
+from lib.config import EngineConfig, TargetConfig  # noqa: E402
+from lib.engine.hf import AuxWriter, HFBackend  # noqa: E402
+
+PEAK_TFLOPS = 989.0
+MEASURED_TFLOPS = 790.0
+SHAPES = {
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
+                     max_position_embeddings=40960, tie_word_embeddings=False),
+    "tiny": dict(model_type="qwen3", hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, intermediate_size=256, vocab_size=1000,
+                 max_position_embeddings=4096, tie_word_embeddings=False),
+}
+# path name -> (engine.attn_impl, engine.compile); "baseline" is plain per-sequence sdpa with hooks.
+PATHS = {
+    "varlen": ("varlen", False),
+    "varlen+compile": ("varlen", True),
+    "flex": ("flex", False),
+    "sdpa-mask": ("sdpa", False),
+    "baseline": ("sdpa", False),
+}
+
+
+def make_batches(count: int, tokens: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[PackedBatch]:
+    """Batches of exactly `tokens` tokens; every sequence length is in [min_len, max_len]."""
+    if tokens < min_len:
+        raise SystemExit(f"--tokens={tokens} is below --min-len={min_len}")
+    rng = random.Random(seed)
+    batches = []
+    for b in range(count):
+        lengths, left = [], tokens
+        while left > max_len:
+            n = rng.randint(min_len, min(max_len, left - min_len))
+            lengths.append(n)
+            left -= n
+        lengths.append(left)
+        g = torch.Generator().manual_seed(seed + b)
+        samples = [(torch.randint(0, vocab, (n,), generator=g).tolist(), [True] * n) for n in lengths]
+        batches.append(PackedBatch.from_samples(samples, list(range(len(lengths)))))
+    return batches
+
+
+def flops_per_batch(shape: dict, batch: PackedBatch) -> float:
+    h, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    heads, kv, d = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * shape["intermediate_size"]
+    linear = 2.0 * layers * per_layer * batch.num_tokens
+    attention = sum(2.0 * n * n * heads * d * layers for n in batch.lengths)
+    return linear + attention
+
+
+def baseline_capture(backend: HFBackend, writer: AuxWriter, batch: PackedBatch, out: dict) -> None:
+    """What a plain HF capture does: each sequence alone, causal sdpa (flash on GPU), hooks for aux."""
+    cu = batch.cu_seqlens.tolist()
+    with torch.inference_mode():
+        for i in range(len(cu) - 1):
+            ids = batch.input_ids[cu[i]:cu[i + 1]].to(backend.device, non_blocking=True)[None]
+            writer.arm(out["aux_hidden"][cu[i]:cu[i + 1]], slice(None))
+            hidden = backend.model(input_ids=ids, use_cache=False).last_hidden_state
+            writer.disarm()
+            out["final_hidden"][cu[i]:cu[i + 1]].copy_(hidden[0])
+
+
+def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: torch.device) -> dict:
+    attn, compile_ = PATHS[name]
+    target = TargetConfig(random_init=True, hf_config=shape, dtype=args.dtype)
+    counters.clear()
+    backend = HFBackend()
+    t0 = time.perf_counter()
+    backend.load(target, EngineConfig(token_budget=args.tokens, attn_impl=attn, compile=compile_), device, None)
+    load_s = time.perf_counter() - t0
+    rows, width = args.tokens, backend.hidden_size
+    out = {
+        "aux_hidden": torch.empty(rows, len(backend.aux_layers) * width, dtype=backend.dtype, device=device),
+        "final_hidden": torch.empty(rows, width, dtype=backend.dtype, device=device),
+    }
+    if name == "baseline":
+        # A second set of hooks writing per sequence; the backend's own stay disarmed outside capture().
+        writer = AuxWriter(backend.model.layers, backend.aux_layers, width)
+
+        def run(b):
+            baseline_capture(backend, writer, b, out)
+    else:
+        def run(b):
+            backend.capture(b, out=out)
+    for b in batches[: args.warmup]:
+        run(b)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = batches[args.warmup:]
+    start = time.perf_counter()
+    for b in timed:
+        run(b)
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = sum(b.num_tokens for b in timed)
+    flops = sum(flops_per_batch(shape, b) for b in timed)
+    tflops = flops / seconds / 1e12
+    result = {
+        "path": name,
+        "attn_impl": backend.attn_impl,
+        "compile": compile_,
+        "tokens_per_s": tokens / seconds,
+        "ms_per_batch": 1e3 * seconds / len(timed),
+        "tflops": tflops,
+        "mfu_peak": tflops / PEAK_TFLOPS,
+        "mfu_measured": tflops / MEASURED_TFLOPS,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+        "load_s": load_s,
+        # One graph serves every decoder layer and every batch length; more means recompiles.
+        "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+    }
+    del backend, out
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="auto", help="target.dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (engine.token_budget)")
+    p.add_argument("--min-len", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed batches per path")
+    p.add_argument("--paths", default="varlen,varlen+compile,flex,baseline",
+                   help=f"comma-separated, from {', '.join(PATHS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        args.min_len, args.max_len, args.tokens = min(args.min_len, 16), min(args.max_len, 64), min(args.tokens, 256)
+    names = [n.strip() for n in args.paths.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PATHS]
+    if unknown:
+        raise SystemExit(f"--paths has unknown {unknown}; choose from {', '.join(PATHS)}")
+    if device.type == "cpu":
+        names = ["sdpa-mask", "baseline"]  # flash/flex paths need a GPU
+    shape = SHAPES[args.shape]
+    batches = make_batches(args.warmup + args.steps, args.tokens, args.min_len, args.max_len,
+                           shape["vocab_size"], args.seed)
+    info = {
+        "shape": args.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "tokens_per_batch": args.tokens,
+        "steps": args.steps, "seq_len_range": [args.min_len, args.max_len], "results": [],
+    }
+    print(f"{args.shape} on {info['device']}, {args.tokens} tokens/batch, {args.steps} timed batches", flush=True)
+    print(f"{'path':<16}{'tokens/s':>12}{'ms/batch':>10}{'TFLOP/s':>9}{'MFU989':>8}{'MFU790':>8}{'peak GiB':>10}"
+          f"{'load s':>8}{'graphs':>7}", flush=True)
+    for name in names:
+        r = measure(name, args, shape, batches, device)
+        info["results"].append(r)
+        print(f"{r['path']:<16}{r['tokens_per_s']:>12,.0f}{r['ms_per_batch']:>10.1f}{r['tflops']:>9.1f}"
+              f"{r['mfu_peak']:>8.1%}{r['mfu_measured']:>8.1%}{r['peak_alloc_gib']:>10.1f}{r['load_s']:>8.1f}{r['compiled_graphs']:>7}",
+              flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

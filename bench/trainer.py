@@ -1,0 +1,140 @@
+"""Benchmark the trainer's draft step: EAGLE-3 TTT forward + backward + AdamW on one GPU.
+
+Same code path as training (TTTModule under FSDP2 on a one-rank trainer group, bf16 compute with
+fp32 master weights, the frozen target head), on random captured states of a Qwen3-8B-shaped
+target: 8192 tokens per step from samples of 512-4096 tokens, ttt_length 7.
+
+    python bench/trainer.py --out trainer.json [--shape qwen3_8b|tiny] [--device cuda|cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.flops import BF16_PEAK_TFLOPS, draft_step_flops  # noqa: E402
+from lib.draft_setup import TTTModule  # noqa: E402
+from lib.eagle3.loss import count_valid_positions  # noqa: E402
+from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
+from lib.eagle3.target_head import TargetHead  # noqa: E402
+
+SHAPES = {
+    "qwen3_8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6),
+    "tiny": dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048,
+                 max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6),
+}
+
+
+def sample_lengths(tokens: int, lo: int, hi: int, rng: random.Random) -> list[int]:
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(min(rng.randint(lo, hi), tokens - sum(lengths)))
+    return lengths
+
+
+def make_batch(lengths, hf, n_aux, dtype, device, gen):
+    t = sum(lengths)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    return {
+        "input_ids": torch.randint(0, hf.vocab_size, (t,), device=device, generator=gen),
+        "loss_mask": torch.rand(t, device=device, generator=gen) < 0.7,
+        "position_ids": torch.cat([torch.arange(n, device=device) for n in lengths]),
+        "cu_seqlens": cu,
+        "aux_hidden": torch.randn(t, n_aux * hf.hidden_size, device=device, generator=gen).to(dtype),
+        "final_hidden": torch.randn(t, hf.hidden_size, device=device, generator=gen).to(dtype),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3_8b")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--min-len", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=4096)
+    p.add_argument("--ttt", type=int, default=7)
+    p.add_argument("--draft-vocab", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from transformers import AutoConfig
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    spec = dict(SHAPES[args.shape])
+    hf = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    aux = [1, hf.num_hidden_layers // 2 - 1, hf.num_hidden_layers - 4]
+    dv = min(args.draft_vocab, hf.vocab_size)
+    dc = Eagle3DraftConfig.from_target(hf, dv, aux, {})
+    torch.manual_seed(0)
+    with torch.device(device):
+        draft = Eagle3Draft(dc)
+    d2t = torch.zeros(dv, dtype=torch.long)
+    t2d = torch.zeros(hf.vocab_size, dtype=torch.bool)
+    t2d[:dv] = True
+    draft.set_vocab_map(d2t.to(device), t2d.to(device))
+    module = TTTModule(draft, args.ttt)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    fully_shard(module, mesh=DeviceMesh.from_group(dist.group.WORLD, device_type=device.type), mp_policy=mp,
+                reshard_after_forward=False)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    head = TargetHead(torch.randn(hf.vocab_size, hf.hidden_size, device=device, dtype=dtype) * 0.02, draft.d2t)
+    module._head = head
+    opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=1e-4, fused=cuda)
+    rng = random.Random(0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [(l, make_batch(l, hf, len(aux), dtype, device, gen))
+               for l in (sample_lengths(args.tokens, args.min_len, args.max_len, rng) for _ in range(4))]
+    times, flops = [], []
+    for step in range(args.warmup + args.steps):
+        lengths, batch = batches[step % len(batches)]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        target = head.target_probs(batch["final_hidden"])
+        counts = count_valid_positions(head, batch, args.ttt, target=target).float().clamp(min=1)
+        loss, _ = module(batch, target, counts)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([q for q in module.parameters() if q.requires_grad], 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            flops.append(draft_step_flops(dc, lengths, args.ttt, hf.vocab_size))
+    step_s = statistics.median(times)
+    tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "shape": args.shape, "tokens": args.tokens, "ttt": args.ttt, "draft_vocab": dv,
+              "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s, "tflops": tflops,
+              "mfu": tflops / BF16_PEAK_TFLOPS,
+              "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    print(f"trainer step ({args.shape}, {args.tokens} tok, ttt {args.ttt}): {step_s * 1e3:.1f} ms, "
+          f"{result['tokens_per_s']:.0f} tok/s, {tflops:.1f} TFLOP/s, MFU {100 * result['mfu']:.1f}% of "
+          f"{BF16_PEAK_TFLOPS:.0f}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
