@@ -86,7 +86,8 @@ if [[ $DEVICE == cpu ]]; then GPUS=0; else GPUS=$(count_gpus); fi
 if (( GPUS == 0 )); then
   [[ $DEVICE == cuda ]] && die "device=cuda but no GPU is visible (nvidia-smi / torch found none, CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-}'); drop device=cuda to run on CPU"
   RUN_DEVICE=cpu
-  NPROC_AUTO=2  # one trainer and one engine
+  # One trainer and one engine; sequential plays both roles in one process (the same single shard).
+  if [[ $PLACEMENT == sequential ]]; then NPROC_AUTO=1; else NPROC_AUTO=2; fi
 else
   RUN_DEVICE=cuda
   case "$PLACEMENT" in

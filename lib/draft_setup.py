@@ -33,8 +33,14 @@ class TTTModule(nn.Module):
         self.ttt_length = ttt_length
         self._head: Optional[TargetHead] = None  # not a submodule: frozen, replicated, never sharded
 
-    def forward(self, batch: Mapping[str, torch.Tensor], target: TargetDistribution, denominators: torch.Tensor):
-        return ttt_forward(self.draft, self._head, batch, self.ttt_length, denominators=denominators, target=target)
+    def forward(self, batch: Mapping[str, torch.Tensor], target: TargetDistribution, denominators: torch.Tensor,
+                grad_scale: float = 1.0):
+        """grad_scale = trainer count: each rank's loss is its share of the global mean, and FSDP
+        averages gradients across ranks, so scaling by the count turns that average into the sum
+        (exact in fp32 for power-of-two counts; gloo has no pre-multiplied sum to do it instead)."""
+        loss, metrics = ttt_forward(self.draft, self._head, batch, self.ttt_length, denominators=denominators,
+                                    target=target)
+        return loss * grad_scale, metrics
 
 
 @dataclass
@@ -128,7 +134,5 @@ def shard(module: TTTModule, ctx: RunContext) -> nn.Module:
     else:
         mp = MixedPrecisionPolicy()
     fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    # The loss is each rank's share of the global mean, so gradients are summed, not averaged.
-    module.set_gradient_divide_factor(1.0)
     return module
 

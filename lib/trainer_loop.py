@@ -106,7 +106,7 @@ def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Opti
     dist.all_reduce(counts, group=group)
     stats = None
     for (_, tensors), target in zip(micro, targets):
-        loss, m = bundle.model(tensors, target, counts)
+        loss, m = bundle.model(tensors, target, counts, grad_scale=float(dist.get_world_size(group)))
         loss.backward()
         source.release()
         stats = m["sums"] if stats is None else stats + m["sums"]
