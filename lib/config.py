@@ -130,6 +130,7 @@ class RunConfig:
     startup_timeout_s: int = 900
     loop_timeout_s: int = 120
     dry_run: bool = False
+    stop_after_steps: int = 0  # >0: stop this job after that many steps (checkpointed), e.g. for time-limited allocations
 
 
 @dataclass
@@ -266,7 +267,8 @@ def _check_ranges(cfg: Config) -> None:
         if value < 1:
             _fail(key, value, "must be >= 1")
     for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every": cfg.checkpoint.every,
-                       "eval.every": cfg.eval.every, "train.warmup_steps": cfg.train.warmup_steps}.items():
+                       "eval.every": cfg.eval.every, "train.warmup_steps": cfg.train.warmup_steps,
+                       "run.stop_after_steps": cfg.run.stop_after_steps}.items():
         if value < 0:
             _fail(key, value, "must be >= 0")
     if cfg.train.lr <= 0:

@@ -109,7 +109,7 @@ def build_draft(ctx: RunContext) -> DraftBundle:
         head_weight = torch.randn(shape.vocab_size, shape.hidden_size, generator=gen) * 0.02
     draft.to(device)
     module = TTTModule(draft, cfg.train.ttt_length)
-    model = shard(module, ctx)
+    model = shard(module, ctx.groups.trainer, device)
     head_dtype = shape.dtype
     if head_weight is None:
         head = TargetHead.from_pretrained(source, draft.d2t.detach().to(device), device, head_dtype)
@@ -123,13 +123,14 @@ def build_draft(ctx: RunContext) -> DraftBundle:
     return DraftBundle(model, draft_cfg, head)
 
 
-def shard(module: TTTModule, ctx: RunContext) -> nn.Module:
+def shard(module: TTTModule, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
     """FSDP2 over the trainer group: bf16 compute with fp32 master weights on GPU, fp32 on CPU."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = DeviceMesh.from_group(ctx.groups.trainer, device_type=ctx.device.type)
-    if ctx.device.type == "cuda":
+    # From the trainer group, never init_device_mesh: that would span the engines too.
+    mesh = DeviceMesh.from_group(group, device_type=device.type)
+    if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()

@@ -52,23 +52,15 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
                                   weight_decay=cfg.train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
-    start_step, loader_state, counters = 0, None, {"samples_seen": 0, "skipped_steps": 0}
-    resume_from = latest_checkpoint(ctx.run_dir) if cfg.checkpoint.resume else None
-    if resume_from:
-        meta, private = load_checkpoint(resume_from, bundle.model, optimizer, ctx.groups.trainer_gloo)
-        schedule.load_state_dict(meta["schedule"])
-        start_step, loader_state = meta["step"], private["loader_state"]
-        counters = meta["counters"]
-        torch.set_rng_state(private["rng"])
-        if ctx.is_trainer_leader:
-            log.info("resumed from %s at step %d", resume_from, start_step)
-    elif cfg.checkpoint.resume and ctx.is_trainer_leader:
-        log.info("checkpoint.resume=true but no complete checkpoint in %s: starting fresh", ctx.run_dir)
-    source.start(start_step, loader_state, (cfg.train.max_steps - start_step) * cfg.train.grad_accum)
+    start_step, loader_state, counters = resume(ctx, bundle, optimizer, schedule)
+    end_step = cfg.train.max_steps
+    if cfg.run.stop_after_steps:
+        end_step = min(end_step, start_step + cfg.run.stop_after_steps)
+    source.start(start_step, loader_state, (end_step - start_step) * cfg.train.grad_accum)
     enter_loop_timeouts(ctx.groups, cfg.run.loop_timeout_s)
     metrics = MetricsWriter(ctx.run_dir, ctx.is_trainer_leader)
     try:
-        for step in range(start_step, cfg.train.max_steps):
+        for step in range(start_step, end_step):
             row, loader_state = train_step(ctx, bundle, optimizer, source, counters)
             schedule.step()
             row.update(step=step + 1, lr=schedule.get_last_lr()[0], **counters)
@@ -77,8 +69,7 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
                 log.info("step %d loss %.4f acc_0 %.3f sim_accept %.2f grad_norm %.3g %.0f tok/s handoff %.2f ms",
                          step + 1, row["loss"], row["acc_0"], row["sim_accept_len"], row["grad_norm"],
                          row["tokens_per_s"], row["handoff_ms"])
-            last = step + 1 == cfg.train.max_steps
-            if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+            if step + 1 == end_step or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 checkpoint(ctx, bundle, optimizer, schedule, step + 1, loader_state, counters)
     finally:
         metrics.close()
@@ -89,6 +80,35 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
         log.info("done: draft export in %s/draft, metrics %s/metrics.jsonl, summary %s/summary.json "
                  "(last loss %.4f, acc_0 %.3f)", ctx.run_dir, ctx.run_dir, ctx.run_dir,
                  summary.get("last", {}).get("loss", float("nan")), summary.get("last", {}).get("acc_0", float("nan")))
+
+
+def resume(ctx: RunContext, bundle: DraftBundle, optimizer, schedule) -> tuple[int, Optional[dict], dict]:
+    """(start step, data position, counters): from the newest complete checkpoint, or fresh."""
+    fresh = (0, None, {"samples_seen": 0, "skipped_steps": 0})
+    if not ctx.cfg.checkpoint.resume:
+        return fresh
+    path = latest_checkpoint(ctx.run_dir)
+    if path is None:
+        if ctx.is_trainer_leader:
+            log.info("checkpoint.resume=true but no complete checkpoint in %s: starting fresh", ctx.run_dir)
+        return fresh
+    meta, private = load_checkpoint(path, bundle.model, optimizer, ctx.groups.trainer_gloo)
+    schedule.load_state_dict(meta["schedule"])
+    torch.set_rng_state(private["rng"])
+    if ctx.is_trainer_leader:
+        log.info("resumed from %s at step %d", path, meta["step"])
+    return meta["step"], private["loader_state"], meta["counters"]
+
+
+def apply_update(bundle: DraftBundle, optimizer: torch.optim.Optimizer, max_norm: float) -> tuple[float, bool]:
+    """Clip by the global norm and step, unless the norm is not finite: every rank sees the same
+    global norm, so all skip together (never an early return on some ranks)."""
+    grad_norm = bundle.clip_grad_norm(max_norm)
+    applied = math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, applied
 
 
 def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Optimizer, source: PayloadSource,
@@ -110,15 +130,11 @@ def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Opti
         loss.backward()
         source.release()
         stats = m["sums"] if stats is None else stats + m["sums"]
-    grad_norm = bundle.clip_grad_norm(cfg.train.grad_clip)
-    # Every rank sees the same global norm, so all skip together: never an early return on some.
-    if math.isfinite(grad_norm):
-        optimizer.step()
-    else:
+    grad_norm, applied = apply_update(bundle, optimizer, cfg.train.grad_clip)
+    if not applied:
         counters["skipped_steps"] += 1
         if ctx.is_trainer_leader:
             log.warning("non-finite gradient norm (%s): update skipped on all trainers", grad_norm)
-    optimizer.zero_grad(set_to_none=True)
     tokens = torch.tensor([sum(h["num_rows"] for h, _ in micro), sum(len(h["sample_ids"]) for h, _ in micro)],
                           dtype=torch.float32, device=device)
     reduced = torch.cat([stats.to(device=device, dtype=torch.float32), tokens])
@@ -157,6 +173,11 @@ def summarize_stats(sums: torch.Tensor, ttt_length: int) -> dict[str, float]:
     return row
 
 
+def export_dtype(device: torch.device) -> torch.dtype:
+    """bf16 for serving on GPU; fp32 on CPU, where training ran in fp32 (exact resume checks)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def checkpoint(ctx: RunContext, bundle: DraftBundle, optimizer, schedule, step: int, loader_state, counters) -> None:
     cfg = ctx.cfg
     save_checkpoint(ctx.run_dir, step, bundle.model, optimizer,
@@ -167,5 +188,5 @@ def checkpoint(ctx: RunContext, bundle: DraftBundle, optimizer, schedule, step: 
     if ctx.is_trainer_leader:
         for out in (os.path.join(ctx.run_dir, "checkpoints", f"step-{step}", "draft"),
                     os.path.join(ctx.run_dir, "draft")):
-            export_draft(state, bundle.draft_config, out)
+            export_draft(state, bundle.draft_config, out, dtype=export_dtype(ctx.device))
     dist.barrier(group=ctx.groups.trainer_gloo)
