@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU checks and benchmarks; every part logs under $OUT and has its own
+# time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
+#   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_suite}
+mkdir -p "$OUT"
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 PYTHON=python3
+part() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-15}" "$OUT/$name.log"; }
+for p in "$@"; do case $p in
+  env) part env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.device_count())"' ;;
+  tests) part tests 240 python3 -m pytest -q -x tests/test_handoff_gpu.py tests/test_engine_hf.py tests/test_launch.py -k "cuda or gpu or mps or GPU" ;;
+  handoff) part handoff 120 python3 bench/handoff.py --out "$OUT/handoff.json" --engine-work-ms 10 --trainer-work-ms 20 ;;
+  engine) part engine 240 python3 bench/engine.py --out "$OUT/engine.json" ;;
+  trainer) part trainer 240 python3 bench/trainer.py --out "$OUT/trainer.json" ;;
+  dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$OUT/dryrun" ;;
+  e2e1) part e2e1 540 python3 bench/e2e.py --suite one_gpu --out-dir "$OUT/e2e1" --steps "${E2E_STEPS:-30}" --skip 10 ;;
+  e2e2) part e2e2 540 python3 bench/e2e.py --suite two_gpu --out-dir "$OUT/e2e2" --steps "${E2E_STEPS:-30}" --skip 10 ;;
+  *) echo "unknown part $p" ;;
+esac; done
