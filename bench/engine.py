@@ -43,7 +43,6 @@ SHAPES = {
 PATHS = {
     "varlen": ("varlen", False),
     "varlen+compile": ("varlen", True),
-    "flex": ("flex", False),
     "sdpa-mask": ("sdpa", False),
     "baseline": ("sdpa", False),
 }
@@ -157,7 +156,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed batches per path")
-    p.add_argument("--paths", default="varlen,varlen+compile,flex,baseline",
+    p.add_argument("--paths", default="varlen,varlen+compile,baseline",
                    help=f"comma-separated, from {', '.join(PATHS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -170,7 +169,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--paths has unknown {unknown}; choose from {', '.join(PATHS)}")
     if device.type == "cpu":
-        names = ["sdpa-mask", "baseline"]  # flash/flex paths need a GPU
+        names = ["sdpa-mask", "baseline"]  # the flash paths need a GPU
     shape = SHAPES[args.shape]
     batches = make_batches(args.warmup + args.steps, args.tokens, args.min_len, args.max_len,
                            shape["vocab_size"], args.seed)

@@ -1,0 +1,156 @@
+"""Export of the trained draft in the layout sglang, vLLM and SpecForge load as an EAGLE-3 draft.
+
+out_dir/config.json: a one-layer Llama config with architectures ["LlamaForCausalLMEagle3"],
+draft_vocab_size, target_hidden_size and the aux layer ids in both places servers read them:
+  - eagle_config.eagle_aux_hidden_state_layer_ids (sglang, SpecForge): "output of target layer i";
+    sglang adds 1 when it registers them (python/sglang/srt/models/llama.py,
+    set_eagle3_layers_to_capture).
+  - top-level eagle_aux_hidden_state_layer_ids (vLLM, vllm/v1/worker/gpu/spec_decode/eagle/
+    eagle3_utils.py): vLLM captures the *input* of layer j (vllm/model_executor/models/llama.py),
+    so it gets our ids + 1.
+out_dir/model.safetensors: the draft's state dict under its own names (see docs/draft_format.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from types import SimpleNamespace
+from typing import Any, Mapping, Optional
+
+import torch
+
+from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig, rope_from_hf_config
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# sglang's and vLLM's EAGLE-3 Llama drafts size fc for exactly three aux states.
+SERVER_NUM_AUX = 3
+_WRAPPER_PREFIX = "_orig_mod."  # torch.compile's wrapper module
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def draft_config_json(config: Eagle3DraftConfig, dtype: torch.dtype) -> dict[str, Any]:
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope_parameters = {**config.rope_scaling, "rope_theta": config.rope_theta}
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "num_hidden_layers": 1,
+        "hidden_act": config.hidden_act,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "rope_parameters": rope_parameters,
+        "max_position_embeddings": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "draft_vocab_size": config.draft_vocab_size,
+        "target_hidden_size": config.target_hidden_size,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": _dtype_name(dtype),
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(config.aux_layer_ids),
+                         "use_aux_hidden_state": True},
+        "eagle_aux_hidden_state_layer_ids": [i + 1 for i in config.aux_layer_ids],
+    }
+
+
+def _expected_tensors(config: Eagle3DraftConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    with torch.device("meta"):
+        reference = Eagle3Draft(config)
+    return {name: (tuple(t.shape), t.dtype) for name, t in reference.state_dict().items()}
+
+
+def export_draft(state_dict: Mapping[str, torch.Tensor], config: Eagle3DraftConfig, out_dir: str,
+                 dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write config.json + model.safetensors from a full (unsharded) draft state dict; returns out_dir.
+
+    Floating tensors are cast to `dtype`; d2t stays int64 and t2d bool. Files are written under
+    temporary names and renamed, so a reader never sees half an export.
+    """
+    from safetensors.torch import save_file
+    state = {name.removeprefix(_WRAPPER_PREFIX): t for name, t in state_dict.items()}
+    expected = _expected_tensors(config)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"draft state dict does not match Eagle3Draft({config.draft_vocab_size=}): missing {missing}, "
+                       f"unexpected {unexpected}; pass the full (gathered) state dict of the draft")
+    tensors = {}
+    for name, (shape, kind) in expected.items():
+        t = state[name].detach()
+        if tuple(t.shape) != shape:
+            raise ValueError(f"draft tensor {name} has shape {tuple(t.shape)}, config implies {shape}: was the state "
+                             f"dict gathered from all shards?")
+        tensors[name] = (t.to(dtype) if kind.is_floating_point else t.to(kind)).to("cpu").contiguous()
+    if config.num_aux != SERVER_NUM_AUX:
+        warnings.warn(f"draft reads {config.num_aux} aux layers; sglang and vLLM EAGLE-3 drafts expect "
+                      f"{SERVER_NUM_AUX}, so this export only loads with load_draft")
+    os.makedirs(out_dir, exist_ok=True)
+    weights, cfg_file = os.path.join(out_dir, WEIGHTS_FILE), os.path.join(out_dir, CONFIG_FILE)
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    with open(cfg_file + ".tmp", "w") as f:
+        json.dump(draft_config_json(config, dtype), f, indent=2, sort_keys=True)
+    os.replace(weights + ".tmp", weights)
+    os.replace(cfg_file + ".tmp", cfg_file)
+    return out_dir
+
+
+def config_from_export(data: dict[str, Any]) -> Eagle3DraftConfig:
+    """Eagle3DraftConfig from an EAGLE-3 draft config.json (ours, or SpecForge/sglang-style)."""
+    eagle = data.get("eagle_config") or {}
+    if "eagle_aux_hidden_state_layer_ids" in eagle:
+        aux = list(eagle["eagle_aux_hidden_state_layer_ids"])
+    elif data.get("eagle_aux_hidden_state_layer_ids"):
+        aux = [i - 1 for i in data["eagle_aux_hidden_state_layer_ids"]]  # vLLM counts layer inputs
+    else:
+        raise ValueError("draft config.json names no aux layers (eagle_config.eagle_aux_hidden_state_layer_ids or "
+                         "eagle_aux_hidden_state_layer_ids): add the target layers the draft was trained on")
+    if data.get("num_hidden_layers", 1) != 1:
+        raise ValueError(f"draft config.json has num_hidden_layers={data['num_hidden_layers']}; only one-layer "
+                         f"EAGLE-3 drafts are supported")
+    hidden, heads = data["hidden_size"], data["num_attention_heads"]
+    rope_theta, rope_scaling = rope_from_hf_config(SimpleNamespace(**{
+        k: data[k] for k in ("rope_theta", "rope_scaling", "rope_parameters") if k in data}))
+    return Eagle3DraftConfig(
+        hidden_size=hidden, intermediate_size=data["intermediate_size"], num_attention_heads=heads,
+        num_key_value_heads=data.get("num_key_value_heads") or heads,
+        head_dim=data.get("head_dim") or hidden // heads, rms_norm_eps=data["rms_norm_eps"], rope_theta=rope_theta,
+        max_position_embeddings=data["max_position_embeddings"], vocab_size=data["vocab_size"],
+        draft_vocab_size=data.get("draft_vocab_size") or data["vocab_size"],
+        target_hidden_size=data.get("target_hidden_size") or hidden, aux_layer_ids=aux, rope_scaling=rope_scaling,
+        hidden_act=data.get("hidden_act", "silu"))
+
+
+def load_draft(path: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
+               embedding: Optional[torch.Tensor] = None) -> Eagle3Draft:
+    """Rebuild an Eagle3Draft from an export directory. `embedding` (the target's input embedding)
+    is needed only for exports that leave embed_tokens out (some third-party drafts)."""
+    from safetensors.torch import load_file
+    cfg_file, weights = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    for file in (cfg_file, weights):
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} not found: {path!r} is not an EAGLE-3 draft export")
+    with open(cfg_file) as f:
+        config = config_from_export(json.load(f))
+    state = load_file(weights)
+    if "embed_tokens.weight" not in state:
+        if embedding is None:
+            raise KeyError(f"{weights} has no embed_tokens.weight: pass embedding=load_target_embedding(target)")
+        state["embed_tokens.weight"] = embedding
+    if "t2d" not in state and "d2t" in state:  # some exports keep only the offsets
+        state["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool)
+        state["t2d"][torch.arange(config.draft_vocab_size) + state["d2t"]] = True
+    draft = Eagle3Draft(config)
+    draft.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True)
+    return draft.to(device=device, dtype=dtype) if device is not None else draft.to(dtype=dtype)

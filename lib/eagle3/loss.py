@@ -1,0 +1,159 @@
+"""Training-time test (TTT): the EAGLE-3 unroll and its loss over one packed batch.
+
+Alignment at unroll step i (0-based), for packed position t of a sample ending at `end`:
+  input token   x[t+1+i]            (ids shifted left by i+1 within the sample)
+  input hidden  fc(aux[t]) at i=0, else the draft's own output hidden of step i-1 at t
+  target        the target distribution at position t+1+i (it predicts x[t+2+i])
+  valid iff     t+2+i < end, loss_mask[t+2+i], and the target's full-vocab argmax at t+1+i is in
+                the draft vocab.
+Position ids stay those of the packed batch at every step (as EAGLE-3/SpecForge train).
+
+loss = sum_i 0.8^i * (sum of soft cross-entropies over valid rows of step i) / denominators[i].
+With `denominators` = the global count of valid rows per step (all trainers, all micro-batches),
+each rank's loss is its share of the global mean: sum gradients (do not average) across trainers
+and micro-batches, and 1 or N trainers produce the same update.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+from lib.eagle3.attention import TTTAttention, document_ids
+from lib.eagle3.model import Eagle3Draft
+from lib.eagle3.target_head import TargetDistribution, TargetHead
+
+STEP_DECAY = 0.8
+BATCH_KEYS = ("input_ids", "loss_mask", "position_ids", "cu_seqlens", "aux_hidden", "final_hidden")
+CE_CHUNK_ROWS = 2048
+
+
+def _check_batch(batch: Mapping[str, torch.Tensor]) -> int:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"TTT batch lacks {missing}: pass the handoff payload plus cu_seqlens ({list(BATCH_KEYS)})")
+    tokens = batch["input_ids"].shape[0]
+    for key in ("loss_mask", "position_ids", "aux_hidden", "final_hidden"):
+        if batch[key].shape[0] != tokens:
+            raise ValueError(f"TTT batch {key} has {batch[key].shape[0]} rows, input_ids has {tokens}")
+    return tokens
+
+
+def valid_positions(loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, in_draft_vocab: torch.Tensor,
+                    ttt_length: int) -> torch.Tensor:
+    """[ttt_length, T] bool: which packed positions carry a loss at each unroll step."""
+    tokens = loss_mask.shape[0]
+    device = loss_mask.device
+    pos = torch.arange(tokens, device=device)
+    end = cu_seqlens.to(device=device, dtype=torch.long)[1:][document_ids(cu_seqlens.to(device), tokens)]
+    rows = []
+    for i in range(ttt_length):
+        predicted, source = pos + 2 + i, pos + 1 + i
+        rows.append((predicted < end) & loss_mask.bool()[predicted.clamp(max=tokens - 1)]
+                    & in_draft_vocab[source.clamp(max=tokens - 1)])
+    return torch.stack(rows)
+
+
+def count_valid_positions(target_head: TargetHead, batch: Mapping[str, torch.Tensor], ttt_length: int,
+                          target: Optional[TargetDistribution] = None) -> torch.Tensor:
+    """Valid rows per unroll step [ttt_length] int64, for the global loss normaliser."""
+    _check_batch(batch)
+    target = target if target is not None else target_head.target_probs(batch["final_hidden"])
+    mask = batch["loss_mask"].to(target.draft_argmax.device)
+    return valid_positions(mask, batch["cu_seqlens"], target.in_draft_vocab, ttt_length).sum(dim=1)
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Per-row -sum_v p_v log softmax(logits)_v against rows of a shared probability table.
+
+    Saves only the logits (no fp32 [N, V] log-softmax per step) and works in row chunks; the
+    gradient is softmax(logits) * sum(p) - p.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        loss = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        lse = torch.empty_like(loss)
+        for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
+            block = logits[start:start + CE_CHUNK_ROWS].to(dtype)
+            p = probs[rows[start:start + CE_CHUNK_ROWS]].to(dtype)
+            lse[start:start + block.shape[0]] = torch.logsumexp(block, dim=-1)
+            loss[start:start + block.shape[0]] = (lse[start:start + block.shape[0]] * p.sum(-1)
+                                                  - (p * block).sum(-1))
+        ctx.save_for_backward(logits, probs, rows, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, probs, rows, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
+            stop = start + CE_CHUNK_ROWS
+            block = logits[start:stop].to(lse.dtype)
+            p = probs[rows[start:stop]].to(lse.dtype)
+            soft = torch.exp(block - lse[start:stop, None])
+            grad[start:stop] = ((soft * p.sum(-1, keepdim=True) - p) * grad_loss[start:stop, None]).to(grad.dtype)
+        return grad, None, None
+
+
+def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-row soft cross-entropy of logits [N, V] against probs[rows] ([N] indices into probs [T, V])."""
+    return _SoftCrossEntropy.apply(logits, probs, rows)
+
+
+def ttt_forward(draft: Eagle3Draft, target_head: TargetHead, batch: Mapping[str, torch.Tensor], ttt_length: int,
+                denominators: Optional[torch.Tensor] = None, target: Optional[TargetDistribution] = None,
+                attention_backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Unroll the draft ttt_length steps over one packed batch.
+
+    batch: input_ids [T], loss_mask [T], position_ids [T], cu_seqlens [B+1], aux_hidden [T, n_aux*H],
+    final_hidden [T, H]. denominators [ttt_length]: global valid-row counts (None: this batch's own).
+    target: the batch's TargetDistribution if already computed (else computed here).
+    Returns (loss, metrics): metrics["sums"] = [ploss_sum_i.., correct_i.., count_i..] (float32,
+    detached, ready to all-reduce) and metrics["loss"] (detached copy of the loss).
+    """
+    tokens = _check_batch(batch)
+    if ttt_length < 1:
+        raise ValueError(f"ttt_length={ttt_length} must be >= 1")
+    device = draft.fc.weight.device
+    if target is None:
+        target = target_head.target_probs(batch["final_hidden"])
+    ids = batch["input_ids"].to(device)
+    valid = valid_positions(batch["loss_mask"].to(device), batch["cu_seqlens"], target.in_draft_vocab.to(device),
+                            ttt_length)
+    counts = valid.sum(dim=1)
+    if denominators is None:
+        denominators = counts.clamp(min=1)
+    if denominators.shape != (ttt_length,):
+        raise ValueError(f"denominators shape {tuple(denominators.shape)} != ({ttt_length},): one count per step")
+    loss_dtype = torch.promote_types(draft.fc.weight.dtype, torch.float32)
+    denominators = denominators.to(device=device, dtype=loss_dtype)
+    # One host sync for all steps: which rows need logits.
+    flat_rows = torch.nonzero(valid.flatten()).squeeze(1)
+    step_rows = torch.split(flat_rows - torch.repeat_interleave(
+        torch.arange(ttt_length, device=device) * tokens, counts), counts.tolist())
+
+    attention = TTTAttention(batch["cu_seqlens"], tokens, draft.midlayer.self_attn.scale, attention_backend,
+                             device=device)
+    step_logits = draft(ids, batch["aux_hidden"].to(device), batch["position_ids"].to(device), attention, step_rows)
+    loss = torch.zeros((), dtype=loss_dtype, device=device)
+    ploss_sums, corrects = [], []
+    probs, target_ids = target.probs.to(device), target.draft_argmax.to(device)
+    for i, (rows, logits) in enumerate(zip(step_rows, step_logits)):
+        ce = soft_cross_entropy(logits, probs, rows + 1 + i)
+        loss = loss + (STEP_DECAY ** i) * ce.sum().to(loss_dtype) / denominators[i]
+        ploss_sums.append(ce.detach().sum().float())
+        corrects.append((logits.detach().argmax(-1) == target_ids[rows + 1 + i]).sum().float())
+    sums = torch.cat([torch.stack(ploss_sums), torch.stack(corrects), counts.float()])
+    return loss, {"loss": loss.detach(), "sums": sums}
+
+
+def sim_accept_len(acc: list[float]) -> float:
+    """Expected accepted draft tokens per chain if step i is accepted with probability acc[i] given
+    all earlier ones were: sum_i prod_{j<=i} acc[j]."""
+    total, run = 0.0, 1.0
+    for a in acc:
+        run *= a
+        total += run
+    return total

@@ -1,0 +1,375 @@
+"""The EAGLE-3 draft model: config, layers and the inference entry point.
+
+Parameter names are the checkpoint names that sglang and vLLM load as an EAGLE-3 Llama draft
+(`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`, `embed_tokens`), so export is a plain
+state-dict write. The training-time-test unroll lives in loss.py; this module only provides the
+pieces it composes (projection, embedding, one decoder layer split around its attention, logits).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.eagle3.attention import DraftKVCache, TTTAttention, cached_causal_attention
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+# Draft fields that must match the target (the embedding is copied from it, fc reads its states).
+TARGET_BOUND_FIELDS = ("hidden_size", "vocab_size", "target_hidden_size", "draft_vocab_size", "aux_layer_ids")
+
+
+@dataclass
+class Eagle3DraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    vocab_size: int  # the target's vocabulary (embedding rows)
+    draft_vocab_size: int  # rows of lm_head
+    target_hidden_size: int
+    aux_layer_ids: list[int]  # target decoder layers whose outputs feed fc (0-based, "output of layer i")
+    rope_scaling: Optional[dict[str, Any]] = None  # None, or {"rope_type": "llama3", ...}
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings", "vocab_size", "draft_vocab_size", "target_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Eagle3DraftConfig.{name}={value!r} must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"Eagle3DraftConfig.num_key_value_heads={self.num_key_value_heads} must divide "
+                             f"num_attention_heads={self.num_attention_heads}: set draft.num_key_value_heads to a "
+                             f"divisor of it")
+        if self.draft_vocab_size > self.vocab_size:
+            raise ValueError(f"Eagle3DraftConfig.draft_vocab_size={self.draft_vocab_size} exceeds the target "
+                             f"vocab_size={self.vocab_size}: use at most {self.vocab_size}")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"Eagle3DraftConfig rms_norm_eps={self.rms_norm_eps}, rope_theta={self.rope_theta}: "
+                             f"both must be > 0")
+        ids = list(self.aux_layer_ids) if self.aux_layer_ids is not None else []
+        if not ids or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
+            raise ValueError(f"Eagle3DraftConfig.aux_layer_ids={self.aux_layer_ids!r} must be a non-empty list of "
+                             f"target layer indices >= 0, e.g. [1, L/2-1, L-4]")
+        self.aux_layer_ids = ids
+        if self.hidden_act != "silu":
+            raise ValueError(f"Eagle3DraftConfig.hidden_act={self.hidden_act!r}: only 'silu' is implemented")
+        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+
+    @property
+    def num_aux(self) -> int:
+        return len(self.aux_layer_ids)
+
+    @property
+    def fc_in_features(self) -> int:
+        return self.num_aux * self.target_hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Eagle3DraftConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Eagle3DraftConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_target(cls, hf_config: Any, draft_vocab_size: int, aux_layer_ids: list[int],
+                    overrides: Optional[dict[str, Any]] = None) -> "Eagle3DraftConfig":
+        """Derive the draft's shape from a transformers target config (Llama, Qwen2/3 and alikes).
+
+        `overrides` maps field names to values (None = keep the target's); fields bound to the target
+        (hidden size, vocabularies, aux layers) cannot be overridden. head_dim: override, else the
+        target's explicit head_dim, else hidden_size // num_attention_heads.
+        """
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        known = {f.name for f in fields(cls)}
+        for key in overrides:
+            if key not in known:
+                raise ValueError(f"draft override {key!r} is not a draft config field; use one of "
+                                 f"{sorted(known - set(TARGET_BOUND_FIELDS))}")
+            if key in TARGET_BOUND_FIELDS:
+                raise ValueError(f"draft override {key!r} is derived from the target and cannot be overridden")
+        hidden = int(hf_config.hidden_size)
+        heads = int(overrides.get("num_attention_heads", hf_config.num_attention_heads))
+        target_head_dim = getattr(hf_config, "head_dim", None)
+        head_dim = overrides.get("head_dim", target_head_dim or hidden // heads)
+        rope_theta, rope_scaling = rope_from_hf_config(hf_config)
+        values: dict[str, Any] = dict(
+            hidden_size=hidden,
+            intermediate_size=int(hf_config.intermediate_size),
+            num_attention_heads=heads,
+            num_key_value_heads=int(getattr(hf_config, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            rope_theta=rope_theta,
+            max_position_embeddings=int(hf_config.max_position_embeddings),
+            vocab_size=int(hf_config.vocab_size),
+            draft_vocab_size=min(int(draft_vocab_size), int(hf_config.vocab_size)),
+            target_hidden_size=hidden,
+            aux_layer_ids=list(aux_layer_ids),
+            rope_scaling=rope_scaling,
+            hidden_act=getattr(hf_config, "hidden_act", "silu"),
+        )
+        if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
+            values["num_key_value_heads"] = min(values["num_key_value_heads"], heads)
+        values.update(overrides)
+        return cls(**values)
+
+
+def rope_from_hf_config(hf_config: Any) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, rope_scaling) from either transformers 5 `rope_parameters` or the legacy keys."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    else:
+        scaling = getattr(hf_config, "rope_scaling", None)
+        theta = getattr(hf_config, "rope_theta", None)
+    if theta is None:
+        raise ValueError("target config has no rope_theta (neither in rope_parameters nor at top level): "
+                         "pass draft override rope_theta")
+    return float(theta), _normalise_rope_scaling(scaling)
+
+
+def _normalise_rope_scaling(scaling: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    scaling["rope_type"] = rope_type
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported by the draft (supported: "
+                         f"{list(SUPPORTED_ROPE_TYPES)}); override draft rope_scaling")
+    if rope_type == "default":
+        return None
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling (llama3) lacks {missing}: give all of factor, low_freq_factor, "
+                         f"high_freq_factor, original_max_position_embeddings")
+    return scaling
+
+
+def rope_inverse_frequencies(config: Eagle3DraftConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies [head_dim/2] (float64), with llama3 long-context scaling if set."""
+    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** exponent)
+    scaling = config.rope_scaling
+    if scaling is not None:  # llama3: slow down low frequencies, keep high ones, blend in between
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        context = float(scaling["original_max_position_embeddings"])
+        wavelength = 2 * math.pi / inv_freq
+        blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+        inv_freq = blend * inv_freq + (1.0 - blend) * inv_freq / factor
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [..., head_dim] of position * frequency, computed in fp32 (or wider for wider dtypes)."""
+    compute = torch.promote_types(dtype, torch.float32)
+    angles = position_ids.to(compute).unsqueeze(-1) * inv_freq.to(compute)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., heads, head_dim]; cos/sin [..., head_dim] (rotate-half layout, as HF Llama and sglang)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * wide.to(x.dtype)
+
+
+class DraftAttention(nn.Module):
+    """Projections of the draft's attention; q/k/v read the 2H-wide cat(norm(embeds), norm(hidden))."""
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        width = 2 * config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [..., 2H] -> q [..., Hq, D], k and v [..., Hkv, D], with rotary positions applied to q and k."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftDecoderLayer(nn.Module):
+    """The draft's one decoder layer, split around attention so callers choose how keys are attended."""
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DraftAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DraftMLP(config)
+
+    def attention_inputs(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        return self.self_attn.project(x, cos, sin)
+
+    def finish(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """attn_out [..., Hq, D]; residual = the un-normed input hidden. Returns the pre-norm output hidden."""
+        h = residual + self.self_attn.o_proj(attn_out.flatten(-2))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)  # copied from the target, never trained
+        self.fc = nn.Linear(config.fc_in_features, config.hidden_size, bias=False)
+        self.midlayer = DraftDecoderLayer(config)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+        # A plain attribute, not a buffer: module.to(bfloat16) must not round the rotary frequencies.
+        self._rope_inv_freq = rope_inverse_frequencies(config)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Linear weights ~ N(0, std) (the HF Llama initialiser), norms at one; the embedding is zeroed
+        until load_embedding copies the target's."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, std)
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+            self.embed_tokens.weight.zero_()
+
+    def load_embedding(self, weight: torch.Tensor) -> None:
+        expected = tuple(self.embed_tokens.weight.shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"target embedding has shape {tuple(weight.shape)}, the draft expects {expected} "
+                             f"(vocab_size, hidden_size): the draft config was derived from another target")
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(weight)
+
+    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
+            raise ValueError(f"vocab map shapes d2t {tuple(d2t.shape)}, t2d {tuple(t2d.shape)} do not match the draft's "
+                             f"{tuple(self.d2t.shape)}, {tuple(self.t2d.shape)}: rebuild it for draft_vocab_size="
+                             f"{self.config.draft_vocab_size}")
+        with torch.no_grad():
+            self.d2t.copy_(d2t)
+            self.t2d.copy_(t2d)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        if self._rope_inv_freq.device != position_ids.device:
+            self._rope_inv_freq = self._rope_inv_freq.to(position_ids.device)
+        return rope_cos_sin(self._rope_inv_freq, position_ids, dtype)
+
+    def project_hidden(self, aux_hidden: torch.Tensor) -> torch.Tensor:
+        if aux_hidden.shape[-1] != self.config.fc_in_features:
+            raise ValueError(f"aux hidden width {aux_hidden.shape[-1]} != n_aux*target_hidden_size="
+                             f"{self.config.fc_in_features}: the engine captures other layers than the draft expects")
+        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids).to(self.fc.weight.dtype)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits from the pre-norm output hidden."""
+        return self.lm_head(self.norm(hidden))
+
+    def draft_to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def forward(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, position_ids: torch.Tensor,
+                attention: TTTAttention, step_rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The training-time-test unroll over a packed batch (alignment: lib/eagle3/loss.py).
+
+        A module forward, so FSDP's hooks gather the parameters. input_ids, position_ids [T];
+        aux_hidden [T, n_aux*H_target]; attention: this batch's TTTAttention; step_rows[i]: the rows
+        that carry a loss at step i. Returns per step the draft logits of those rows [N_i, draft_vocab].
+        """
+        tokens = input_ids.shape[0]
+        hidden = self.project_hidden(aux_hidden)
+        cos, sin = self.rope(position_ids, hidden.dtype)
+        positions = torch.arange(tokens, device=input_ids.device)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        logits = []
+        for i, rows in enumerate(step_rows):
+            # Rows whose shifted source leaves the batch read a filler token: they never carry a loss,
+            # and only their own later-step (diagonal) keys, equally loss-free, ever attend to them.
+            step_ids = input_ids[(positions + 1 + i).clamp(max=tokens - 1)]
+            q, k, v = self.midlayer.attention_inputs(self.embed(step_ids), hidden, cos, sin)
+            keys.append(k)
+            values.append(v)
+            hidden = self.midlayer.finish(attention(q, keys, values), hidden)
+            logits.append(self.compute_logits(hidden[rows]))
+        return logits
+
+    @torch.no_grad()
+    def forward_infer(self, input_ids: torch.Tensor, hidden: torch.Tensor, is_projected: bool,
+                      position_ids: torch.Tensor, kv_cache: Optional[DraftKVCache] = None):
+        """One draft forward for speculative decoding (docs/draft_format.md).
+
+        input_ids [B, S]: token x_{p+1} at the row of position p; hidden [B, S, n_aux*H_target] (target
+        aux states, is_projected=False) or [B, S, H] (the draft's own out_hidden, is_projected=True);
+        position_ids [B, S]; the cache holds earlier positions of these B rows (common length).
+        Returns (draft logits [B, S, draft_vocab], out_hidden [B, S, H], kv_cache).
+        """
+        h = hidden.to(self.fc.weight.dtype) if is_projected else self.project_hidden(hidden)
+        if h.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"hidden width {h.shape[-1]} != hidden_size {self.config.hidden_size}: pass "
+                             f"is_projected=False for target aux states")
+        cos, sin = self.rope(position_ids, h.dtype)
+        q, k, v = self.midlayer.attention_inputs(self.embed(input_ids), h, cos, sin)
+        cache = kv_cache if kv_cache is not None else DraftKVCache()
+        keys, values = cache.append(k, v)
+        attn = cached_causal_attention(q, keys, values, self.midlayer.self_attn.scale)
+        out_hidden = self.midlayer.finish(attn, h)
+        return self.compute_logits(out_hidden), out_hidden, cache

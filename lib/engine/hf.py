@@ -1,0 +1,326 @@
+"""The default engine backend: the target as a transformers model, captured with forward hooks.
+
+Only the base model (embeddings, decoder layers, final norm) is loaded and run; the full-vocab lm_head
+is never computed (the trainer applies the target's lm_head to the final hidden state itself, on the
+draft vocab only). Packed batches run as one sequence of T tokens whose attention never crosses
+sample boundaries:
+- `varlen` (CUDA, bf16/fp16): flash attention over cu_seqlens, no mask at all (the fast path);
+- `sdpa` / `eager`: a block-diagonal causal [1, 1, T, T] mask (CPU default; O(T^2) memory).
+flex attention with a document BlockMask was tried and dropped: no faster than varlen, and on
+torch 2.11 its kernel failed to recompile once the batch length changed (docs/engine.md).
+The aux layers' outputs are copied by forward hooks straight into the caller's handoff views, so no
+layer's output is kept beyond the hook and `output_hidden_states` is never used.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from lib.batch import PackedBatch
+from lib.config import EngineConfig, TargetConfig
+from lib.engine.base import (
+    RANDOM_INIT_SEED,
+    EngineInputError,
+    capture_destination,
+    check_batch_structure,
+    find_sample_problems,
+    resolve_aux_layers,
+    resolve_dtype,
+)
+from lib.engine.tp import TensorParallel
+
+ATTN_IMPLS = ("auto", "varlen", "sdpa", "eager")
+_VARLEN_NAME = "engine_varlen"
+_HF_ATTN_NAMES = {"varlen": _VARLEN_NAME, "sdpa": "sdpa", "eager": "eager"}
+
+
+def _varlen_flash_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    engine_cu_seqlens: Optional[torch.Tensor] = None,
+    engine_max_seqlen: Optional[int] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: [1, H, T, D] q/k/v of a packed batch -> [1, T, H, D].
+
+    Calls the aten flash kernel directly (stable across torch 2.4+, handles GQA natively) rather than
+    torch.nn.attention.varlen, whose signature changed between releases.
+    """
+    if engine_cu_seqlens is None:
+        raise RuntimeError("the varlen attention runs only inside HFBackend.capture (it needs the batch's cu_seqlens)")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, engine_cu_seqlens, engine_cu_seqlens, engine_max_seqlen, engine_max_seqlen,
+        0.0, True, False, scale=scaling,
+    )[0]
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(_VARLEN_NAME, _varlen_flash_attention)
+
+
+def resolve_attn_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """engine.attn_impl -> one of varlen | sdpa | eager for this device and dtype."""
+    if name not in ATTN_IMPLS:
+        raise ValueError(f"engine.attn_impl={name!r} is not known; use one of {', '.join(ATTN_IMPLS)}")
+    flash_ok = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    if name == "auto":
+        return "varlen" if flash_ok else "sdpa"
+    if name == "varlen" and not flash_ok:
+        raise ValueError(
+            f"engine.attn_impl=varlen needs a CUDA device and bf16/fp16 weights (got {device.type}, {dtype}); "
+            "use engine.attn_impl=auto (sdpa on CPU or fp32)"
+        )
+    return name
+
+
+def build_target_config(target: TargetConfig):
+    """The target's transformers config: from target.hf_config (random init) or target.path."""
+    if target.random_init and target.hf_config is not None:
+        cfg = dict(target.hf_config)
+        if "model_type" not in cfg:
+            raise ValueError("target.hf_config needs a 'model_type' key (e.g. qwen3, llama) to pick the architecture")
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if not target.path:
+        raise ValueError(
+            "target.path is not set: point it at a local HF checkpoint directory, or set target.random_init=true "
+            "with target.hf_config"
+        )
+    if not os.path.isfile(os.path.join(target.path, "config.json")):
+        raise ValueError(f"target.path={target.path!r} has no config.json; point it at a local HF checkpoint directory")
+    return AutoConfig.from_pretrained(target.path)
+
+
+def build_random_target(target: TargetConfig, dtype: torch.dtype, device: torch.device, attn: str = "sdpa"):
+    """The random-init target as a full causal LM, identical on every rank that builds it on `device`.
+
+    Trainers that need the target's embedding and lm_head for a random-init run call this too, so
+    engine and trainer agree on the weights without shipping them.
+    """
+    config = build_target_config(target)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+
+
+def load_base_model(target: TargetConfig, dtype: torch.dtype, device: torch.device, attn: str) -> PreTrainedModel:
+    """The target's base model (no lm_head), frozen, in eval mode, on `device`."""
+    if target.random_init:
+        model = build_random_target(target, dtype, device, attn).base_model
+    else:
+        build_target_config(target)  # validates target.path with a clear message first
+        kwargs = {"device_map": str(device)} if device.type == "cuda" else {}
+        # The checkpoint's lm_head is deliberately left out; keep transformers from reporting it as unexpected.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModel.from_pretrained(target.path, dtype=dtype, attn_implementation=attn, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    for name in ("layers", "norm", "embed_tokens"):
+        if not hasattr(model, name):
+            raise ValueError(
+                f"target architecture {type(model).__name__} has no `{name}`; the hf engine supports decoder-only "
+                "models laid out like Llama/Qwen (model.embed_tokens, model.layers, model.norm)"
+            )
+    layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(
+            f"target layer types {sorted(layer_types)} are not supported by the hf engine (only full attention); "
+            "pick a target without sliding-window/linear-attention layers"
+        )
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+@dataclass
+class ForwardInputs:
+    """One packed sequence on the engine device, and which of its rows this rank returns."""
+
+    input_ids: torch.Tensor  # [T]
+    position_ids: torch.Tensor  # [T]
+    lengths: list[int]
+    rows: slice
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+class AuxWriter:
+    """Forward hooks that copy the aux layers' outputs into the destination columns while armed."""
+
+    def __init__(self, layers: nn.ModuleList, aux_layers: list[int], hidden_size: int):
+        self._dst: Optional[torch.Tensor] = None
+        self._rows = slice(None)
+        columns: dict[int, list[int]] = {}
+        for k, layer in enumerate(aux_layers):
+            columns.setdefault(layer, []).append(k * hidden_size)
+        self._width = hidden_size
+        self._handles = [layers[i].register_forward_hook(partial(self._on_output, cols)) for i, cols in columns.items()]
+
+    def arm(self, dst: torch.Tensor, rows: slice) -> None:
+        self._dst, self._rows = dst, rows
+
+    def disarm(self) -> None:
+        self._dst = None
+
+    def _on_output(self, columns: list[int], module: nn.Module, args, output) -> None:
+        if self._dst is None:
+            return
+        hidden = output[0] if isinstance(output, tuple) else output
+        src = hidden[0, self._rows]
+        for c in columns:
+            self._dst[:, c:c + self._width].copy_(src)
+
+
+class HFBackend:
+    """transformers target on one device, optionally sharded over an engine TP group."""
+
+    def __init__(self) -> None:
+        self._model: Optional[PreTrainedModel] = None
+
+    def load(
+        self,
+        target: TargetConfig,
+        engine: EngineConfig,
+        device: torch.device,
+        tp_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.dtype = resolve_dtype(target.dtype, device)
+        self.attn_impl = resolve_attn_impl(engine.attn_impl, device, self.dtype)
+        if engine.token_budget < 1:
+            raise ValueError(f"engine.token_budget={engine.token_budget} must be >= 1")
+        self.token_budget = engine.token_budget
+        group_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+        if engine.tp != group_size:
+            raise ValueError(f"engine.tp={engine.tp} but the TP group passed to the engine has {group_size} members")
+        tp = TensorParallel(tp_group, device) if group_size > 1 else None
+        # TP members load a checkpoint on CPU and move only their shard to the GPU. Random weights
+        # are drawn on the engine device whatever the TP degree, so every engine and trainer that
+        # builds the same random target on that device type gets the same weights.
+        load_device = torch.device("cpu") if tp is not None and not target.random_init else device
+        model = load_base_model(target, self.dtype, load_device, _HF_ATTN_NAMES[self.attn_impl])
+        config = model.config
+        self.hidden_size = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        self.vocab_size = int(config.vocab_size)
+        self.aux_layers = resolve_aux_layers(target.aux_layers, self.num_layers)
+        if tp is not None:
+            tp.shard(model.layers, config)
+            model.to(device)
+        self._tp = tp
+        self._model = model
+        self._aux = AuxWriter(model.layers, self.aux_layers, self.hidden_size)
+        if engine.compile:
+            self._compile(model.layers)
+        if device.type == "cuda":
+            self._warmup()
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The loaded base model (this member's shard under TP); read-only use, e.g. benchmarks."""
+        if self._model is None:
+            raise RuntimeError("HFBackend.model read before load()")
+        return self._model
+
+    def capture(self, batch: PackedBatch, out: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        if self._model is None:
+            raise RuntimeError("HFBackend.capture called before load()")
+        check_batch_structure(batch)
+        problems = find_sample_problems(batch, self.vocab_size, self.token_budget)
+        if batch.num_tokens > self.token_budget and not problems:
+            raise ValueError(
+                f"packed batch has {batch.num_tokens} tokens, over engine.token_budget={self.token_budget}; "
+                "pack batches with the same token budget as the engine"
+            )
+        if self._tp is not None:
+            ids, pos, lengths, rows = self._tp.gather(batch, problems)
+            inputs = ForwardInputs(ids, pos, lengths, rows)
+        else:
+            if problems:
+                raise EngineInputError(problems)
+            inputs = ForwardInputs(
+                batch.input_ids.to(self.device, non_blocking=True),
+                batch.position_ids.to(self.device, non_blocking=True),
+                batch.lengths,
+                slice(0, batch.num_tokens),
+            )
+        n_aux = len(self.aux_layers)
+        dst = capture_destination(out, batch.num_tokens, n_aux, self.hidden_size, self.dtype, self.device)
+        if inputs.num_tokens > 0:
+            self._forward(inputs, dst)
+        return dst
+
+    def _forward(self, inputs: ForwardInputs, dst: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            attention = self._attention_inputs(inputs)
+            self._aux.arm(dst["aux_hidden"], inputs.rows)
+            try:
+                hidden = self._model(
+                    input_ids=inputs.input_ids[None],
+                    position_ids=inputs.position_ids[None],
+                    use_cache=False,
+                    **attention,
+                ).last_hidden_state
+            finally:
+                self._aux.disarm()
+            dst["final_hidden"].copy_(hidden[0, inputs.rows])
+
+    def _attention_inputs(self, inputs: ForwardInputs) -> dict:
+        """Keyword arguments that keep attention inside each sample, for the chosen implementation."""
+        lengths = torch.tensor(inputs.lengths, dtype=torch.int32)
+        if self.attn_impl == "varlen":
+            cu = torch.zeros(len(inputs.lengths) + 1, dtype=torch.int32)
+            torch.cumsum(lengths, 0, out=cu[1:])
+            return {"engine_cu_seqlens": cu.to(self.device, non_blocking=True), "engine_max_seqlen": max(inputs.lengths)}
+        n = inputs.num_tokens
+        doc = torch.repeat_interleave(torch.arange(len(inputs.lengths), dtype=torch.int32), lengths).to(self.device)
+        idx = torch.arange(n, device=self.device)
+        allowed = (doc[:, None] == doc[None, :]) & (idx[:, None] >= idx[None, :])
+        if self.attn_impl == "sdpa":
+            return {"attention_mask": allowed[None, None]}
+        additive = torch.zeros(n, n, dtype=self.dtype, device=self.device)
+        additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return {"attention_mask": additive[None, None]}
+
+    def _compile(self, layers: nn.ModuleList) -> None:
+        """Compile per decoder layer (one graph shared by all layers), keeping the capture hooks eager.
+
+        Under TP the all-reduce hooks sit on the attention and MLP modules, so those are compiled
+        instead of the whole layer and the collectives stay outside the graphs.
+        """
+        for layer in layers:
+            parts = [layer.self_attn, layer.mlp] if self._tp is not None else [layer]
+            for part in parts:
+                part.forward = torch.compile(part.forward, dynamic=True)
+
+    def _warmup(self) -> None:
+        """One full-budget batch at load: compiles, and proves the budget fits in the memory cap now."""
+        n = self.token_budget
+        batch = PackedBatch.from_samples([([0] * n, [False] * n)], [-1])
+        try:
+            self.capture(batch)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"engine warm-up with engine.token_budget={n} ran out of GPU memory under the engine's memory cap "
+                "(infer_frac): lower engine.token_budget or raise infer_frac"
+            ) from e
+        torch.cuda.synchronize(self.device)
