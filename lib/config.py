@@ -85,8 +85,8 @@ class EngineConfig:
     backend: str = "hf"  # hf | sglang
     tp: int = 1
     token_budget: int = 8192  # tokens per packed batch
-    compile: bool = False
-    attn_impl: str = "auto"  # auto | sdpa | flex | eager
+    compile: Optional[bool] = None  # None: torch.compile the target layers on GPU (~30% faster), not on CPU
+    attn_impl: str = "auto"  # auto (varlen on CUDA bf16, sdpa otherwise) | varlen | sdpa | eager
 
 
 @dataclass
