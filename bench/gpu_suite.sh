@@ -20,7 +20,7 @@ for p in "$@"; do case $p in
   engine) part engine 240 python3 bench/engine.py --out "$OUT/engine.json" ;;
   trainer) part trainer 240 python3 bench/trainer.py --out "$OUT/trainer.json" ;;
   dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$OUT/dryrun" ;;
-  e2e1) part e2e1 540 python3 bench/e2e.py --suite one_gpu --out-dir "$OUT/e2e1" --steps "${E2E_STEPS:-30}" --skip 10 ;;
+  e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$OUT/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
   e2e2) part e2e2 540 python3 bench/e2e.py --suite two_gpu --out-dir "$OUT/e2e2" --steps "${E2E_STEPS:-30}" --skip 10 ;;
   *) echo "unknown part $p" ;;
 esac; done
