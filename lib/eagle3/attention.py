@@ -52,6 +52,7 @@ class TTTAttention:
                              f"cu_seqlens must end at the total token count")
         self.backend, self.scale, self.num_tokens = backend, scale, num_tokens
         self.doc = document_ids(cu_seqlens.to(device), num_tokens)
+        self.bounds = [int(b) for b in cu_seqlens.tolist()] if backend == "reference" else []
         self.block_mask = self._build_block_mask(device) if backend == "flex" else None
 
     def _build_block_mask(self, device: torch.device):
@@ -84,13 +85,19 @@ class TTTAttention:
         qh = q.to(dtype).transpose(0, 1)  # [Hq, T, D]
         kh = k.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         vh = v.to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
-        scores = torch.matmul(qh, kh.transpose(-1, -2)) * self.scale
-        pos = torch.arange(self.num_tokens, device=q.device)
-        allowed = (self.doc[:, None] == self.doc[None, :]) & (pos[None, :] <= pos[:, None])
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # [Hq, T]; every row sees at least itself
-        out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vh)
-        return out.transpose(0, 1), lse.transpose(0, 1)
+        # One sample at a time: the cost is the sum of the squares of the sample lengths, not the
+        # square of the packed length (a packed CPU batch holds many short samples).
+        outs, lses = [], []
+        for start, end in zip(self.bounds[:-1], self.bounds[1:]):
+            if end == start:
+                continue
+            scores = torch.matmul(qh[:, start:end], kh[:, start:end].transpose(-1, -2)) * self.scale
+            causal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)  # [Hq, n]; every row sees at least itself
+            outs.append(torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vh[:, start:end]))
+            lses.append(lse)
+        return torch.cat(outs, dim=1).transpose(0, 1), torch.cat(lses, dim=1).transpose(0, 1)
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         from torch.nn.attention.flex_attention import AuxRequest
