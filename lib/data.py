@@ -1,0 +1,436 @@
+"""Training data: parse JSON Lines, tokenize once (cached), shard and pack into token-budget batches.
+
+Accepted lines: `{"id"?, "conversations": [{"role", "content"}]}`, ShareGPT
+`{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}`, and pre-formatted `{"text"}` (loss on
+every token). Bad lines are counted per reason with their line numbers and logged, never fatal unless
+nothing is left.
+
+Tokenisation runs once per (data file content, tokenizer files, template, max_length, overlong,
+split) and is cached as one file (`<data>.tokcache/` or `data.cache_dir`), written atomically under a
+file lock so concurrent ranks tokenise once and later runs load it without touching the tokenizer.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from lib.batch import PackedBatch
+from lib.config import TINY_DATA_DIR, DataConfig
+from lib.templates import TemplateError, get_template
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+SHOWN_LINES = 5  # line numbers listed per bad-line reason
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
+tokenization_runs = 0  # how often a dataset was tokenised in this process (cache misses)
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured; the message names the key and the fix."""
+
+
+@dataclass
+class DataReport:
+    path: str
+    lines: int = 0
+    kept: int = 0
+    truncated: int = 0
+    bad: dict[str, list[int]] = field(default_factory=dict)  # reason -> line numbers (1-based)
+
+    def add_bad(self, reason: str, line_no: int) -> None:
+        self.bad.setdefault(reason, []).append(line_no)
+
+    def summary(self) -> str:
+        text = f"{self.path}: {self.lines} lines, {self.kept} kept, {self.truncated} truncated"
+        for reason, lines in sorted(self.bad.items()):
+            shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
+            text += f"; {reason}: {len(lines)} (lines {shown})"
+        return text
+
+
+@dataclass(frozen=True)
+class Record:
+    line_no: int
+    sample_id: str
+    messages: Optional[list[dict[str, str]]]  # None for a pre-formatted text record
+    text: Optional[str] = None
+
+
+def parse_line(line: str, line_no: int, default_id: str) -> Record | str:
+    """A Record, or the reason the line is unusable."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return "malformed_json"
+    if not isinstance(obj, dict):
+        return "not_an_object"
+    sample_id = str(obj.get("id", default_id))
+    if "conversations" not in obj:
+        text = obj.get("text")
+        if not isinstance(text, str):
+            return "no_conversations_or_text"
+        return Record(line_no, sample_id, None, text) if text else "empty_conversation"
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        return "no_conversations_or_text"
+    if not turns:
+        return "empty_conversation"
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return "malformed_turn"
+        if "role" in turn:
+            role, content = turn["role"], turn.get("content")
+        else:
+            role, content = SHAREGPT_ROLES.get(turn.get("from"), turn.get("from")), turn.get("value")
+        if role not in ("system", "user", "assistant"):
+            return "unknown_role"
+        if not isinstance(content, str):
+            return "malformed_turn"
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        return "no_assistant_turn"
+    return Record(line_no, sample_id, messages)
+
+
+# ---- tokenisation (runs in worker processes; state set once per worker) ----
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str, template: str, max_length: int, overlong: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    _worker.update(tokenizer=tokenizer, template=get_template(template, tokenizer),
+                   max_length=max_length, overlong=overlong)
+
+
+def _mask_from_offsets(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...]) -> list[bool]:
+    """A token is trained on when its characters overlap an assistant span."""
+    return [any(s < span_end and e > span_start for span_start, span_end in spans) for s, e in offsets]
+
+
+def tokenize_record(rec: Record) -> tuple[list[int], list[bool], int, int, bool] | str:
+    """(ids, loss_mask, prompt_len, answer_end, truncated) or a bad-line reason.
+
+    prompt_len/answer_end bound the last assistant turn in tokens (-1 when the record has none).
+    """
+    tokenizer, max_length = _worker["tokenizer"], _worker["max_length"]
+    if rec.messages is None:
+        text, spans, header_end = rec.text, ((0, len(rec.text)),), -1
+    else:
+        try:
+            rendered = _worker["template"].render(rec.messages)
+        except TemplateError:
+            return "template_error"
+        text, spans, header_end = rendered.text, rendered.assistant_spans, rendered.last_assistant_header_end
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, mask = list(enc["input_ids"]), _mask_from_offsets(enc["offset_mapping"], spans)
+    prompt_len = answer_end = -1
+    if header_end >= 0:
+        last = _mask_from_offsets(enc["offset_mapping"], spans[-1:])
+        prompt_len = last.index(True) if True in last else -1
+        answer_end = len(last) - last[::-1].index(True) if True in last else -1
+    truncated = len(ids) > max_length
+    if truncated:
+        if _worker["overlong"] == "skip":
+            return "overlong"
+        ids, mask = ids[:max_length], mask[:max_length]
+        prompt_len = prompt_len if 0 <= prompt_len < max_length else -1
+        answer_end = min(answer_end, max_length) if prompt_len >= 0 else -1
+    if not any(mask):
+        return "no_loss_tokens_after_truncation" if truncated else "no_loss_tokens"
+    return ids, mask, prompt_len, answer_end, truncated
+
+
+def _progress(items, total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        step = max(1, total // 10)
+        for i, item in enumerate(items, 1):
+            if i % step == 0 or i == total:
+                log.info("%s: %d/%d", desc, i, total)
+            yield item
+        return
+    yield from tqdm(items, total=total, desc=desc, mininterval=2.0)
+
+
+def _tokenize_all(records: list[Record], tokenizer_path: str, cfg: DataConfig, desc: str) -> list:
+    global tokenization_runs
+    tokenization_runs += 1
+    # here, not in a pool initializer: a bad template or tokenizer must fail once, not restart workers forever
+    _init_worker(tokenizer_path, cfg.template, cfg.max_length, cfg.overlong)
+    workers = cfg.num_workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(records) < 512:  # a pool's start-up costs more than it saves here
+        return list(_progress(map(tokenize_record, records), len(records), desc))
+    # fork: workers inherit the loaded tokenizer and need no re-import of the caller's __main__
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(_progress(pool.imap(tokenize_record, records, chunksize=256), len(records), desc))
+
+
+# ---- dataset ----
+class TokenizedDataset:
+    """Samples stored flat: sample i is tokens[offsets[i]:offsets[i+1]] with its loss mask."""
+
+    def __init__(self, state: dict, from_cache: bool):
+        self.tokens: torch.Tensor = state["tokens"]
+        self.mask: torch.Tensor = state["mask"]
+        self.offsets: torch.Tensor = state["offsets"]
+        self.prompt_len: torch.Tensor = state["prompt_len"]
+        self.answer_end: torch.Tensor = state["answer_end"]
+        self.sample_ids: list[str] = state["sample_ids"]
+        self.fingerprint: str = state["fingerprint"]  # identifies data, tokenizer, template and split
+        self.report = DataReport(**state["report"])
+        self.from_cache = from_cache
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[bool]]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[a:b].tolist(), self.mask[a:b].tolist()
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer_path: str) -> str:
+    if not os.path.isdir(tokenizer_path):
+        raise DataError(f"tokenizer path {tokenizer_path!r} is not a directory; set target.tokenizer (or "
+                        "target.path) to a local checkpoint directory with tokenizer files")
+    h = hashlib.sha256()
+    names = sorted(n for n in os.listdir(tokenizer_path) if n.startswith(TOKENIZER_FILE_PREFIXES))
+    if not names:
+        raise DataError(f"no tokenizer files (tokenizer.json, ...) in {tokenizer_path!r}; set target.tokenizer")
+    for name in names:
+        h.update(name.encode() + b"\0" + _sha256_file(os.path.join(tokenizer_path, name)).encode())
+    return h.hexdigest()
+
+
+def _split_source(cfg: DataConfig, split: str) -> tuple[str, str, Optional[int]]:
+    """(data key the path came from, path, held-out tail size or None when the file is used whole)."""
+    if split not in ("train", "heldout"):
+        raise DataError(f"split={split!r}; use 'train' or 'heldout'")
+    if cfg.path is None:  # the embedded corpus ships its own held-out file
+        name = "train.jsonl" if split == "train" else "heldout.jsonl"
+        return "data.path", os.path.join(TINY_DATA_DIR, name), None
+    if cfg.heldout_path is not None:
+        return ("data.path", cfg.path, None) if split == "train" else ("data.heldout_path", cfg.heldout_path, None)
+    if cfg.heldout_size < 1:
+        raise DataError(f"data.heldout_size={cfg.heldout_size}; set it >= 1 or set data.heldout_path")
+    return "data.path", cfg.path, cfg.heldout_size
+
+
+def _read_lines(key: str, path: str, split: str, tail: Optional[int]) -> list[tuple[int, str]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    if tail is None:
+        return lines
+    if len(lines) <= tail:
+        raise DataError(f"{key}={path!r} has {len(lines)} lines, not more than data.heldout_size={tail}; "
+                        "lower data.heldout_size or set data.heldout_path")
+    return lines[-tail:] if split == "heldout" else lines[:-tail]
+
+
+def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int], tokenizer_path: str,
+           fingerprint: str) -> dict:
+    report = DataReport(path=path)
+    records = []
+    for line_no, line in _read_lines(key, path, split, tail):
+        report.lines += 1
+        parsed = parse_line(line, line_no, f"{os.path.basename(path)}:{line_no}")
+        if isinstance(parsed, str):
+            report.add_bad(parsed, line_no)
+        else:
+            records.append(parsed)
+    results = _tokenize_all(records, tokenizer_path, cfg, f"tokenizing {split} {os.path.basename(path)}")
+    tokens, masks, offsets, prompt_len, answer_end, sample_ids = [], [], [0], [], [], []
+    for rec, res in zip(records, results):
+        if isinstance(res, str):
+            report.add_bad(res, rec.line_no)
+            continue
+        ids, mask, p_len, a_end, truncated = res
+        report.truncated += truncated
+        tokens.extend(ids)
+        masks.extend(mask)
+        offsets.append(len(tokens))
+        prompt_len.append(p_len)
+        answer_end.append(a_end)
+        sample_ids.append(rec.sample_id)
+    report.kept = len(sample_ids)
+    if not sample_ids:
+        raise DataError(f"no usable sample in {key}={path!r} ({report.summary()}); fix the file or its format "
+                        "(see lib/data.py for the accepted line formats)")
+    return {"tokens": torch.tensor(tokens, dtype=torch.int32), "mask": torch.tensor(masks, dtype=torch.bool),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+            "prompt_len": torch.tensor(prompt_len, dtype=torch.int32),
+            "answer_end": torch.tensor(answer_end, dtype=torch.int32),
+            "sample_ids": sample_ids, "fingerprint": fingerprint, "report": report.__dict__}
+
+
+def load_dataset(cfg: DataConfig, tokenizer_path: str, split: str = "train") -> TokenizedDataset:
+    if cfg.overlong not in ("truncate", "skip"):
+        raise DataError(f"data.overlong={cfg.overlong!r}; use 'truncate' or 'skip'")
+    if cfg.max_length < 2:
+        raise DataError(f"data.max_length={cfg.max_length}; set it >= 2")
+    key, path, tail = _split_source(cfg, split)
+    if not os.path.isfile(path):
+        raise DataError(f"{key}={path!r} does not exist; point {key} at a JSON Lines file")
+    fields = {"version": CACHE_VERSION, "data": _sha256_file(path), "tokenizer": tokenizer_fingerprint(tokenizer_path),
+              "template": cfg.template, "max_length": cfg.max_length, "overlong": cfg.overlong,
+              "split": split, "heldout_tail": tail}
+    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    cache_dir = cfg.cache_dir or path + ".tokcache"
+    os.makedirs(cache_dir, exist_ok=True)
+    cache_file = os.path.join(cache_dir, f"{split}-{fingerprint[:20]}.pt")
+    # one rank tokenises; the others wait on the lock and then read its file
+    with open(cache_file + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from_cache = os.path.isfile(cache_file)
+        if from_cache:
+            state = torch.load(cache_file, weights_only=True)
+        else:
+            state = _build(cfg, key, path, split, tail, tokenizer_path, fingerprint)
+            tmp = f"{cache_file}.tmp.{os.getpid()}"
+            torch.save(state, tmp)
+            os.replace(tmp, cache_file)
+    ds = TokenizedDataset(state, from_cache)
+    (log.warning if ds.report.bad else log.info)("data %s%s: %s", split, " (cached)" if from_cache else "",
+                                                  ds.report.summary())
+    return ds
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    sample_id: str
+    prompt_ids: list[int]  # up to and including the header of the last assistant turn
+    reference_ids: list[int]  # that turn's answer, end-of-turn token included
+
+
+def load_heldout_prompts(cfg: DataConfig, tokenizer_path: str, n: int) -> list[EvalPrompt]:
+    """The first n held-out conversations that end in an assistant turn, split into prompt and answer."""
+    ds = load_dataset(cfg, tokenizer_path, "heldout")
+    prompts = []
+    for i in range(len(ds)):
+        p, e = int(ds.prompt_len[i]), int(ds.answer_end[i])
+        if p > 0 and e > p:
+            a = int(ds.offsets[i])
+            prompts.append(EvalPrompt(ds.sample_ids[i], ds.tokens[a:a + p].tolist(), ds.tokens[a + p:a + e].tolist()))
+        if len(prompts) == n:
+            break
+    if not prompts:
+        raise DataError(f"the held-out split ({ds.report.path}) has no conversation with an assistant turn "
+                        "to evaluate; set data.heldout_path to chat data")
+    return prompts
+
+
+def token_counts(dataset: TokenizedDataset, vocab_size: int) -> torch.Tensor:
+    """int64 [vocab_size]: how often each token id is a training target (under the loss mask)."""
+    ids = dataset.tokens[dataset.mask].long()
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise DataError(f"token id {int(ids.max())} >= vocab_size={vocab_size}: the dataset was tokenised "
+                        "with a different tokenizer than the target's; set target.tokenizer to match")
+    return torch.bincount(ids, minlength=vocab_size)
+
+
+class ShardedPackedLoader:
+    """Endless token-budget batches for one shard (one engine/trainer pair) of a dataset.
+
+    Epoch e visits the samples in a permutation seeded by seed + e; shard k takes every num_shards-th
+    sample of it starting at k, so the shards of an epoch are disjoint and together cover every sample
+    exactly once (the remainder is spread: shard sizes differ by at most one). Consecutive samples
+    are packed greedily up to token_budget; a sample that does not fit starts the next batch, so the
+    position (epoch, index) always points at the next unconsumed sample and a resume from
+    state_dict() neither repeats nor skips one. A sample longer than the budget is truncated to it
+    (overlong="truncate", counted in .truncated) or skipped (overlong="skip", counted in .skipped).
+    """
+
+    def __init__(self, dataset: TokenizedDataset, shard: int, num_shards: int, token_budget: int, seed: int,
+                 overlong: str = "truncate"):
+        if not 0 <= shard < num_shards:
+            raise DataError(f"shard={shard} is outside [0, num_shards={num_shards})")
+        if len(dataset) < num_shards:
+            raise DataError(f"the dataset has {len(dataset)} samples, fewer than the {num_shards} shards "
+                            "(engine/trainer pairs); use more data or fewer processes")
+        if token_budget < 2:
+            raise DataError(f"engine.token_budget={token_budget}; set it >= 2")
+        if overlong not in ("truncate", "skip"):
+            raise DataError(f"overlong={overlong!r}; use 'truncate' or 'skip'")
+        if overlong == "skip" and int((dataset.offsets.diff() <= token_budget).sum()) == 0:
+            raise DataError(f"every sample is longer than engine.token_budget={token_budget} and overlong=skip; "
+                            "raise the budget or truncate")
+        self.dataset, self.shard, self.num_shards = dataset, shard, num_shards
+        self.token_budget, self.seed, self.overlong = token_budget, seed, overlong
+        self.epoch, self.index = 0, 0
+        self.truncated = self.skipped = 0
+        self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def _shard_order(self) -> torch.Tensor:
+        if self._order_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(len(self.dataset), generator=g)[self.shard::self.num_shards]
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __iter__(self) -> "ShardedPackedLoader":
+        return self
+
+    def __next__(self) -> PackedBatch:
+        samples, ids, used = [], [], 0
+        while True:
+            order = self._shard_order()
+            if self.index == len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+                continue
+            i = int(order[self.index])
+            n = self.dataset.length(i)
+            if n > self.token_budget and self.overlong == "skip":
+                self.skipped += 1
+                self.index += 1
+                continue
+            if used + min(n, self.token_budget) > self.token_budget:
+                return PackedBatch.from_samples(samples, ids)
+            tokens, mask = self.dataset[i]
+            if n > self.token_budget:
+                self.truncated += 1
+                if self.truncated <= SHOWN_LINES:
+                    log.warning("sample %s has %d tokens, more than engine.token_budget=%d: truncated (%d so far)",
+                                self.dataset.sample_ids[i], n, self.token_budget, self.truncated)
+                tokens, mask = tokens[:self.token_budget], mask[:self.token_budget]
+            samples.append((tokens, mask))
+            ids.append(i)
+            used += len(tokens)
+            self.index += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "shard": self.shard,
+                "num_shards": self.num_shards, "num_samples": len(self.dataset),
+                "truncated": self.truncated, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "shard", "num_shards", "num_samples"):
+            mine = len(self.dataset) if key == "num_samples" else getattr(self, key)
+            if state[key] != mine:
+                raise DataError(f"loader state was saved with {key}={state[key]} but this run has {key}={mine}; "
+                                "resume with the same data, seed and process count, or start without resume")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self.truncated, self.skipped = state["truncated"], state["skipped"]

@@ -1,0 +1,582 @@
+"""Greedy speculative decoding with a transformers target and an EAGLE-3 draft: the draft's real
+acceptance length, offline (eval.py) and during training (evaluate_online).
+
+A round: the draft proposes k tokens as a chain (each step reads its own out_hidden); the target
+verifies [newest token, d1..dk] in one forward and keeps the longest prefix equal to its own greedy
+choices plus its bonus token. The output is therefore the target's greedy decoding whatever the draft
+does; the draft only changes how many target forwards it takes. Reported: tau = mean tokens per
+verify forward = mean(accepted + 1), per-position acceptance rates and speedup proxies
+(docs/evaluation.md has the formulas).
+
+Batching: rows accept different counts per round, so no KV cache (target or draft) is cropped.
+Every round appends k+1 slots to every row; slots a row rejected stay as holes hidden by an explicit
+[B, S, L] mask, and positions follow each row's own sequence, not the slot index. Every kept token
+thus attends exactly its row's earlier tokens at their positions, as when the row decodes alone.
+Finished rows leave the batch.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm  # a dependency of transformers, so always present
+
+from lib.eagle3.model import Eagle3Draft
+
+FORCED_MODES = ("oracle", "wrong")
+_MASKABLE_ATTN = ("sdpa", "eager")  # implementations that take an explicit 4-D float mask
+
+
+def visible_keys(valid: torch.Tensor, new: int) -> torch.Tensor:
+    """valid [B, L] (the last `new` slots are the queries) -> [B, new, L] bool: a query sees the valid
+    slots up to its own, and always itself, so no softmax row is empty (padding stays finite)."""
+    total = valid.shape[1]
+    slots = torch.arange(total, device=valid.device)
+    query_slots = slots[total - new:, None]
+    return (valid[:, None, :] & (slots <= query_slots)[None]) | (slots == query_slots)[None]
+
+
+class TargetRunner:
+    """The target as decoding needs it: a base model (embed_tokens, layers, norm) and its output
+    projection. Aux-layer outputs are caught by forward hooks that live for one forward only, so the
+    engine's own capture hooks on the same model are left alone."""
+
+    def __init__(self, base: nn.Module, lm_head: torch.Tensor):
+        missing = [name for name in ("embed_tokens", "layers", "norm") if not hasattr(base, name)]
+        if missing:
+            raise ValueError(f"target base model {type(base).__name__} lacks {missing}: pass a Llama/Qwen-style "
+                             f"decoder (model.embed_tokens, model.layers, model.norm)")
+        hidden = base.embed_tokens.weight.shape[1]
+        if lm_head.dim() != 2 or lm_head.shape[1] != hidden:
+            raise ValueError(f"lm_head has shape {tuple(lm_head.shape)}, expected [vocab, {hidden}]: pass the "
+                             f"target's output projection (load_target_lm_head(target.path))")
+        self.base = base
+        self.lm_head = lm_head.detach()
+
+    @classmethod
+    def from_causal_lm(cls, model: nn.Module) -> "TargetRunner":
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings: pass an AutoModelForCausalLM")
+        return cls(model.base_model, head.weight)
+
+    @classmethod
+    def from_backend(cls, backend: Any, lm_head: torch.Tensor) -> "TargetRunner":
+        """An engine backend (lib.engine.hf.HFBackend) loads no lm_head; the caller supplies it."""
+        weight = backend.model.embed_tokens.weight
+        return cls(backend.model, lm_head.to(device=weight.device, dtype=weight.dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.embed_tokens.weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head.shape[0])
+
+    def cost_parameters(self) -> int:
+        """Weights a token's forward multiplies by: all but the embedding lookup, plus the lm_head."""
+        embed = self.base.embed_tokens.weight
+        return sum(p.numel() for p in self.base.parameters() if p is not embed) + self.lm_head.numel()
+
+    @contextmanager
+    def decoding(self):
+        """No autograd, eager layers and an attention implementation that accepts the hole mask.
+
+        The engine may run varlen/flex attention (they need packed-batch arguments) and compiled
+        layers (decoding shapes would recompile them, for minutes, and spend dynamo's recompile
+        budget). no_grad rather than inference_mode: a draft that is also trained must not pick up
+        inference tensors (its cached rotary table)."""
+        current = self.base.config._attn_implementation
+        switch = current not in _MASKABLE_ATTN
+        if switch:
+            self.base.set_attn_implementation("sdpa")
+        try:
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                yield
+        finally:
+            if switch:
+                self.base.set_attn_implementation(current)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, cache: Any,
+                aux_layers: Sequence[int] = ()):
+        """ids/positions [B, S], visible [B, S, L] -> (greedy next token at each row [B, S],
+        aux states [B, S, n_aux*H] or None, the grown cache)."""
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [self.base.layers[i].register_forward_hook(partial(_keep_output, captured, i)) for i in set(aux_layers)]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        try:
+            out = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+                            past_key_values=cache, use_cache=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        greedy = F.linear(out.last_hidden_state, self.lm_head).argmax(-1)
+        aux = torch.cat([captured[i] for i in aux_layers], dim=-1) if aux_layers else None
+        return greedy, aux, out.past_key_values
+
+
+def _keep_output(store: dict, index: int, module: nn.Module, args, output) -> None:
+    store[index] = output[0] if isinstance(output, tuple) else output
+
+
+def as_target_runner(target: Any, lm_head: Optional[torch.Tensor] = None) -> TargetRunner:
+    """A TargetRunner from a TargetRunner, a transformers causal LM, or an engine backend + lm_head."""
+    if isinstance(target, TargetRunner):
+        return target
+    if isinstance(target, nn.Module) and target.get_output_embeddings() is not None:
+        return TargetRunner.from_causal_lm(target)
+    if isinstance(getattr(target, "model", None), nn.Module) and lm_head is not None:
+        return TargetRunner.from_backend(target, lm_head)
+    raise TypeError(f"cannot decode with a {type(target).__name__}: pass a TargetRunner, an AutoModelForCausalLM, "
+                    f"or an engine backend together with lm_head=load_target_lm_head(target.path)")
+
+
+class HoleKVCache:
+    """The draft's keys/values per slot for B rows; `valid` marks the slots of each row's sequence."""
+
+    def __init__(self) -> None:
+        self.keys: Optional[torch.Tensor] = None  # [B, L, Hkv, D]
+        self.values: Optional[torch.Tensor] = None
+        self.valid: Optional[torch.Tensor] = None  # [B, L] bool
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[1])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        if self.keys is None:
+            self.keys, self.values, self.valid = k, v, valid
+        else:
+            self.keys = torch.cat([self.keys, k], dim=1)
+            self.values = torch.cat([self.values, v], dim=1)
+            self.valid = torch.cat([self.valid, valid], dim=1)
+        return self.keys, self.values, visible_keys(self.valid, k.shape[1])
+
+    def truncate(self, length: int) -> None:
+        if self.keys is not None:
+            self.keys, self.values, self.valid = self.keys[:, :length], self.values[:, :length], self.valid[:, :length]
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values, self.valid = self.keys[rows], self.values[rows], self.valid[rows]
+
+
+def draft_step(draft: Eagle3Draft, cache: HoleKVCache, ids: torch.Tensor, hidden: torch.Tensor, is_projected: bool,
+               positions: torch.Tensor, valid: torch.Tensor):
+    """Eagle3Draft.forward_infer over a cache with holes: the same layer composition, with the slot
+    mask in the attention. Returns (draft logits [B, S, draft_vocab], out_hidden [B, S, H])."""
+    h = hidden.to(draft.fc.weight.dtype) if is_projected else draft.project_hidden(hidden)
+    cos, sin = draft.rope(positions, h.dtype)
+    q, k, v = draft.midlayer.attention_inputs(draft.embed(ids), h, cos, sin)
+    keys, values, visible = cache.append(k, v, valid)
+    attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                          attn_mask=visible[:, None], scale=draft.midlayer.self_attn.scale,
+                                          enable_gqa=q.shape[2] != keys.shape[2])
+    out = draft.midlayer.finish(attn.transpose(1, 2), h)
+    return draft.compute_logits(out), out
+
+
+@dataclass
+class VerifiedBlock:
+    """Slots the target just processed, as the draft reads them: the slot at position p pairs the
+    target's aux state at p with the token after p; `last` is each row's last kept slot."""
+
+    next_ids: torch.Tensor  # [B, S]
+    aux: Optional[torch.Tensor]  # [B, S, n_aux*H]
+    positions: torch.Tensor  # [B, S]
+    valid: torch.Tensor  # [B, S]
+    last: torch.Tensor  # [B]
+
+    def select(self, rows: torch.Tensor) -> "VerifiedBlock":
+        aux = None if self.aux is None else self.aux[rows]
+        return VerifiedBlock(self.next_ids[rows], aux, self.positions[rows], self.valid[rows], self.last[rows])
+
+
+class Drafter(Protocol):
+    aux_layers: list[int]  # target layers whose outputs the drafter reads (empty: none)
+
+    def start(self) -> None: ...  # a new batch begins
+    def keep(self, rows: torch.Tensor) -> None: ...  # finished rows leave the batch
+    def propose(self, block: VerifiedBlock, k: int, rows: list[int], generated: list[int]) -> torch.Tensor: ...
+
+
+class EagleDrafter:
+    """Chain drafting with an Eagle3Draft: one step over the verified slots, then k-1 steps on its own
+    out_hidden. The chain's slots are dropped after proposing: next round re-reads the kept tokens
+    with the target's aux states."""
+
+    def __init__(self, draft: Eagle3Draft):
+        self.draft = draft
+        self.aux_layers = list(draft.config.aux_layer_ids)
+        self.cache = HoleKVCache()
+
+    def start(self) -> None:
+        self.cache = HoleKVCache()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.select(rows)
+
+    def propose(self, block: VerifiedBlock, k: int, rows: list[int], generated: list[int]) -> torch.Tensor:
+        draft = self.draft
+        logits, hidden = draft_step(draft, self.cache, block.next_ids, block.aux, False, block.positions, block.valid)
+        pick = torch.arange(len(rows), device=logits.device)
+        logits, hidden, position = logits[pick, block.last], hidden[pick, block.last], block.positions[pick, block.last]
+        verified_length = self.cache.length
+        chain_valid = torch.ones(len(rows), 1, dtype=torch.bool, device=logits.device)
+        tokens = []
+        for step in range(k):
+            token = draft.draft_to_target_ids(logits.argmax(-1))
+            tokens.append(token)
+            if step + 1 < k:
+                position = position + 1
+                logits, hidden = draft_step(draft, self.cache, token[:, None], hidden[:, None], True,
+                                            position[:, None], chain_valid)
+                logits, hidden = logits[:, 0], hidden[:, 0]
+        self.cache.truncate(verified_length)
+        return torch.stack(tokens, dim=1)
+
+
+class ForcedDrafter:
+    """Test hook: proposals taken from the target's own greedy continuation. 'oracle' proposes it
+    (tau = k+1), 'wrong' proposes the next id after each of its tokens (never accepted: tau = 1)."""
+
+    aux_layers: list[int] = []
+
+    def __init__(self, reference: list[list[int]], mode: str, vocab_size: int):
+        self.reference, self.mode, self.vocab_size = reference, mode, vocab_size
+
+    def start(self) -> None:
+        pass
+
+    def keep(self, rows: torch.Tensor) -> None:
+        pass
+
+    def propose(self, block: VerifiedBlock, k: int, rows: list[int], generated: list[int]) -> torch.Tensor:
+        chosen = [self.reference[r][n:n + k] for r, n in zip(rows, generated)]
+        if any(len(c) < k for c in chosen):
+            raise RuntimeError("forced drafter ran past its reference: build it with max_new_tokens + k tokens")
+        tokens = torch.tensor(chosen, dtype=torch.long, device=block.next_ids.device)
+        return tokens if self.mode == "oracle" else (tokens + 1) % self.vocab_size
+
+
+@dataclass
+class AcceptanceStats:
+    """Acceptance of k-token drafts over (row, round) pairs, and where the time went."""
+
+    k: int
+    verify_rows: int = 0  # (row, round) pairs: one verify forward per row per round
+    produced: int = 0  # sum of accepted + 1 over them
+    rounds: int = 0  # batched verify forwards
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    reached: list[int] = field(init=False)  # per draft position: rounds that got that far
+    accepted: list[int] = field(init=False)  # per draft position: rounds that accepted it
+
+    def __post_init__(self) -> None:
+        self.reached, self.accepted = [0] * self.k, [0] * self.k
+
+    def record(self, accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
+        counts = accepted.cpu()
+        self.verify_rows += counts.numel()
+        self.produced += int(counts.sum()) + counts.numel()
+        for i in range(self.k):
+            self.reached[i] += int((counts >= i).sum())
+            self.accepted[i] += int((counts > i).sum())
+        self.rounds += 1
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+
+    @property
+    def tau(self) -> float:
+        return self.produced / max(self.verify_rows, 1)
+
+    @property
+    def accept_rates(self) -> list[float]:
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached)]
+
+
+def _extend(out: list[int], tokens: list[int], max_new_tokens: int, stop_ids: frozenset) -> bool:
+    """Append up to the budget and through the first stop token; True when the row is finished."""
+    for token in tokens:
+        if len(out) >= max_new_tokens:
+            return True
+        out.append(token)
+        if token in stop_ids:
+            return True
+    return len(out) >= max_new_tokens
+
+
+def _emit(out: list[int], tokens: list[int], max_new_tokens: int, stop_ids: frozenset, bar) -> bool:
+    """_extend, and move the progress bar by the tokens added (by the whole rest of the budget when
+    the row finishes, so the bar ends full)."""
+    before = len(out)
+    done = _extend(out, tokens, max_new_tokens, stop_ids)
+    bar.update((max_new_tokens if done else len(out)) - before)
+    return done
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: list[list[int]], k: int,
+                  max_new_tokens: int, stop_ids: frozenset, stats: AcceptanceStats, bar) -> list[list[int]]:
+    """Decode one batch; k=0 without a drafter is plain greedy decoding on the same machinery."""
+    device, n = target.device, len(prompts)
+    aux_layers = drafter.aux_layers if drafter is not None else []
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    slot_valid = torch.zeros(n, width, dtype=torch.bool)
+    for b, prompt in enumerate(prompts):  # left padding: every row's newest token is in the last slot
+        ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        slot_valid[b, width - len(prompt):] = True
+    ids, slot_valid = ids.to(device), slot_valid.to(device)
+    positions = (slot_valid.long().cumsum(1) - 1).clamp_min(0)
+    greedy, aux, cache = target.forward(ids, positions, visible_keys(slot_valid, width), None, aux_layers)
+    newest = greedy[:, -1]
+    block = VerifiedBlock(torch.cat([ids[:, 1:], newest[:, None]], 1), aux, positions, slot_valid,
+                          torch.full((n,), width - 1, dtype=torch.long, device=device))
+    next_position = positions[:, -1] + 1
+    outputs: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(n))
+    done = [_emit(outputs[b], [t], max_new_tokens, stop_ids, bar) for b, t in enumerate(newest.tolist())]
+    if drafter is not None:
+        drafter.start()
+    offsets = torch.arange(k + 1, device=device)
+    while not all(done):
+        if any(done):
+            live = [i for i, d in enumerate(done) if not d]
+            index = torch.tensor(live, device=device)
+            cache.batch_select_indices(index)
+            slot_valid, next_position, newest = slot_valid[index], next_position[index], newest[index]
+            block = block.select(index)
+            if drafter is not None:
+                drafter.keep(index)
+            rows, done = [rows[i] for i in live], [False] * len(live)
+        t0 = _clock(device)
+        if drafter is not None:
+            proposals = drafter.propose(block, k, rows, [len(outputs[r]) for r in rows])
+        else:
+            proposals = torch.empty(len(rows), 0, dtype=torch.long, device=device)
+        t1 = _clock(device)
+        positions = next_position[:, None] + offsets
+        slot_valid = torch.cat([slot_valid, torch.ones(len(rows), k + 1, dtype=torch.bool, device=device)], 1)
+        greedy, aux, cache = target.forward(torch.cat([newest[:, None], proposals], 1), positions,
+                                            visible_keys(slot_valid, k + 1), cache, aux_layers)
+        t2 = _clock(device)
+        accepted = (proposals == greedy[:, :k]).long().cumprod(1).sum(1)
+        pick = torch.arange(len(rows), device=device)
+        newest = greedy[pick, accepted]  # the bonus token: the target's choice after the accepted prefix
+        kept = offsets[None] <= accepted[:, None]
+        slot_valid[:, -(k + 1):] = kept
+        next_ids = torch.cat([proposals, greedy[:, k:]], 1)
+        next_ids[pick, accepted] = newest
+        block = VerifiedBlock(next_ids, aux, positions, kept, accepted)
+        next_position = next_position + accepted + 1
+        stats.record(accepted, t1 - t0, t2 - t1)
+        for i, (r, m, props, bonus) in enumerate(zip(rows, accepted.tolist(), proposals.tolist(), newest.tolist())):
+            done[i] = _emit(outputs[r], props[:m] + [bonus], max_new_tokens, stop_ids, bar)
+    return outputs
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    checked = [list(map(int, p)) for p in prompts]
+    if not checked:
+        raise ValueError("no prompts to decode: pass at least one list of token ids")
+    for i, p in enumerate(checked):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}) (e.g. {bad[:5]}): tokenise with "
+                             f"the target's tokenizer")
+    return checked
+
+
+def _run(target: TargetRunner, drafter: Optional[Drafter], prompts: list[list[int]], k: int, max_new_tokens: int,
+         stop_ids: frozenset, batch_size: Optional[int], desc: str, progress: bool):
+    stats = AcceptanceStats(k)
+    size = batch_size or len(prompts)
+    bar = tqdm(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", mininterval=1.0, disable=not progress)
+    outputs: list[list[int]] = []
+    start = _clock(target.device)
+    try:
+        with target.decoding():
+            for first in range(0, len(prompts), size):
+                outputs += _decode_batch(target, drafter, prompts[first:first + size], k, max_new_tokens,
+                                         stop_ids, stats, bar)
+    finally:
+        bar.close()
+    return outputs, stats, _clock(target.device) - start
+
+
+def greedy_decode(target: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  stop_token_ids: Sequence[int] = (), batch_size: Optional[int] = None,
+                  progress: bool = False) -> list[list[int]]:
+    """Plain greedy decoding (one target forward per token): the reference speculative decoding must equal."""
+    runner = as_target_runner(target)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    checked = _check_prompts(prompts, runner.vocab_size)
+    outputs, _, _ = _run(runner, None, checked, 0, max_new_tokens, frozenset(stop_token_ids), batch_size,
+                         "greedy", progress)
+    return outputs
+
+
+@dataclass
+class SpecDecodeResult:
+    k: int
+    outputs: list[list[int]]  # generated ids per prompt (prompt excluded)
+    greedy_outputs: Optional[list[list[int]]]  # plain greedy decoding, when checked
+    stats: AcceptanceStats
+    draft_params: Optional[int]  # None for drafters without an Eagle3Draft (forced)
+    target_params: int
+    spec_s: float
+    greedy_s: Optional[float]
+
+    @property
+    def tau(self) -> float:
+        return self.stats.tau
+
+    @property
+    def accept_rates(self) -> list[float]:
+        return self.stats.accept_rates
+
+    @property
+    def mismatched_prompts(self) -> list[int]:
+        if self.greedy_outputs is None:
+            return []
+        return [i for i, (a, b) in enumerate(zip(self.outputs, self.greedy_outputs)) if a != b]
+
+    @property
+    def matches_greedy(self) -> Optional[bool]:
+        return None if self.greedy_outputs is None else not self.mismatched_prompts
+
+    @property
+    def speedup_params(self) -> Optional[float]:
+        """tau / (1 + k * c), c = draft / target parameters a token's forward multiplies by."""
+        if self.draft_params is None:
+            return None
+        return self.tau / (1.0 + self.k * self.draft_params / self.target_params)
+
+    @property
+    def speedup_measured(self) -> float:
+        """tau / (1 + k * c), c = measured time of one draft forward / one verify forward."""
+        return self.tau / (1.0 + self.stats.draft_s / max(self.stats.verify_s, 1e-12))
+
+    @property
+    def wall_speedup(self) -> Optional[float]:
+        return None if self.greedy_s is None else self.greedy_s / self.spec_s
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready numbers (no token lists)."""
+        return {"k": self.k, "tau": self.tau, "accept_rates": self.accept_rates,
+                "speedup_params": self.speedup_params, "speedup_measured": self.speedup_measured,
+                "wall_speedup": self.wall_speedup, "matches_greedy": self.matches_greedy,
+                "mismatched_prompts": self.mismatched_prompts, "verify_rows": self.stats.verify_rows,
+                "rounds": self.stats.rounds, "tokens": sum(len(o) for o in self.outputs),
+                "spec_s": self.spec_s, "greedy_s": self.greedy_s, "draft_s": self.stats.draft_s,
+                "verify_s": self.stats.verify_s}
+
+
+def speculative_decode(target: Any, draft: Optional[Eagle3Draft | Drafter], prompts: Sequence[Sequence[int]], k: int,
+                       max_new_tokens: int, stop_token_ids: Sequence[int] = (), *, forced: Optional[str] = None,
+                       check_greedy: bool = True, batch_size: Optional[int] = None,
+                       progress: bool = True) -> SpecDecodeResult:
+    """Greedy speculative decoding of `prompts` (token id lists) with k-token drafts.
+
+    target: TargetRunner or transformers causal LM. draft: an Eagle3Draft on the target's device, or
+    any Drafter. forced="oracle"|"wrong" replaces the draft by proposals from the target's own greedy
+    continuation (tests: tau = k+1 and tau = 1).
+    check_greedy also runs plain greedy decoding and compares (result.matches_greedy).
+    """
+    runner = as_target_runner(target)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"draft tokens k={k!r} must be an int >= 1 (eval.draft_tokens)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (eval.max_new_tokens)")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 or None (all prompts at once)")
+    if forced is not None and forced not in FORCED_MODES:
+        raise ValueError(f"forced={forced!r}: use one of {list(FORCED_MODES)} or None (the draft)")
+    checked = _check_prompts(prompts, runner.vocab_size)
+    stop_ids = frozenset(int(t) for t in stop_token_ids)
+    greedy, greedy_s = None, None
+    if forced is not None:
+        reference, _, _ = _run(runner, None, checked, 0, max_new_tokens + k, frozenset(), batch_size, "reference", False)
+        greedy = [[] for _ in reference]
+        for out, ref in zip(greedy, reference):
+            _extend(out, ref, max_new_tokens, stop_ids)
+        drafter: Drafter = ForcedDrafter(reference, forced, runner.vocab_size)
+        draft_params = None
+    else:
+        if isinstance(draft, Eagle3Draft):
+            draft = EagleDrafter(draft.eval())
+        if not callable(getattr(draft, "propose", None)):
+            raise TypeError(f"draft is {type(draft).__name__}: pass an Eagle3Draft (load_draft(dir)), a Drafter, "
+                            f"or forced='oracle'|'wrong'")
+        drafter = draft
+        model = getattr(drafter, "draft", None)
+        draft_params = None
+        if isinstance(model, Eagle3Draft):
+            _check_draft(model, runner)
+            draft_params = sum(p.numel() for name, p in model.named_parameters() if name != "embed_tokens.weight")
+        if check_greedy:
+            greedy, _, greedy_s = _run(runner, None, checked, 0, max_new_tokens, stop_ids, batch_size, "greedy", progress)
+    outputs, stats, spec_s = _run(runner, drafter, checked, k, max_new_tokens, stop_ids, batch_size,
+                                  f"speculative k={k}", progress)
+    return SpecDecodeResult(k, outputs, greedy, stats, draft_params, runner.cost_parameters(), spec_s, greedy_s)
+
+
+def _check_draft(draft: Eagle3Draft, runner: TargetRunner) -> None:
+    cfg = draft.config
+    device = draft.fc.weight.device
+    if device != runner.device:
+        raise ValueError(f"draft is on {device}, target on {runner.device}: move the draft with draft.to(device)")
+    if cfg.vocab_size != runner.vocab_size or cfg.target_hidden_size != runner.lm_head.shape[1]:
+        raise ValueError(f"draft was built for vocab {cfg.vocab_size} / hidden {cfg.target_hidden_size}, the target "
+                         f"has {runner.vocab_size} / {runner.lm_head.shape[1]}: evaluate it with its own target")
+    layers = len(runner.base.layers)
+    if any(not 0 <= i < layers for i in cfg.aux_layer_ids):
+        raise ValueError(f"draft aux_layer_ids={cfg.aux_layer_ids} are outside the target's {layers} layers")
+
+
+def evaluate_online(target: Any, draft: Eagle3Draft, prompts: Sequence[Any], draft_tokens: Sequence[int],
+                    max_new_tokens: int, step: Optional[int] = None, stop_token_ids: Sequence[int] = (),
+                    lm_head: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
+    """One metrics row for the engine to call between batches: accept_len (first k), accept_len_k{K}
+    per k, accept_rate_{i} (0-based draft position, from the largest k), step, eval_s.
+
+    target: TargetRunner, causal LM, or engine backend with lm_head. prompts: EvalPrompt or id lists.
+    Greedy checking is skipped: the output equals greedy decoding by construction.
+    """
+    if not draft_tokens:
+        raise ValueError("draft_tokens is empty: set eval.draft_tokens, e.g. [3, 7]")
+    runner = as_target_runner(target, lm_head)
+    ids = [getattr(p, "prompt_ids", p) for p in prompts]
+    start = time.perf_counter()
+    row: dict[str, Any] = {"step": step}
+    results = {}
+    for k in draft_tokens:
+        results[k] = speculative_decode(runner, draft, ids, int(k), max_new_tokens, stop_token_ids,
+                                        check_greedy=False, batch_size=batch_size, progress=False)
+        row[f"accept_len_k{k}"] = results[k].tau
+    row["accept_len"] = results[draft_tokens[0]].tau
+    for i, rate in enumerate(results[max(draft_tokens)].accept_rates):
+        row[f"accept_rate_{i}"] = rate
+    row["eval_s"] = time.perf_counter() - start
+    return row
