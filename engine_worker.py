@@ -73,6 +73,7 @@ class EngineStepper:
 
 def run_engine(ctx: RunContext) -> None:
     from lib.handoff import make_sender
+    from lib.online_eval import EngineEvalService, eval_enabled
     from lib.topology import enter_loop_timeouts
 
     cfg = ctx.cfg
@@ -85,9 +86,12 @@ def run_engine(ctx: RunContext) -> None:
         dist.recv_object_list(start, src=ctx.info.pair, group=ctx.groups.meta)
         start_step, loader_state, num_micro = start[0]
         stepper.load_state(loader_state)
+        evals = EngineEvalService(ctx, stepper.backend) if eval_enabled(ctx) and ctx.info.pair_index == 0 else None
         enter_loop_timeouts(ctx.groups, cfg.run.loop_timeout_s)
         busy = 0.0
         for i in range(num_micro):
+            if evals is not None:
+                evals.service()
             slot = sender.acquire()
             t = time.perf_counter()
             header, tensors = stepper.produce(slot)
@@ -96,5 +100,7 @@ def run_engine(ctx: RunContext) -> None:
             if ctx.is_engine_leader and (i + 1) % (cfg.train.log_every * cfg.train.grad_accum) == 0:
                 log.info("engine produced %d/%d micro-batches (host time %.1f ms each)", i + 1, num_micro,
                          1e3 * busy / (i + 1))
+        if evals is not None:
+            evals.drain()
     finally:
         sender.close()

@@ -45,6 +45,11 @@ class InlineSource:
     def __init__(self, stepper):
         self.stepper = stepper
 
+    @property
+    def backend(self):
+        """The in-process target, which online evaluation uses directly (no weight push)."""
+        return self.stepper.backend
+
     def start(self, start_step: int, loader_state: Optional[dict], num_micro_batches: int) -> None:
         self.stepper.load_state(loader_state)
 

@@ -19,6 +19,7 @@ from lib.checkpoint import full_model_state, latest_checkpoint, load_checkpoint,
 from lib.eagle3.export import export_draft
 from lib.eagle3.loss import count_valid_positions, sim_accept_len
 from lib.metrics import MetricsWriter, plot_curves, write_summary
+from lib.online_eval import TrainerEvaluator, eval_enabled
 from lib.runtime import RunContext, peak_memory
 from lib.topology import enter_loop_timeouts
 
@@ -57,10 +58,15 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
     if cfg.run.stop_after_steps:
         end_step = min(end_step, start_step + cfg.run.stop_after_steps)
     source.start(start_step, loader_state, (end_step - start_step) * cfg.train.grad_accum)
+    evaluator = None
+    if eval_enabled(ctx):
+        evaluator = TrainerEvaluator(ctx, bundle.draft_config.to_dict(), getattr(source, "backend", None))
     enter_loop_timeouts(ctx.groups, cfg.run.loop_timeout_s)
     metrics = MetricsWriter(ctx.run_dir, ctx.is_trainer_leader)
     try:
         for step in range(start_step, end_step):
+            for row in evaluator.maybe_evaluate(step, bundle.model) if evaluator else []:
+                metrics.write(row)
             row, loader_state = train_step(ctx, bundle, optimizer, source, counters)
             schedule.step()
             row.update(step=step + 1, lr=schedule.get_last_lr()[0], **counters)
@@ -71,6 +77,9 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
                          row["tokens_per_s"], row["handoff_ms"])
             if step + 1 == end_step or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 checkpoint(ctx, bundle, optimizer, schedule, step + 1, loader_state, counters)
+        if evaluator is not None:
+            for row in evaluator.maybe_evaluate(end_step, bundle.model) + evaluator.finish():
+                metrics.write(row)
     finally:
         metrics.close()
         source.close()

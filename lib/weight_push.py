@@ -19,7 +19,6 @@ enough: pushes are rare (every eval.every steps) and the engine looks for one be
 from __future__ import annotations
 
 import pickle
-import select
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -92,13 +91,6 @@ class PackedLayout:
         return out
 
 
-def _readable(channel: ControlChannel) -> bool:
-    # ControlChannel has no readiness check; select() on its socket consumes nothing. A dead peer
-    # reads as readable (EOF), so the next recv() reports it.
-    ready, _, _ = select.select([channel._sock], [], [], 0)
-    return bool(ready)
-
-
 class WeightPublisher:
     """Trainer side. publish(state_dict, version) -> milliseconds the push took on this side."""
 
@@ -150,7 +142,7 @@ class WeightPublisher:
 
     def poll_reports(self) -> list[dict]:
         """Evaluation rows the engine sent back since the last call; never blocks."""
-        while not self._channel.closed and _readable(self._channel):
+        while not self._channel.closed and self._channel.readable():
             message, _ = self._channel.recv(self._timeout_s, waiting_for="a message from the engine")
             self._handle(message)
         rows, self._reports = self._reports, []
@@ -218,14 +210,14 @@ class WeightSubscriber:
 
     def poll(self) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
         """A pending push as (version, tensors owned by the caller on this side's device), or None."""
-        if self.closed or not _readable(self._channel):
+        if self.closed or not self._channel.readable():
             return None
         return self._receive(self._copy_out, self._timeout_s)
 
     def apply(self, module: nn.Module) -> Optional[int]:
         """Copy a pending push straight into `module`'s parameters and buffers (by state-dict name;
         names not pushed keep their values). Returns its version, or None when nothing was pending."""
-        if self.closed or not _readable(self._channel):
+        if self.closed or not self._channel.readable():
             return None
         update = self._receive(lambda views: self._copy_into(module, views), self._timeout_s)
         return None if update is None else update[0]

@@ -48,3 +48,21 @@ def test_loss_moves_and_metrics_are_complete(runs):
     keys = {"step", "loss", "acc_0", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "handoff_ms",
             "peak_alloc_bytes", "samples_seen"}
     assert keys <= rows[0].keys()
+
+
+@pytest.mark.parametrize("placement, nproc", [("colocate", 2), ("sequential", 1)])
+def test_online_evaluation_rows_before_during_and_after_training(tmp_path, placement, nproc):
+    """The trainer pushes weights to its engine (or evaluates in-process when sequential); the
+    acceptance-length rows land in metrics.jsonl, starting from the untrained draft."""
+    res = torchrun(nproc, [f"placement={placement}", f"run.dir={tmp_path}", "train.max_steps=4", "eval.every=2",
+                           "eval.num_prompts=4", "eval.max_new_tokens=16", "engine.token_budget=384",
+                           "data.max_length=384"], timeout=400)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    evals = [r for r in rows if "accept_len" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert 1.0 <= r["accept_len"] <= 4.0  # k=3: at most 3 accepted + the bonus token
+        assert r["accept_len_k3"] == r["accept_len"] and "accept_rate_0" in r
+    assert os.path.isfile(os.path.join(tmp_path, "accept_len.png"))

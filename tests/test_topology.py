@@ -78,3 +78,16 @@ def test_dry_run_two_nodes_on_localhost(tmp_path):
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
     _check_dry_run(str(tmp_path), 2, 4)
+
+
+def test_launch_sh_dry_run_on_cpu(tmp_path):
+    """`bash launch.sh train.max_steps=0` on a machine without GPU: 1 pair on CPU, groups checked."""
+    import subprocess
+
+    from tests.helpers import REPO, cpu_env
+
+    env = cpu_env()
+    out = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "train.max_steps=0", f"run.dir={tmp_path}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _check_dry_run(str(tmp_path), 1, 2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import stat
 import struct
@@ -56,6 +57,11 @@ class ControlChannel:
             raise PeerError(f"handoff: {self.peer} did not read its messages within {timeout_s:g} s") from err
         except OSError as err:  # EPIPE / ECONNRESET: the peer is gone
             raise PeerError(f"handoff: {self.peer} died (control socket: {err})") from err
+
+    def readable(self) -> bool:
+        """A message (or the peer's EOF, which the next recv() reports) is waiting; consumes nothing."""
+        ready, _, _ = select.select([self._sock], [], [], 0)
+        return bool(ready)
 
     def recv(self, timeout_s: float, waiting_for: str) -> tuple[dict, bytes]:
         """Next message; PeerError after `timeout_s` of silence or when the peer is gone."""
