@@ -25,8 +25,9 @@ class EngineStepper:
     """Target model + this pair's data stream; produces one captured micro-batch per call."""
 
     def __init__(self, ctx: RunContext):
-        from lib.data import ShardedPackedLoader, load_dataset
+        from lib.data import load_dataset
         from lib.engine import apply_memory_fraction, make_backend
+        from lib.packing import ShardedPackedLoader
 
         cfg = ctx.cfg
         self.ctx = ctx

@@ -10,7 +10,8 @@ import torch
 
 from lib import data as data_mod
 from lib.config import TINY_TARGET_DIR, DataConfig
-from lib.data import (DataError, ShardedPackedLoader, load_dataset, load_heldout_prompts, token_counts)
+from lib.data import DataError, load_dataset, load_heldout_prompts, token_counts
+from lib.packing import ShardedPackedLoader
 from lib.templates import TemplateError, get_template
 
 CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"

@@ -24,7 +24,8 @@ from lib.eagle3.loss import ttt_forward
 from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.eagle3.target_head import TargetHead
 from lib.engine import make_backend
-from lib.spec_decode import (EagleDrafter, TargetRunner, evaluate_online, greedy_decode, speculative_decode)
+from lib.spec_decode import TargetRunner, evaluate_online, greedy_decode, speculative_decode
+from lib.spec_drafters import EagleDrafter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
