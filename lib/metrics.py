@@ -77,7 +77,9 @@ def plot_curves(run_dir: str) -> list[str]:
         save(fig, "accuracy.png")
     if eval_rows:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for k in sorted({k for r in eval_rows for k in r if k.startswith("accept_len")}):
+        # accept_len repeats the first accept_len_k{K}: plot the per-k series only.
+        keys = sorted({k for r in eval_rows for k in r if k.startswith("accept_len_k")}) or ["accept_len"]
+        for k in keys:
             ax.plot(*_series(eval_rows, k), marker="o", label=k)
         ax.set_xlabel("step")
         ax.set_ylabel("tokens per target forward")
