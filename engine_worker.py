@@ -39,7 +39,8 @@ class EngineStepper:
         self.backend.load(cfg.target, engine_cfg, ctx.device, ctx.groups.engine_tp)
         dataset = load_dataset(cfg.data, ctx.tokenizer_path, "train")
         self.loader = ShardedPackedLoader(dataset, shard=ctx.info.pair_index, num_shards=ctx.topo.num_pairs,
-                                          token_budget=cfg.engine.token_budget, seed=cfg.train.seed)
+                                          token_budget=cfg.engine.token_budget, seed=cfg.train.seed,
+                                          overlong=cfg.data.overlong)
         self.specs = eagle3_payload_specs(cfg.engine.token_budget, self.backend.hidden_size,
                                           len(self.backend.aux_layers), self.backend.dtype)
         self._iter = iter(self.loader)
