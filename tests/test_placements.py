@@ -66,3 +66,17 @@ def test_online_evaluation_rows_before_during_and_after_training(tmp_path, place
         assert 1.0 <= r["accept_len"] <= 4.0  # k=3: at most 3 accepted + the bonus token
         assert r["accept_len_k3"] == r["accept_len"] and "accept_rate_0" in r
     assert os.path.isfile(os.path.join(tmp_path, "accept_len.png"))
+
+
+def test_engine_tensor_parallel_trains_like_tp1(tmp_path):
+    """engine.tp=2: two engines forward their two batches together as one TP group; each trainer
+    still gets its own pair's states, so training matches tp=1 up to fp32 reduction order."""
+    losses = {}
+    for tp in (1, 2):
+        run_dir = str(tmp_path / f"tp{tp}")
+        res = torchrun(4, [f"engine.tp={tp}", f"run.dir={run_dir}", "train.max_steps=2", "eval.every=0",
+                           "engine.token_budget=256", "data.max_length=256"], timeout=400)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+        losses[tp] = [r["loss"] for r in _losses(run_dir)]
+    assert len(losses[1]) == 2
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
