@@ -17,122 +17,15 @@ Finished rows leave the batch.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm  # a dependency of transformers, so always present
 
 from lib.eagle3.model import Eagle3Draft
 from lib.spec_drafters import FORCED_MODES, Drafter, EagleDrafter, ForcedDrafter, VerifiedBlock, visible_keys
-
-_MASKABLE_ATTN = ("sdpa", "eager")  # implementations that take an explicit 4-D float mask
-
-
-class TargetRunner:
-    """The target as decoding needs it: a base model (embed_tokens, layers, norm) and its output
-    projection. Aux-layer outputs are caught by forward hooks that live for one forward only, so the
-    engine's own capture hooks on the same model are left alone."""
-
-    def __init__(self, base: nn.Module, lm_head: torch.Tensor):
-        missing = [name for name in ("embed_tokens", "layers", "norm") if not hasattr(base, name)]
-        if missing:
-            raise ValueError(f"target base model {type(base).__name__} lacks {missing}: pass a Llama/Qwen-style "
-                             f"decoder (model.embed_tokens, model.layers, model.norm)")
-        hidden = base.embed_tokens.weight.shape[1]
-        if lm_head.dim() != 2 or lm_head.shape[1] != hidden:
-            raise ValueError(f"lm_head has shape {tuple(lm_head.shape)}, expected [vocab, {hidden}]: pass the "
-                             f"target's output projection (load_target_lm_head(target.path))")
-        self.base = base
-        self.lm_head = lm_head.detach()
-
-    @classmethod
-    def from_causal_lm(cls, model: nn.Module) -> "TargetRunner":
-        head = model.get_output_embeddings()
-        if head is None:
-            raise ValueError(f"{type(model).__name__} has no output embeddings: pass an AutoModelForCausalLM")
-        return cls(model.base_model, head.weight)
-
-    @classmethod
-    def from_backend(cls, backend: Any, lm_head: torch.Tensor) -> "TargetRunner":
-        """An engine backend (lib.engine.hf.HFBackend) loads no lm_head; the caller supplies it."""
-        weight = backend.model.embed_tokens.weight
-        return cls(backend.model, lm_head.to(device=weight.device, dtype=weight.dtype))
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.embed_tokens.weight.dtype
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.lm_head.shape[0])
-
-    def cost_parameters(self) -> int:
-        """Weights a token's forward multiplies by: all but the embedding lookup, plus the lm_head."""
-        embed = self.base.embed_tokens.weight
-        return sum(p.numel() for p in self.base.parameters() if p is not embed) + self.lm_head.numel()
-
-    @contextmanager
-    def decoding(self):
-        """No autograd, eager layers and an attention implementation that accepts the hole mask.
-
-        The engine may run varlen/flex attention (they need packed-batch arguments) and compiled
-        layers (decoding shapes would recompile them, for minutes, and spend dynamo's recompile
-        budget). no_grad rather than inference_mode: a draft that is also trained must not pick up
-        inference tensors (its cached rotary table)."""
-        current = self.base.config._attn_implementation
-        switch = current not in _MASKABLE_ATTN
-        if switch:
-            self.base.set_attn_implementation("sdpa")
-        try:
-            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                yield
-        finally:
-            if switch:
-                self.base.set_attn_implementation(current)
-
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, cache: Any,
-                aux_layers: Sequence[int] = ()):
-        """ids/positions [B, S], visible [B, S, L] -> (greedy next token at each row [B, S],
-        aux states [B, S, n_aux*H] or None, the grown cache)."""
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [self.base.layers[i].register_forward_hook(partial(_keep_output, captured, i)) for i in set(aux_layers)]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        try:
-            out = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
-                            past_key_values=cache, use_cache=True)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        greedy = F.linear(out.last_hidden_state, self.lm_head).argmax(-1)
-        aux = torch.cat([captured[i] for i in aux_layers], dim=-1) if aux_layers else None
-        return greedy, aux, out.past_key_values
-
-
-def _keep_output(store: dict, index: int, module: nn.Module, args, output) -> None:
-    store[index] = output[0] if isinstance(output, tuple) else output
-
-
-def as_target_runner(target: Any, lm_head: Optional[torch.Tensor] = None) -> TargetRunner:
-    """A TargetRunner from a TargetRunner, a transformers causal LM, or an engine backend + lm_head."""
-    if isinstance(target, TargetRunner):
-        return target
-    if isinstance(target, nn.Module) and target.get_output_embeddings() is not None:
-        return TargetRunner.from_causal_lm(target)
-    if isinstance(getattr(target, "model", None), nn.Module) and lm_head is not None:
-        return TargetRunner.from_backend(target, lm_head)
-    raise TypeError(f"cannot decode with a {type(target).__name__}: pass a TargetRunner, an AutoModelForCausalLM, "
-                    f"or an engine backend together with lm_head=load_target_lm_head(target.path)")
-
+from lib.spec_target import TargetRunner, as_target_runner  # noqa: F401 (re-exported)
 
 @dataclass
 class AcceptanceStats:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lib.batch import TensorSpec
-from lib.handoff.control import ControlChannel, HandoffClosed, PeerError, connect, listen
+from lib.handoff.control import HandoffClosed, PeerError, connect, listen
 from lib.handoff.slots import SlotLayout, create_store, normalize_device, open_store
 
 
