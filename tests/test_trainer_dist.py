@@ -1,7 +1,6 @@
 """The trainer's distributed update with real gloo groups: 1 trainer == 2 trainers, NaN skips on all."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
