@@ -31,13 +31,18 @@ TINY = os.path.join(REPO, "assets", "tiny_target")
 SUITES = {
     "one_gpu": [("sequential", "sequential", "off", "qwen3_8b"),
                 ("colocate+MPS", "colocate", "on", "qwen3_8b"),
-                ("colocate, no MPS", "colocate", "off", "qwen3_8b")],
-    "two_gpu": [("colocate+MPS 8B", "colocate", "on", "qwen3_8b"),
-                ("disaggregate 8B", "disaggregate", "off", "qwen3_8b"),
-                ("colocate+MPS 14B", "colocate", "on", "qwen3_14b"),
-                ("disaggregate 14B", "disaggregate", "off", "qwen3_14b")],
+                ("colocate-noMPS", "colocate", "off", "qwen3_8b")],
+    "two_gpu": [("colocate+MPS-8B", "colocate", "on", "qwen3_8b"),
+                ("disaggregate-8B", "disaggregate", "off", "qwen3_8b"),
+                ("colocate+MPS-14B", "colocate", "on", "qwen3_14b"),
+                ("disaggregate-14B", "disaggregate", "off", "qwen3_14b")],
+    # --steps 1000: peak memory per role at step 100 vs the last step (the memory soak).
+    "soak": [("colocate+MPS", "colocate", "on", "qwen3_8b")],
+    # --steps 200: loss curves of the two placements (mean relative deviation in the table).
+    "curves": [("sequential", "sequential", "off", "qwen3_8b"), ("colocate+MPS", "colocate", "on", "qwen3_8b")],
     "cpu": [("sequential", "sequential", "off", "tiny"), ("colocate", "colocate", "off", "tiny")],
 }
+SOAK_EARLY_STEP = 100
 
 
 def run_one(name: str, placement: str, mps: str, target: str, args) -> dict:
@@ -72,8 +77,10 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
 
     with open(os.path.join(run_dir, "topology.json")) as f:
         topo = json.load(f)
-    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl")) if x.strip()]
-    rows = [r for r in rows if "loss" in r][args.skip:]
+    all_rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl")) if x.strip()]
+    all_rows = [r for r in all_rows if "loss" in r]
+    rows = all_rows[args.skip:]
+    early = next((r for r in all_rows if r["step"] == SOAK_EARLY_STEP), None)
     step = statistics.median(r["step_time_s"] for r in rows)
     tokens_per_step = statistics.median(r["tokens_per_s"] * r["step_time_s"] for r in rows)
     gpus = len({r["device"] for r in topo["ranks"]})
@@ -100,6 +107,10 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
         "trainer_peak_gib": max(r["peak_alloc_bytes"] for r in rows) / 2**30,
         "engine_peak_gib": max(r.get("engine_peak_alloc_bytes", 0) for r in rows) / 2**30,
         "final_loss": rows[-1]["loss"],
+        "losses": [r["loss"] for r in all_rows],
+        "peak_gib_at": {str(r["step"]): {"trainer": r["peak_alloc_bytes"] / 2**30,
+                                         "engine": r.get("engine_peak_alloc_bytes", 0) / 2**30}
+                        for r in (early, all_rows[-1]) if r is not None},
     }
 
 
@@ -122,6 +133,19 @@ def table(results: list[dict], device: str, command: str) -> str:
                      f"| {r['trainer_peak_gib']:.1f} | {r['engine_peak_gib']:.1f} |")
     lines.append("")
     lines.append("ratio: tokens/s per GPU against the first row of the same target in this invocation.")
+    for r in results:
+        if "error" in r:
+            continue
+        ref = next((b for b in results if "error" not in b and b["target"] == r["target"]), None)
+        if ref is not r and ref is not None:
+            n = min(len(r["losses"]), len(ref["losses"]))
+            dev = sum(abs(a - b) / abs(b) for a, b in zip(r["losses"][:n], ref["losses"][:n])) / n
+            lines.append(f"- loss curve of {r['name']} vs {ref['name']}: mean relative deviation {100 * dev:.3f}% "
+                         f"over {n} steps")
+        if len(r["peak_gib_at"]) > 1:
+            (s0, m0), (s1, m1) = sorted(r["peak_gib_at"].items(), key=lambda kv: int(kv[0]))
+            lines.append(f"- {r['name']} peak allocated GiB, step {s0} -> {s1}: trainer {m0['trainer']:.3f} -> "
+                         f"{m1['trainer']:.3f}, engine {m0['engine']:.3f} -> {m1['engine']:.3f}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU checks and benchmarks; every part logs under $OUT and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
-#   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2
+#   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 soak curves
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_suite}
 mkdir -p "$OUT"
@@ -21,6 +21,8 @@ for p in "$@"; do case $p in
   trainer) part trainer 240 python3 bench/trainer.py --out "$OUT/trainer.json" ;;
   dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$OUT/dryrun" ;;
   e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$OUT/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
-  e2e2) part e2e2 540 python3 bench/e2e.py --suite two_gpu --out-dir "$OUT/e2e2" --steps "${E2E_STEPS:-30}" --skip 10 ;;
+  e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$OUT/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  soak) part soak 590 python3 bench/e2e.py --suite soak --out-dir "$OUT/soak" --steps 1000 --skip 20 ;;
+  curves) part curves 590 python3 bench/e2e.py --suite curves --out-dir "$OUT/curves" --steps 200 --skip 20 ;;
   *) echo "unknown part $p" ;;
 esac; done
