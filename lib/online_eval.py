@@ -87,9 +87,15 @@ class EngineEvalService:
 
     def service(self) -> None:
         pushed = self.sub.poll()
-        if pushed is not None:
-            version, weights = pushed
-            self.sub.report(self.harness.evaluate(weights, self.sub.meta, version))
+        if pushed is None:
+            return
+        version, weights = pushed
+        try:
+            row = self.harness.evaluate(weights, self.sub.meta, version)
+        except Exception as exc:  # noqa: BLE001 - evaluation must never take training down with it
+            log.exception("online evaluation at step %d failed; training goes on", version)
+            row = {"step": version, "eval_error": f"{type(exc).__name__}: {exc}"[:500]}
+        self.sub.report(row)
 
     def drain(self) -> None:
         """After the last batch: serve the final push until the trainer closes the channel."""
