@@ -75,6 +75,15 @@ class EvalHarness:
         return row
 
 
+def evaluate_safely(harness: EvalHarness, weights: dict[str, torch.Tensor], draft_config: dict, step: int) -> dict:
+    """An evaluation that fails is logged and reported as a row: it never takes training down."""
+    try:
+        return harness.evaluate(weights, draft_config, step)
+    except Exception as exc:  # noqa: BLE001 - any failure of the auxiliary evaluation
+        log.exception("online evaluation at step %d failed; training goes on", step)
+        return {"step": step, "eval_error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 class EngineEvalService:
     """The engine's half: between batches, apply a pending push, evaluate, report back."""
 
@@ -90,12 +99,7 @@ class EngineEvalService:
         if pushed is None:
             return
         version, weights = pushed
-        try:
-            row = self.harness.evaluate(weights, self.sub.meta, version)
-        except Exception as exc:  # noqa: BLE001 - evaluation must never take training down with it
-            log.exception("online evaluation at step %d failed; training goes on", version)
-            row = {"step": version, "eval_error": f"{type(exc).__name__}: {exc}"[:500]}
-        self.sub.report(row)
+        self.sub.report(evaluate_safely(self.harness, weights, self.sub.meta, version))
 
     def drain(self) -> None:
         """After the last batch: serve the final push until the trainer closes the channel."""
@@ -130,7 +134,7 @@ class TrainerEvaluator:
         if self.leader:
             weights = draft_weights(state)
             if self.harness is not None:
-                rows.append(self.harness.evaluate(weights, self.draft_config, step))
+                rows.append(evaluate_safely(self.harness, weights, self.draft_config, step))
             else:
                 ms = self.pub.publish(weights, step, meta=self.draft_config)
                 rows.append({"step": step, "weight_push_ms": ms})
@@ -145,7 +149,7 @@ class TrainerEvaluator:
         rows, deadline = [], time.monotonic() + self.ctx.cfg.run.loop_timeout_s
         while self.last_pushed is not None and time.monotonic() < deadline:
             rows += self.pub.poll_reports()
-            if any(r.get("step") == self.last_pushed and "accept_len" in r for r in rows):
+            if any(r.get("step") == self.last_pushed and ("accept_len" in r or "eval_error" in r) for r in rows):
                 break
             time.sleep(0.05)
         self.pub.close()
