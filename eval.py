@@ -67,16 +67,6 @@ def load_target(cfg, device: torch.device):
     return model.to(device).eval()
 
 
-def stop_token_ids(tokenizer, target_path) -> list[int]:
-    """End of sequence and end of turn: the tokenizer's eos plus the checkpoint's generation config."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    if target_path and os.path.isfile(os.path.join(target_path, "generation_config.json")):
-        from transformers import GenerationConfig
-        eos = GenerationConfig.from_pretrained(target_path).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return sorted(ids)
-
-
 def format_table(rows: list[dict]) -> str:
     width = max(len(r["accept_rates"]) for r in rows)
     head = ["k", "tau", *[f"acc_{i}" for i in range(width)], "speedup_params", "speedup_measured", "wall_speedup",
@@ -110,6 +100,7 @@ def main(argv: list[str]) -> int:
     from lib.data import load_heldout_prompts
     from lib.eagle3.export import load_draft
     from lib.spec_decode import TargetRunner, speculative_decode
+    from lib.spec_target import stop_token_ids
 
     directory = draft_dir(args.draft)
     wanted = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device

@@ -46,10 +46,9 @@ class EvalHarness:
     def __init__(self, ctx: RunContext, backend):
         from transformers import AutoTokenizer
 
-        from eval import stop_token_ids
         from lib.data import load_heldout_prompts
         from lib.eagle3.target_head import load_target_lm_head
-        from lib.spec_decode import TargetRunner
+        from lib.spec_target import TargetRunner, stop_token_ids
 
         cfg = ctx.cfg
         self.cfg, self.backend = cfg, backend

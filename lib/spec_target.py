@@ -1,6 +1,7 @@
 """The target model as speculative decoding drives it: verify forwards with one-shot aux capture."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional, Sequence
@@ -111,3 +112,13 @@ def as_target_runner(target: Any, lm_head: Optional[torch.Tensor] = None) -> Tar
         return TargetRunner.from_backend(target, lm_head)
     raise TypeError(f"cannot decode with a {type(target).__name__}: pass a TargetRunner, an AutoModelForCausalLM, "
                     f"or an engine backend together with lm_head=load_target_lm_head(target.path)")
+
+
+def stop_token_ids(tokenizer, target_path) -> list[int]:
+    """End of sequence and end of turn: the tokenizer's eos plus the checkpoint's generation config."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if target_path and os.path.isfile(os.path.join(target_path, "generation_config.json")):
+        from transformers import GenerationConfig
+        eos = GenerationConfig.from_pretrained(target_path).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)

@@ -4,9 +4,7 @@ from __future__ import annotations
 import glob
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import tempfile
 import time
 import traceback
 
@@ -127,13 +125,6 @@ def child_result(proc, results, timeout_s: float = 60.0):
     status, value = results.get(timeout=timeout_s)
     proc.join(timeout_s)
     return status, value
-
-
-@pytest.fixture
-def address():
-    folder = tempfile.mkdtemp(prefix="ho-", dir="/tmp")
-    yield os.path.join(folder, "pair.sock")
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_ring_delivers_bytes_in_order_and_engine_waits_for_credits(address):

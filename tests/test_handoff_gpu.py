@@ -6,9 +6,6 @@ event shows up as wrong bytes rather than passing by luck.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import shutil
-import tempfile
 import traceback
 
 import pytest
@@ -103,13 +100,6 @@ def _run_pair(address, engine_gpu, trainer_gpu, cross_device):
     status, value = results.get(timeout=120)
     proc.join(60)
     assert status == "ok", value
-
-
-@pytest.fixture
-def address():
-    folder = tempfile.mkdtemp(prefix="ho-", dir="/tmp")
-    yield os.path.join(folder, "pair.sock")
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_same_gpu_ring_is_byte_equal_and_ordered_by_events(address):
