@@ -26,13 +26,11 @@ class EngineStepper:
 
     def __init__(self, ctx: RunContext):
         from lib.data import load_dataset
-        from lib.engine import apply_memory_fraction, make_backend
+        from lib.engine import make_backend
         from lib.packing import ShardedPackedLoader
 
         cfg = ctx.cfg
         self.ctx = ctx
-        if ctx.device.type == "cuda":
-            apply_memory_fraction(cfg.infer_frac, ctx.device)
         self.backend = make_backend(cfg.engine.backend)
         compile_layers = cfg.engine.compile if cfg.engine.compile is not None else ctx.device.type == "cuda"
         engine_cfg = dataclasses.replace(cfg.engine, compile=compile_layers)

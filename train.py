@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from lib.config import ConfigError, Device, LaunchShape, compose, resolve_device, validate  # noqa: E402
-from lib.runtime import RunContext, resolve_run_dir, setup_logging, startup_barrier  # noqa: E402
+from lib.runtime import RunContext, cap_process_memory, resolve_run_dir, setup_logging, startup_barrier  # noqa: E402,E501
 from lib.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E402,E501
 
 
@@ -78,6 +78,7 @@ def main(overrides: list[str]) -> int:
     log = setup_logging(f"[rank {rank} {info.role.value}]")
     if use_cuda:
         torch.cuda.set_device(torch.device(info.device))
+    cap_process_memory(cfg, topo.placement, info.role, torch.device(info.device))
     groups = None
     try:
         init_world(cfg.run.startup_timeout_s)

@@ -5,7 +5,7 @@ random-init target shape with the EAGLE-3 draft, 8192 tokens per pair per step. 
 figures come from the runs' metrics.jsonl (the first --skip steps are warm-up and compilation).
 
     python bench/e2e.py --suite one_gpu --out-dir /tmp/e2e   # sequential, colocate+MPS, colocate no MPS
-    python bench/e2e.py --suite two_gpu --out-dir /tmp/e2e   # colocate vs disaggregate, 8B and 14B
+    python bench/e2e.py --suite two_gpu --out-dir /tmp/e2e   # colocate vs disaggregate, 8B, 14B and 32B
     python bench/e2e.py --suite cpu --out-dir /tmp/e2e       # the same machinery on the tiny target
 
 Writes results.json, a markdown table (table.md) and a PNG chart into --out-dir.
@@ -27,25 +27,29 @@ from bench.flops import BF16_PEAK_TFLOPS  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "assets", "tiny_target")
 
-# name, placement, mps, overrides
+# name, placement, mps, target shape, more overrides for that run
+BIG = ("infer_frac=0.5", "train_frac=0.4")  # a 32B target's 61 GiB of weights need half the GPU
 SUITES = {
-    "one_gpu": [("sequential", "sequential", "off", "qwen3_8b"),
-                ("colocate+MPS", "colocate", "on", "qwen3_8b"),
-                ("colocate-noMPS", "colocate", "off", "qwen3_8b")],
-    "two_gpu": [("colocate+MPS-8B", "colocate", "on", "qwen3_8b"),
-                ("disaggregate-8B", "disaggregate", "off", "qwen3_8b"),
-                ("colocate+MPS-14B", "colocate", "on", "qwen3_14b"),
-                ("disaggregate-14B", "disaggregate", "off", "qwen3_14b")],
+    "one_gpu": [("sequential", "sequential", "off", "qwen3_8b", ()),
+                ("colocate+MPS", "colocate", "on", "qwen3_8b", ()),
+                ("colocate-noMPS", "colocate", "off", "qwen3_8b", ())],
+    # Engine/trainer FLOPs per step: 8B 0.86, 14B 1.09, 32B 1.98 (the unbalanced case).
+    "two_gpu": [("colocate+MPS-8B", "colocate", "on", "qwen3_8b", ()),
+                ("disaggregate-8B", "disaggregate", "off", "qwen3_8b", ()),
+                ("colocate+MPS-14B", "colocate", "on", "qwen3_14b", ()),
+                ("disaggregate-14B", "disaggregate", "off", "qwen3_14b", ()),
+                ("colocate+MPS-32B", "colocate", "on", "qwen3_32b", BIG),
+                ("disaggregate-32B", "disaggregate", "off", "qwen3_32b", BIG)],
     # --steps 1000: peak memory per role at step 100 vs the last step (the memory soak).
-    "soak": [("colocate+MPS", "colocate", "on", "qwen3_8b")],
+    "soak": [("colocate+MPS", "colocate", "on", "qwen3_8b", ())],
     # --steps 200: loss curves of the two placements (mean relative deviation in the table).
-    "curves": [("sequential", "sequential", "off", "qwen3_8b"), ("colocate+MPS", "colocate", "on", "qwen3_8b")],
-    "cpu": [("sequential", "sequential", "off", "tiny"), ("colocate", "colocate", "off", "tiny")],
+    "curves": [("sequential", "sequential", "off", "qwen3_8b", ()), ("colocate+MPS", "colocate", "on", "qwen3_8b", ())],
+    "cpu": [("sequential", "sequential", "off", "tiny", ()), ("colocate", "colocate", "off", "tiny", ())],
 }
 SOAK_EARLY_STEP = 100
 
 
-def run_one(name: str, placement: str, mps: str, target: str, args) -> dict:
+def run_one(name: str, placement: str, mps: str, target: str, run_overrides: tuple, args) -> dict:
     run_dir = os.path.join(args.out_dir, name.replace(" ", "_").replace(",", "").replace("+", "_"))
     overrides = [f"placement={placement}", f"mps={mps}", f"run.dir={run_dir}", f"train.max_steps={args.steps}",
                  "train.log_every=10", "eval.every=0", "checkpoint.every=0", f"train.ttt_length={args.ttt}"]
@@ -53,7 +57,7 @@ def run_one(name: str, placement: str, mps: str, target: str, args) -> dict:
         overrides += [f"target={target}", "target.random_init=true", f"target.tokenizer={TINY}",
                       f"engine.token_budget={args.tokens}", "draft.draft_vocab_size=32000",
                       f"train_frac={args.train_frac}", f"infer_frac={args.infer_frac}"]
-    overrides += args.extra
+    overrides += [*run_overrides, *args.extra]
     t0 = time.time()
     proc = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), *overrides], cwd=REPO, capture_output=True,
                           text=True)
@@ -181,11 +185,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     results = []
-    for name, placement, mps, target in SUITES[args.suite]:
+    for name, placement, mps, target, run_overrides in SUITES[args.suite]:
         if args.only and name not in args.only:
             continue
         print(f"== {name}", flush=True)
-        r = run_one(name, placement, mps, target, args)
+        r = run_one(name, placement, mps, target, run_overrides, args)
         print(json.dumps(r), flush=True)
         results.append(r)
     try:

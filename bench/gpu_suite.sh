@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# One device call's worth of GPU checks and benchmarks; every part logs under $OUT and has its own
+# One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 soak curves
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_suite}
-mkdir -p "$OUT"
+# Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
+# $OUT/suite.tar.gz, since the device tool brings back only a few files.
+OUT=${OUT:-/tmp/gpu_suite_out}
+WORK=${WORK:-/tmp/gpu_suite}
+mkdir -p "$OUT" "$WORK"
+pack() { tar czf "$OUT/suite.tar.gz" --exclude='*.safetensors' --exclude='*.distcp' --exclude='*.bin' -C "$WORK" . ; }
+trap pack EXIT
 if [[ -d .whl ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 PYTHON=python3
 part() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-15}" "$OUT/$name.log"; }
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-15}" "$WORK/$name.log"; }
 for p in "$@"; do case $p in
   env) part env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.device_count())"' ;;
-  tests) part tests 240 python3 -m pytest -q -x tests/test_handoff_gpu.py tests/test_engine_hf.py tests/test_launch.py -k "cuda or gpu or mps or GPU" ;;
-  handoff) part handoff 120 python3 bench/handoff.py --out "$OUT/handoff.json" --engine-work-ms 10 --trainer-work-ms 20 ;;
-  engine) part engine 240 python3 bench/engine.py --out "$OUT/engine.json" ;;
-  trainer) part trainer 240 python3 bench/trainer.py --out "$OUT/trainer.json" ;;
-  dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$OUT/dryrun" ;;
-  e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$OUT/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
-  e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$OUT/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
-  soak) part soak 590 python3 bench/e2e.py --suite soak --out-dir "$OUT/soak" --steps 1000 --skip 20 ;;
-  curves) part curves 590 python3 bench/e2e.py --suite curves --out-dir "$OUT/curves" --steps 200 --skip 20 ;;
+  tests) part tests 240 python3 -m pytest -q -x tests/test_handoff_gpu.py tests/test_engine_hf.py tests/test_launch.py tests/test_placements.py -k "cuda or gpu or mps or GPU" ;;
+  handoff) part handoff 120 python3 bench/handoff.py --out "$WORK/handoff.json" --engine-work-ms 10 --trainer-work-ms 20 ;;
+  engine) part engine 240 python3 bench/engine.py --out "$WORK/engine.json" ;;
+  trainer) part trainer 240 python3 bench/trainer.py --out "$WORK/trainer.json" ;;
+  dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$WORK/dryrun" ;;
+  e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$WORK/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  soak) part soak 590 python3 bench/e2e.py --suite soak --out-dir "$WORK/soak" --steps 1000 --skip 20 ;;
+  curves) part curves 590 python3 bench/e2e.py --suite curves --out-dir "$WORK/curves" --steps 200 --skip 20 ;;
   *) echo "unknown part $p" ;;
 esac; done

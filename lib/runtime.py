@@ -15,6 +15,26 @@ from lib.config import Config, Placement
 from lib.topology import Groups, RankInfo, Role, Topology
 
 
+def memory_fraction(cfg: Config, placement: Placement, role: Role) -> float:
+    """The share of its GPU's memory one process may allocate.
+
+    train_frac and infer_frac split a GPU between the two roles that share it (colocate). A process
+    alone on its GPU (either role under disaggregate, or sequential's process doing both) gets both
+    shares, so moving between placements never strands memory.
+    """
+    if placement == Placement.colocate:
+        return cfg.train_frac if role == Role.trainer else cfg.infer_frac
+    return cfg.train_frac + cfg.infer_frac
+
+
+def cap_process_memory(cfg: Config, placement: Placement, role: Role, device: torch.device) -> float:
+    """Cap this process's CUDA caching allocator before any model touches the GPU; no-op on CPU."""
+    frac = memory_fraction(cfg, placement, role)
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(frac, device)
+    return frac
+
+
 @dataclass
 class RunContext:
     cfg: Config

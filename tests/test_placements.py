@@ -80,3 +80,36 @@ def test_engine_tensor_parallel_trains_like_tp1(tmp_path):
         losses[tp] = [r["loss"] for r in _losses(run_dir)]
     assert len(losses[1]) == 2
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("placement,role,expected", [
+    ("colocate", "trainer", 0.3), ("colocate", "engine", 0.55),
+    ("disaggregate", "trainer", 0.85), ("disaggregate", "engine", 0.85), ("sequential", "both", 0.85)])
+def test_memory_fraction_splits_a_shared_gpu_and_gives_a_lone_process_both_shares(placement, role, expected):
+    from lib.config import Placement, compose
+    from lib.runtime import memory_fraction
+    from lib.topology import Role
+
+    cfg = compose(["train_frac=0.3", "infer_frac=0.55"])
+    assert memory_fraction(cfg, Placement(placement), Role(role)) == pytest.approx(expected)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_cap_process_memory_sets_the_allocator_limit_on_gpu():
+    import torch
+
+    from lib.config import Placement, compose
+    from lib.runtime import cap_process_memory
+    from lib.topology import Role
+
+    cfg = compose(["train_frac=0.3", "infer_frac=0.55"])
+    device = torch.device("cuda", 0)
+    before = torch.cuda.get_per_process_memory_fraction(device)
+    try:
+        assert cap_process_memory(cfg, Placement.colocate, Role.trainer, device) == pytest.approx(0.3)
+        assert torch.cuda.get_per_process_memory_fraction(device) == pytest.approx(0.3)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(0.35 * torch.cuda.get_device_properties(device).total_memory), dtype=torch.uint8,
+                        device=device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
