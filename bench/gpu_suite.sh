@@ -20,10 +20,10 @@ part() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; lo
   echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-15}" "$WORK/$name.log"; }
 for p in "$@"; do case $p in
   env) part env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.device_count())"' ;;
-  tests) part tests 240 python3 -m pytest -q -x tests/test_handoff_gpu.py tests/test_engine_hf.py tests/test_launch.py tests/test_placements.py -k "cuda or gpu or mps or GPU" ;;
+  tests) part tests 240 python3 -m pytest -q -x ${TESTS:-tests/test_handoff_gpu.py tests/test_engine_hf.py tests/test_launch.py tests/test_placements.py} -k "cuda or gpu or mps or GPU" ;;
   handoff) part handoff 120 python3 bench/handoff.py --out "$WORK/handoff.json" --engine-work-ms 10 --trainer-work-ms 20 ;;
   engine) part engine 240 python3 bench/engine.py --out "$WORK/engine.json" ;;
-  trainer) part trainer 240 python3 bench/trainer.py --out "$WORK/trainer.json" ;;
+  trainer) part trainer 240 python3 bench/trainer.py --out "$WORK/trainer.json" ${TRAINER_ARGS:-} ;;
   dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$WORK/dryrun" ;;
   e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
   e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$WORK/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;

@@ -28,14 +28,22 @@ from lib.eagle3.loss import count_valid_positions  # noqa: E402
 from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
 from lib.eagle3.target_head import TargetHead  # noqa: E402
 
-SHAPES = {
-    "qwen3_8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6),
-    "tiny": dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=8,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048,
-                 max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6),
-}
+# Target shapes come from conf/target (random-init shapes); "tiny" is a CPU-sized stand-in.
+SHAPES = ("qwen3_8b", "qwen3_14b", "qwen3_32b", "tiny")
+TINY = dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, vocab_size=2048, max_position_embeddings=4096, rope_theta=1e6,
+            rms_norm_eps=1e-6)
+
+
+def target_config(shape: str):
+    from transformers import AutoConfig
+
+    if shape == "tiny":
+        spec = dict(TINY)
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    from lib.config import compose
+    from lib.target_shape import load_hf_config
+    return load_hf_config(compose([f"target={shape}", "target.random_init=true"]).target)
 
 
 def sample_lengths(tokens: int, lo: int, hi: int, rng: random.Random) -> list[int]:
@@ -58,9 +66,23 @@ def make_batch(lengths, hf, n_aux, dtype, device, gen):
     }
 
 
+def write_profile(path: str, batches: list, train_step, cuda: bool) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            train_step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3_8b")
+    p.add_argument("--shape", choices=SHAPES, default="qwen3_8b")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--min-len", type=int, default=512)
@@ -70,16 +92,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", required=True)
+    p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
     args = p.parse_args(argv)
-    from transformers import AutoConfig
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    spec = dict(SHAPES[args.shape])
-    hf = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    hf = target_config(args.shape)
     aux = [1, hf.num_hidden_layers // 2 - 1, hf.num_hidden_layers - 4]
     dv = min(args.draft_vocab, hf.vocab_size)
     dc = Eagle3DraftConfig.from_target(hf, dv, aux, {})
@@ -102,12 +123,8 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [(l, make_batch(l, hf, len(aux), dtype, device, gen))
                for l in (sample_lengths(args.tokens, args.min_len, args.max_len, rng) for _ in range(4))]
-    times, flops = [], []
-    for step in range(args.warmup + args.steps):
-        lengths, batch = batches[step % len(batches)]
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def train_step(batch) -> None:
         target = head.target_probs(batch["final_hidden"])
         counts = count_valid_positions(head, batch, args.ttt, target=target).float().clamp(min=1)
         loss, _ = module(batch, target, counts)
@@ -115,11 +132,21 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_([q for q in module.parameters() if q.requires_grad], 0.5)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times, flops = [], []
+    for step in range(args.warmup + args.steps):
+        lengths, batch = batches[step % len(batches)]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(batch)
         if cuda:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             flops.append(draft_step_flops(dc, lengths, args.ttt, hf.vocab_size))
+    if args.profile:
+        write_profile(args.profile, [b for _, b in batches[:3]], train_step, cuda)
     step_s = statistics.median(times)
     tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
