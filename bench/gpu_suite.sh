@@ -8,7 +8,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_suite_out}
 WORK=${WORK:-/tmp/gpu_suite}
 mkdir -p "$OUT" "$WORK"
-pack() { tar czf "$OUT/suite.tar.gz" --exclude='*.safetensors' --exclude='*.distcp' --exclude='*.bin' -C "$WORK" . ; }
+pack() { (cd "$WORK" && find . -type f -size -4M \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' \
+  -o -name '*.png' -o -name '*.txt' \) -print0 | tar czf "$OUT/suite.tar.gz" --null -T -) ; }
 trap pack EXIT
 if [[ -d .whl ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
