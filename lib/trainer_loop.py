@@ -14,6 +14,7 @@ from typing import Any, Optional, Protocol
 import torch
 import torch.distributed as dist
 
+from lib.config import Placement
 from lib.draft_setup import DraftBundle, build_draft
 from lib.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.eagle3.export import export_draft
@@ -67,7 +68,10 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
         for step in range(start_step, end_step):
             for row in evaluator.maybe_evaluate(step, bundle.model) if evaluator else []:
                 metrics.write(row)
-            row, loader_state = train_step(ctx, bundle, optimizer, source, counters)
+            try:
+                row, loader_state = train_step(ctx, bundle, optimizer, source, counters)
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(out_of_memory_hint(ctx, step + 1)) from e
             schedule.step()
             row.update(step=step + 1, lr=schedule.get_last_lr()[0], **counters)
             metrics.write(row)
@@ -118,6 +122,13 @@ def apply_update(bundle: DraftBundle, optimizer: torch.optim.Optimizer, max_norm
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, applied
+
+
+def out_of_memory_hint(ctx: RunContext, step: int) -> str:
+    share = "train_frac" if ctx.topo.placement == Placement.colocate else "train_frac+infer_frac"
+    return (f"trainer step {step} ran out of GPU memory under its cap ({share} of the GPU, docs/launching.md): "
+            f"raise {share}, or lower engine.token_budget={ctx.cfg.engine.token_budget} or "
+            f"train.ttt_length={ctx.cfg.train.ttt_length}")
 
 
 def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Optimizer, source: PayloadSource,
