@@ -26,8 +26,8 @@ for p in "$@"; do case $p in
   engine) part engine 240 python3 bench/engine.py --out "$WORK/engine.json" ;;
   trainer) part trainer 240 python3 bench/trainer.py --out "$WORK/trainer.json" ${TRAINER_ARGS:-} ;;
   dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$WORK/dryrun" ;;
-  e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
-  e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$WORK/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$WORK/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
   soak) part soak 590 python3 bench/e2e.py --suite soak --out-dir "$WORK/soak" --steps 1000 --skip 20 ;;
   curves) part curves 590 python3 bench/e2e.py --suite curves --out-dir "$WORK/curves" --steps 200 --skip 20 ;;
   *) echo "unknown part $p" ;;

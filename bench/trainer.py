@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import BF16_PEAK_TFLOPS, draft_step_flops  # noqa: E402
 from lib.draft_setup import TTTModule  # noqa: E402
+from lib.eagle3.fused import use_compiled  # noqa: E402
 from lib.eagle3.loss import count_valid_positions  # noqa: E402
 from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
 from lib.eagle3.target_head import TargetHead  # noqa: E402
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", required=True)
+    p.add_argument("--compile", action="store_true", help="fuse the elementwise work (train.compile=true)")
     p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
     args = p.parse_args(argv)
     from torch.distributed.device_mesh import DeviceMesh
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     hf = target_config(args.shape)
+    use_compiled(args.compile)
     aux = [1, hf.num_hidden_layers // 2 - 1, hf.num_hidden_layers - 4]
     dv = min(args.draft_vocab, hf.vocab_size)
     dc = Eagle3DraftConfig.from_target(hf, dv, aux, {})
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     step_s = statistics.median(times)
     tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "shape": args.shape, "tokens": args.tokens, "ttt": args.ttt, "draft_vocab": dv,
+              "shape": args.shape, "compile": args.compile, "tokens": args.tokens, "ttt": args.ttt, "draft_vocab": dv,
               "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s, "tflops": tflops,
               "mfu": tflops / BF16_PEAK_TFLOPS,
               "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}

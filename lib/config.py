@@ -106,7 +106,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
-    compile: bool = False
+    compile: bool = False  # fuse the draft step's elementwise work with torch.compile (lib/eagle3/fused.py)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 from lib.eagle3.export import load_draft
 from lib.eagle3.loss import ttt_forward
 from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.eagle3.fused import use_compiled
 from lib.eagle3.target_head import TargetDistribution, TargetHead, load_target_embedding
 from lib.eagle3.vocab import ensure_vocab_map, save_vocab_map
 from lib.runtime import RunContext
@@ -92,6 +93,7 @@ def build_draft(ctx: RunContext) -> DraftBundle:
                                    ("num_key_value_heads", cfg.draft.num_key_value_heads)) if v is not None}
     draft_cfg = Eagle3DraftConfig.from_target(hf, draft_vocab, list(shape.aux_layers), overrides)
     d2t, t2d = vocab_map(ctx, shape.vocab_size, draft_vocab)
+    use_compiled(cfg.train.compile)
     torch.manual_seed(cfg.train.seed)
     draft = Eagle3Draft(draft_cfg)
     if cfg.draft.init_from is not None:

@@ -20,6 +20,7 @@ from typing import Mapping, Optional
 import torch
 
 from lib.eagle3.attention import TTTAttention, document_ids
+from lib.eagle3.fused import ops
 from lib.eagle3.model import Eagle3Draft
 from lib.eagle3.target_head import TargetDistribution, TargetHead
 
@@ -76,11 +77,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
         loss = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         lse = torch.empty_like(loss)
         for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
-            block = logits[start:start + CE_CHUNK_ROWS].to(dtype)
-            p = probs[rows[start:start + CE_CHUNK_ROWS]].to(dtype)
-            lse[start:start + block.shape[0]] = torch.logsumexp(block, dim=-1)
-            loss[start:start + block.shape[0]] = (lse[start:start + block.shape[0]] * p.sum(-1)
-                                                  - (p * block).sum(-1))
+            stop = start + CE_CHUNK_ROWS
+            loss[start:stop], lse[start:stop] = ops.soft_ce_chunk(logits[start:stop], probs, rows[start:stop], dtype)
         ctx.save_for_backward(logits, probs, rows, lse)
         return loss
 
@@ -90,10 +88,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
             stop = start + CE_CHUNK_ROWS
-            block = logits[start:stop].to(lse.dtype)
-            p = probs[rows[start:stop]].to(lse.dtype)
-            soft = torch.exp(block - lse[start:stop, None])
-            grad[start:stop] = ((soft * p.sum(-1, keepdim=True) - p) * grad_loss[start:stop, None]).to(grad.dtype)
+            grad[start:stop] = ops.soft_ce_grad_chunk(logits[start:stop], probs, rows[start:stop], lse[start:stop],
+                                                      grad_loss[start:stop])
         return grad, None, None
 
 

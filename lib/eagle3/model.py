@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lib.eagle3.attention import DraftKVCache, TTTAttention, cached_causal_attention
+from lib.eagle3.fused import ops
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 # Draft fields that must match the target (the embedding is copied from it, fc reads its states).
@@ -186,9 +186,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [..., heads, head_dim]; cos/sin [..., head_dim] (rotate-half layout, as HF Llama and sglang)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+    return ops.rope(x, cos, sin)
 
 
 class RMSNorm(nn.Module):
@@ -198,9 +196,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * wide.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class DraftAttention(nn.Module):
@@ -234,7 +230,7 @@ class DraftMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DraftDecoderLayer(nn.Module):
