@@ -219,16 +219,20 @@ def test_flex_attention_matches_reference_with_gradients():
         torch.testing.assert_close(g_flex, g_ref, rtol=5e-3, atol=5e-3)
 
 
-def test_compiled_elementwise_ops_give_the_eager_loss_and_gradients():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_compiled_elementwise_ops_give_the_eager_loss_and_gradients(device):
     """train.compile=true fuses the norms, rotary, SiLU-multiply and soft CE; the step must not change.
     Two batches of different sizes: the compiled functions take dynamic shapes."""
     from lib.eagle3 import fused
 
     ttt = 3
     draft, target_weight = make_draft(dtype=torch.float32, seed=5)
-    head = TargetHead(target_weight, draft.d2t)
+    draft = draft.to(device)
+    head = TargetHead(target_weight.to(device), draft.d2t)
     batches = [pack([make_sample(9, 11, torch.float32), make_sample(12, 12, torch.float32)]),
                pack([make_sample(17, 13, torch.float32)])]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     params = draft.trainable_parameters()
 
     def run():
