@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.helpers import torchrun
 
@@ -94,10 +95,8 @@ def test_memory_fraction_splits_a_shared_gpu_and_gives_a_lone_process_both_share
     assert memory_fraction(cfg, Placement(placement), Role(role)) == pytest.approx(expected)
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cap_process_memory_sets_the_allocator_limit_on_gpu():
-    import torch
-
     from lib.config import Placement, compose
     from lib.runtime import cap_process_memory
     from lib.topology import Role
