@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "reference", "flex")
+# flex_attention's compiled kernel refuses smaller heads (torch 2.11 lowering); tiny drafts fall back.
+FLEX_MIN_HEAD_DIM = 16
 _compiled = {}
 
 
@@ -41,12 +43,13 @@ class TTTAttention:
     """Per-batch TTT attention: build once from cu_seqlens, call once per unroll step."""
 
     def __init__(self, cu_seqlens: torch.Tensor, num_tokens: int, scale: float, backend: str = "auto",
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, head_dim: Optional[int] = None):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend={backend!r}: use one of {list(BACKENDS)}")
         device = device if device is not None else cu_seqlens.device
         if backend == "auto":
-            backend = "flex" if device.type == "cuda" else "reference"
+            small_heads = head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM
+            backend = "flex" if device.type == "cuda" and not small_heads else "reference"
         if int(cu_seqlens[-1]) != num_tokens:
             raise ValueError(f"cu_seqlens[-1]={int(cu_seqlens[-1])} != number of packed tokens {num_tokens}: "
                              f"cu_seqlens must end at the total token count")

@@ -131,7 +131,7 @@ def ttt_forward(draft: Eagle3Draft, target_head: TargetHead, batch: Mapping[str,
         torch.arange(ttt_length, device=device) * tokens, counts), counts.tolist())
 
     attention = TTTAttention(batch["cu_seqlens"], tokens, draft.midlayer.self_attn.scale, attention_backend,
-                             device=device)
+                             device=device, head_dim=draft.config.head_dim)
     step_logits = draft(ids, batch["aux_hidden"].to(device), batch["position_ids"].to(device), attention, step_rows)
     loss = torch.zeros((), dtype=loss_dtype, device=device)
     ploss_sums, corrects = [], []
