@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", required=True)
-    p.add_argument("--compile", action="store_true", help="fuse the elementwise work (train.compile=true)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse the elementwise work (train.compile); default as in training: on for cuda")
     p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
     args = p.parse_args(argv)
     from torch.distributed.device_mesh import DeviceMesh
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     hf = target_config(args.shape)
+    if args.compile is None:
+        args.compile = args.device == "cuda"
     use_compiled(args.compile)
     aux = [1, hf.num_hidden_layers // 2 - 1, hf.num_hidden_layers - 4]
     dv = min(args.draft_vocab, hf.vocab_size)
