@@ -46,6 +46,8 @@ SUITES = {
     "curves": [("sequential", "sequential", "off", "qwen3_8b", ()), ("colocate+MPS", "colocate", "on", "qwen3_8b", ())],
     "cpu": [("sequential", "sequential", "off", "tiny", ()), ("colocate", "colocate", "off", "tiny", ())],
 }
+# launch.sh takes every GPU it sees: the same runs on a 4-GPU machine are 4 pairs vs 2 + 2 GPUs.
+SUITES["four_gpu"] = SUITES["two_gpu"]
 SOAK_EARLY_STEP = 100
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
-#   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 soak curves
+#   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 soak curves
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -28,6 +28,7 @@ for p in "$@"; do case $p in
   dryrun) part dryrun 120 bash launch.sh train.max_steps=0 mps=on run.dir="$WORK/dryrun" ;;
   e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
   e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$WORK/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  e2e4) part e2e4 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite four_gpu --out-dir "$WORK/e2e4" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
   soak) part soak 590 python3 bench/e2e.py --suite soak --out-dir "$WORK/soak" --steps 1000 --skip 20 ;;
   curves) part curves 590 python3 bench/e2e.py --suite curves --out-dir "$WORK/curves" --steps 200 --skip 20 ;;
   *) echo "unknown part $p" ;;
