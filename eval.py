@@ -97,10 +97,10 @@ def main(argv: list[str]) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    from lib.data import load_heldout_prompts
-    from lib.eagle3.export import load_draft
-    from lib.spec_decode import TargetRunner, speculative_decode
-    from lib.spec_target import stop_token_ids
+    from lib.data.datasets import load_heldout_prompts
+    from lib.drafts.eagle3.export import load_draft
+    from lib.eval.spec_decode import TargetRunner, speculative_decode
+    from lib.eval.target import stop_token_ids
 
     directory = draft_dir(args.draft)
     wanted = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device

@@ -180,8 +180,8 @@ TEE_PID=""
 MPS_STARTED_HERE=0
 
 mps_up() {
-  # lib/mps.py holds the lifecycle (shared with benchmarks); it prints the lines to source.
-  (cd "$REPO" && "$PYTHON" -m lib.mps up --mode "$MPS_MODE") >"$WORK/mps.env" \
+  # lib/launch/mps.py holds the lifecycle (shared with benchmarks); it prints the lines to source.
+  (cd "$REPO" && "$PYTHON" -m lib.launch.mps up --mode "$MPS_MODE") >"$WORK/mps.env" \
     || die "MPS could not be brought up (mps=on); see the MPS log tail above"
   source "$WORK/mps.env"
 }
@@ -191,7 +191,7 @@ mps_down() {
   [[ -s $WORK/mps.env ]] && source "$WORK/mps.env"
   if [[ $MPS_STARTED_HERE == 1 ]]; then
     info "quitting the MPS daemon this launch started ($CUDA_MPS_PIPE_DIRECTORY)"
-    (cd "$REPO" && "$PYTHON" -m lib.mps down --pipe-dir "$CUDA_MPS_PIPE_DIRECTORY" --log-dir "$CUDA_MPS_LOG_DIRECTORY")
+    (cd "$REPO" && "$PYTHON" -m lib.launch.mps down --pipe-dir "$CUDA_MPS_PIPE_DIRECTORY" --log-dir "$CUDA_MPS_LOG_DIRECTORY")
     MPS_STARTED_HERE=0
   fi
 }

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from lib.config import ConfigError, Device, LaunchShape, compose, resolve_device, validate  # noqa: E402
-from lib.runtime import RunContext, cap_process_memory, resolve_run_dir, setup_logging, startup_barrier  # noqa: E402,E501
-from lib.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E402,E501
+from lib.launch.runtime import RunContext, cap_process_memory, resolve_run_dir, setup_logging, startup_barrier  # noqa: E402,E501
+from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E402,E501
 
 
 def visible_gpus() -> int:
@@ -49,13 +49,13 @@ def record_dry_run(ctx: RunContext, sums: dict[str, int]) -> None:
 
 def dispatch(ctx: RunContext) -> None:
     if ctx.info.role == Role.trainer:
-        from lib.trainer_loop import run_trainer
+        from lib.trainer.loop import run_trainer
         run_trainer(ctx)
     elif ctx.info.role == Role.engine:
-        from engine_worker import run_engine
-        run_engine(ctx)
+        import engine_worker
+        engine_worker.run(ctx)
     else:
-        from lib.sequential import run_sequential
+        from lib.trainer.sequential import run_sequential
         run_sequential(ctx)
 
 

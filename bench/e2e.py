@@ -77,9 +77,9 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
 
     from bench.flops import draft_step_flops, target_forward_flops
     from lib.config import compose
-    from lib.eagle3.model import Eagle3DraftConfig
+    from lib.drafts.eagle3.model import Eagle3DraftConfig
     from lib.engine.base import resolve_aux_layers
-    from lib.target_shape import load_hf_config
+    from lib.engine.target_shape import load_hf_config
 
     with open(os.path.join(run_dir, "topology.json")) as f:
         topo = json.load(f)

@@ -25,7 +25,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib.batch import PackedBatch  # noqa: E402
+from lib.data.batch import PackedBatch  # noqa: E402
 from lib.config import EngineConfig, TargetConfig  # noqa: E402
 from lib.engine.hf import AuxWriter, HFBackend  # noqa: E402
 

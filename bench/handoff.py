@@ -28,7 +28,7 @@ import torch.multiprocessing as tmp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib.batch import eagle3_payload_specs  # noqa: E402
+from lib.data.batch import eagle3_payload_specs  # noqa: E402
 from lib.handoff import make_receiver, make_sender  # noqa: E402
 from lib.handoff.slots import SlotLayout  # noqa: E402
 

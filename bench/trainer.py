@@ -23,11 +23,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import BF16_PEAK_TFLOPS, draft_step_flops  # noqa: E402
-from lib.draft_setup import TTTModule  # noqa: E402
-from lib.eagle3.fused import use_compiled  # noqa: E402
-from lib.eagle3.loss import count_valid_positions  # noqa: E402
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
-from lib.eagle3.target_head import TargetHead  # noqa: E402
+from lib.trainer.draft_setup import TTTModule  # noqa: E402
+from lib.drafts.eagle3.fused import use_compiled  # noqa: E402
+from lib.drafts.eagle3.loss import count_valid_positions  # noqa: E402
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
+from lib.drafts.eagle3.target_head import TargetHead  # noqa: E402
 
 # Target shapes come from conf/target (random-init shapes); "tiny" is a CPU-sized stand-in.
 SHAPES = ("qwen3_8b", "qwen3_14b", "qwen3_32b", "tiny")
@@ -43,7 +43,7 @@ def target_config(shape: str):
         spec = dict(TINY)
         return AutoConfig.for_model(spec.pop("model_type"), **spec)
     from lib.config import compose
-    from lib.target_shape import load_hf_config
+    from lib.engine.target_shape import load_hf_config
     return load_hf_config(compose([f"target={shape}", "target.random_init=true"]).target)
 
 

@@ -107,7 +107,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     # None: fuse the draft step's elementwise work with torch.compile on GPU (32B shape: 488 -> 456 ms per
-    # step on an H200), not on CPU where compiling costs more than it saves (lib/eagle3/fused.py)
+    # step on an H200), not on CPU where compiling costs more than it saves (lib/drafts/eagle3/fused.py)
     compile: Optional[bool] = None
 
 

@@ -10,9 +10,9 @@ import torch
 
 from lib import data as data_mod
 from lib.config import TINY_TARGET_DIR, DataConfig
-from lib.data import DataError, load_dataset, load_heldout_prompts, token_counts
-from lib.packing import ShardedPackedLoader
-from lib.templates import TemplateError, get_template
+from lib.data.datasets import DataError, load_dataset, load_heldout_prompts, token_counts
+from lib.data.packing import ShardedPackedLoader
+from lib.data.templates import TemplateError, get_template
 
 CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -121,7 +121,7 @@ def test_bad_lines_are_counted_per_reason_with_line_numbers(tmp_path, caplog):
         {"id": 7},  # 12 neither conversations nor text
     ]
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
-    with caplog.at_level(logging.INFO, logger="lib.data"):
+    with caplog.at_level(logging.INFO, logger="lib.data.datasets"):
         ds = load_dataset(DataConfig(path=path, heldout_path=path, template="tiny", max_length=64), TINY_TARGET_DIR)
     assert ds.report.bad == {"malformed_json": [2], "not_an_object": [3], "unknown_role": [4],
                              "empty_conversation": [5], "no_assistant_turn": [6], "malformed_turn": [9],

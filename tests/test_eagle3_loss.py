@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lib.eagle3.loss as loss_module
-from lib.eagle3.attention import TTTAttention
-from lib.eagle3.loss import count_valid_positions, sim_accept_len, soft_cross_entropy, ttt_forward, valid_positions
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-from lib.eagle3.target_head import TargetHead
-from lib.eagle3.vocab import build_vocab_map
+import lib.drafts.eagle3.loss as loss_module
+from lib.drafts.eagle3.attention import TTTAttention
+from lib.drafts.eagle3.loss import count_valid_positions, sim_accept_len, soft_cross_entropy, ttt_forward, valid_positions
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.target_head import TargetHead
+from lib.drafts.eagle3.vocab import build_vocab_map
 
 VOCAB, DRAFT_VOCAB, HIDDEN = 40, 16, 24
 
@@ -224,7 +224,7 @@ def test_flex_attention_matches_reference_with_gradients():
 def test_compiled_elementwise_ops_give_the_eager_loss_and_gradients(device):
     """train.compile=true fuses the norms, rotary, SiLU-multiply and soft CE; the step must not change.
     Two batches of different sizes: the compiled functions take dynamic shapes."""
-    from lib.eagle3 import fused
+    from lib.drafts.eagle3 import fused
 
     ttt = 3
     draft, target_weight = make_draft(dtype=torch.float32, seed=5)

@@ -8,11 +8,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lib.eagle3.attention import DraftKVCache
-from lib.eagle3.loss import ttt_forward
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig, apply_rope, rope_inverse_frequencies
-from lib.eagle3.target_head import TargetHead, load_target_embedding, load_target_lm_head
-from lib.eagle3.vocab import (VOCAB_MAP_FILENAME, build_vocab_map, check_vocab_map, ensure_vocab_map,
+from lib.drafts.eagle3.attention import DraftKVCache
+from lib.drafts.eagle3.loss import ttt_forward
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig, apply_rope, rope_inverse_frequencies
+from lib.drafts.eagle3.target_head import TargetHead, load_target_embedding, load_target_lm_head
+from lib.drafts.eagle3.vocab import (VOCAB_MAP_FILENAME, build_vocab_map, check_vocab_map, ensure_vocab_map,
                               load_vocab_map, save_vocab_map)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

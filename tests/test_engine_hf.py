@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lib.batch import PackedBatch
+from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 from lib.engine import EngineInputError, make_backend
 from lib.engine.base import resolve_aux_layers

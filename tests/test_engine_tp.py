@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lib.batch import PackedBatch
+from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 from lib.engine import EngineInputError, make_backend
 from lib.engine.tp import tp_incompatibility

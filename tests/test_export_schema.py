@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, LlamaConfig
 
-from lib.eagle3.export import config_from_export, export_draft, load_draft
-from lib.eagle3.loss import ttt_forward
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-from lib.eagle3.target_head import TargetHead
-from lib.eagle3.vocab import build_vocab_map
+from lib.drafts.eagle3.export import config_from_export, export_draft, load_draft
+from lib.drafts.eagle3.loss import ttt_forward
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.target_head import TargetHead
+from lib.drafts.eagle3.vocab import build_vocab_map
 
 # Checkpoint-name rewrites applied in order by each loader's load_weights.
 STACKED = [(".q_proj", ".qkv_proj"), (".k_proj", ".qkv_proj"), (".v_proj", ".qkv_proj"),

@@ -11,7 +11,7 @@ import traceback
 import pytest
 import torch
 
-from lib.batch import TensorSpec
+from lib.data.batch import TensorSpec
 from lib.handoff import (HandoffClosed, HandoffMismatch, LocalTransport, PeerError, make_receiver,
                          make_sender)
 from lib.handoff.control import connect

@@ -11,7 +11,7 @@ import traceback
 import pytest
 import torch
 
-from lib.batch import TensorSpec
+from lib.data.batch import TensorSpec
 from lib.handoff import HandoffClosed, HandoffMismatch, make_receiver, make_sender
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

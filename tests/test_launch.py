@@ -1,4 +1,4 @@
-"""launch.sh, slurm/train.sbatch and lib/mps.py on a CPU machine.
+"""launch.sh, slurm/train.sbatch and lib/launch/mps.py on a CPU machine.
 
 The launch plan (process count, run directory, device, MPS decision, torchrun command) is checked
 through `--print-plan`; the MPS lifecycle and failure reporting run the real launcher, the real
@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from lib.mps import MpsDaemon, MpsError, apply_role_mps_env, daemon_alive, mps_status
+from lib.launch.mps import MpsDaemon, MpsError, apply_role_mps_env, daemon_alive, mps_status
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.sh")
@@ -285,7 +285,7 @@ def test_sbatch_runs_launch_per_node_with_c10d_rendezvous(tools):
     assert no_job.returncode != 0 and "sbatch" in no_job.stderr
 
 
-# ---------------------------------------------------------------- lib/mps.py
+# ---------------------------------------------------------------- lib/launch/mps.py
 
 
 def _daemon(env_path: str, monkeypatch, pipe: str, log: str, **kw) -> MpsDaemon:

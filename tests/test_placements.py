@@ -88,8 +88,8 @@ def test_engine_tensor_parallel_trains_like_tp1(tmp_path):
     ("disaggregate", "trainer", 0.85), ("disaggregate", "engine", 0.85), ("sequential", "both", 0.85)])
 def test_memory_fraction_splits_a_shared_gpu_and_gives_a_lone_process_both_shares(placement, role, expected):
     from lib.config import Placement, compose
-    from lib.runtime import memory_fraction
-    from lib.topology import Role
+    from lib.launch.runtime import memory_fraction
+    from lib.launch.topology import Role
 
     cfg = compose(["train_frac=0.3", "infer_frac=0.55"])
     assert memory_fraction(cfg, Placement(placement), Role(role)) == pytest.approx(expected)
@@ -98,8 +98,8 @@ def test_memory_fraction_splits_a_shared_gpu_and_gives_a_lone_process_both_share
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cap_process_memory_sets_the_allocator_limit_on_gpu():
     from lib.config import Placement, compose
-    from lib.runtime import cap_process_memory
-    from lib.topology import Role
+    from lib.launch.runtime import cap_process_memory
+    from lib.launch.topology import Role
 
     cfg = compose(["train_frac=0.3", "infer_frac=0.55"])
     device = torch.device("cuda", 0)

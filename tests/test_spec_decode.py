@@ -18,14 +18,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lib.config import EngineConfig, TargetConfig
-from lib.data import EvalPrompt
-from lib.eagle3.export import export_draft
-from lib.eagle3.loss import ttt_forward
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-from lib.eagle3.target_head import TargetHead
+from lib.data.datasets import EvalPrompt
+from lib.drafts.eagle3.export import export_draft
+from lib.drafts.eagle3.loss import ttt_forward
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.target_head import TargetHead
 from lib.engine import make_backend
-from lib.spec_decode import TargetRunner, evaluate_online, greedy_decode, speculative_decode
-from lib.spec_drafters import EagleDrafter
+from lib.eval.spec_decode import TargetRunner, evaluate_online, greedy_decode, speculative_decode
+from lib.eval.drafters import EagleDrafter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lib.config import Placement
-from lib.topology import Role, Topology
+from lib.launch.topology import Role, Topology
 from tests.helpers import free_port, torchrun
 
 

@@ -7,11 +7,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Qwen3Config
 
-from lib.draft_setup import DraftBundle, TTTModule, shard
-from lib.eagle3.loss import count_valid_positions
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-from lib.eagle3.target_head import TargetHead
-from lib.trainer_loop import apply_update
+from lib.trainer.draft_setup import DraftBundle, TTTModule, shard
+from lib.drafts.eagle3.loss import count_valid_positions
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.target_head import TargetHead
+from lib.trainer.loop import apply_update
 
 VOCAB, DRAFT_VOCAB, HIDDEN, TTT = 96, 64, 32, 3
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.handoff.control import HandoffClosed, PeerError
-from lib.weight_push import WeightPublisher, WeightSubscriber
+from lib.handoff.weight_push import WeightPublisher, WeightSubscriber
 
 VERSIONS = (1, 2, 5)
 CONFIG = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

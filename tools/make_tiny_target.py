@@ -1,8 +1,8 @@
 """Build the embedded tiny target (assets/tiny_target): tokenizer, chat template and a trained Qwen3.
 
 Steps: train a byte-level BPE tokenizer on the procedural corpus (assets/tiny_data, made by
-tools/gen_corpus.py); store the tiny chat template (lib/templates.py) in tokenizer_config.json;
-tokenise the corpus through the project's own data pipeline (lib/data.py); train a small
+tools/gen_corpus.py); store the tiny chat template (lib/data/templates.py) in tokenizer_config.json;
+tokenise the corpus through the project's own data pipeline (lib/data/datasets.py); train a small
 Qwen3ForCausalLM on the assistant tokens on CPU for a fixed number of steps (deterministic in the
 seed); reload the saved files and report the held-out loss and the greedy answers' exact-match
 accuracy per task family, written to docs/tiny_target.md.
@@ -28,9 +28,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lib.config import DataConfig  # noqa: E402
-from lib.data import TokenizedDataset, load_dataset, load_heldout_prompts  # noqa: E402
+from lib.data.datasets import TokenizedDataset, load_dataset, load_heldout_prompts  # noqa: E402
 from tools import gen_corpus  # noqa: E402
-from lib.templates import TINY_CHAT_TEMPLATE_JINJA, TINY_END_OF_TURN, TINY_PAD, TINY_SPECIAL_TOKENS  # noqa: E402
+from lib.data.templates import TINY_CHAT_TEMPLATE_JINJA, TINY_END_OF_TURN, TINY_PAD, TINY_SPECIAL_TOKENS  # noqa: E402
 
 
 KEPT_SECTION = "## Why this recipe"
@@ -195,7 +195,7 @@ Default EAGLE-3 aux layers `[1, L/2-1, L-4]` = `[1, {shape['num_hidden_layers'] 
 
 Tokenizer: byte-level BPE (`tokenizers`), digits split one per token, special tokens
 {", ".join(f"`{t}`" for t in TINY_SPECIAL_TOKENS)}; `eos_token` = `{TINY_END_OF_TURN}`.
-Chat template (the `tiny` template of `lib/templates.py`, in `tokenizer_config.json`):
+Chat template (the `tiny` template of `lib/data/templates.py`, in `tokenizer_config.json`):
 `<|role|>content<|end|>` per message, generation prompt `<|assistant|>`, nothing between turns.
 
 ## Training

@@ -13,7 +13,7 @@ from typing import Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from lib.batch import PackedBatch
+from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 
 # Random-init targets must be identical on every rank that builds one (TP members, and trainers that

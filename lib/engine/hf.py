@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from lib.batch import PackedBatch
+from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 from lib.engine.base import (
     RANDOM_INIT_SEED,

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lib.batch import PackedBatch
+from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 from lib.engine.base import (
     RANDOM_INIT_SEED,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lib.batch import PackedBatch
+from lib.data.batch import PackedBatch
 from lib.engine.base import EngineInputError, SampleProblem
 
 

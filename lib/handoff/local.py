@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from lib.batch import TensorSpec
+from lib.data.batch import TensorSpec
 from lib.handoff.control import HandoffClosed, PeerError
 from lib.handoff.slots import SlotLayout, normalize_device, trim
 

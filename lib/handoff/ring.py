@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from lib.batch import TensorSpec
+from lib.data.batch import TensorSpec
 from lib.handoff import control
 from lib.handoff.control import ControlChannel, HandoffClosed, PeerError
 from lib.handoff.slots import (SlotLayout, create_store, describe_device, describe_spec, format_specs,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib.batch import TensorSpec
+from lib.data.batch import TensorSpec
 
 ALIGN_BYTES = 256
 
@@ -51,7 +51,7 @@ class SlotLayout:
         seen: set[str] = set()
         for spec in self.specs:
             if not isinstance(spec, TensorSpec):
-                raise TypeError(f"handoff spec {spec!r} is not a lib.batch.TensorSpec")
+                raise TypeError(f"handoff spec {spec!r} is not a lib.data.batch.TensorSpec")
             if not spec.name or spec.name in seen:
                 raise ValueError(f"handoff spec name {spec.name!r} is empty or repeated; give every tensor a unique name")
             seen.add(spec.name)

@@ -14,8 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lib.eagle3.attention import DraftKVCache, TTTAttention, cached_causal_attention
-from lib.eagle3.fused import ops
+from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention, cached_causal_attention
+from lib.drafts.eagle3.fused import ops
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 # Draft fields that must match the target (the embedding is copied from it, fc reads its states).
@@ -324,7 +324,7 @@ class Eagle3Draft(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention: TTTAttention, step_rows: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The training-time-test unroll over a packed batch (alignment: lib/eagle3/loss.py).
+        """The training-time-test unroll over a packed batch (alignment: lib/drafts/eagle3/loss.py).
 
         A module forward, so FSDP's hooks gather the parameters. input_ids, position_ids [T];
         aux_hidden [T, n_aux*H_target]; attention: this batch's TTTAttention; step_rows[i]: the rows

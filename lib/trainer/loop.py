@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 
 from lib.config import Placement
-from lib.draft_setup import DraftBundle, build_draft
-from lib.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
-from lib.eagle3.export import export_draft
-from lib.eagle3.loss import count_valid_positions, sim_accept_len
-from lib.metrics import MetricsWriter, plot_curves, write_summary
-from lib.online_eval import TrainerEvaluator, eval_enabled
-from lib.runtime import RunContext, peak_memory
-from lib.topology import enter_loop_timeouts
+from lib.trainer.draft_setup import DraftBundle, build_draft
+from lib.trainer.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from lib.drafts.eagle3.export import export_draft
+from lib.drafts.eagle3.loss import count_valid_positions, sim_accept_len
+from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
+from lib.eval.online import TrainerEvaluator, eval_enabled
+from lib.launch.runtime import RunContext, peak_memory
+from lib.launch.topology import enter_loop_timeouts
 
 log = logging.getLogger("specdraft.trainer")
 
@@ -46,7 +46,7 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None:
     if source is None:
-        from lib.pair_source import ReceiverSource
+        from lib.trainer.sources import ReceiverSource
         source = ReceiverSource(ctx)
     cfg = ctx.cfg
     bundle = build_draft(ctx)

@@ -1,4 +1,4 @@
-"""Training data: parse JSON Lines, tokenize once (cached); lib.packing shards and packs it into batches.
+"""Training data: parse JSON Lines, tokenize once (cached); lib.data.packing shards and packs it into batches.
 
 Accepted lines: `{"id"?, "conversations": [{"role", "content"}]}`, ShareGPT
 `{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}`, and pre-formatted `{"text"}` (loss on
@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from lib.config import TINY_DATA_DIR, DataConfig
-from lib.templates import TemplateError, get_template
+from lib.data.templates import TemplateError, get_template
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int]
     report.kept = len(sample_ids)
     if not sample_ids:
         raise DataError(f"no usable sample in {key}={path!r} ({report.summary()}); fix the file or its format "
-                        "(see lib/data.py for the accepted line formats)")
+                        "(see lib/data/datasets.py for the accepted line formats)")
     return {"tokens": torch.tensor(tokens, dtype=torch.int32), "mask": torch.tensor(masks, dtype=torch.bool),
             "offsets": torch.tensor(offsets, dtype=torch.int64),
             "prompt_len": torch.tensor(prompt_len, dtype=torch.int32),

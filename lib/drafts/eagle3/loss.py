@@ -19,10 +19,10 @@ from typing import Mapping, Optional
 
 import torch
 
-from lib.eagle3.attention import TTTAttention, document_ids
-from lib.eagle3.fused import ops
-from lib.eagle3.model import Eagle3Draft
-from lib.eagle3.target_head import TargetDistribution, TargetHead
+from lib.drafts.eagle3.attention import TTTAttention, document_ids
+from lib.drafts.eagle3.fused import ops
+from lib.drafts.eagle3.model import Eagle3Draft
+from lib.drafts.eagle3.target_head import TargetDistribution, TargetHead
 
 STEP_DECAY = 0.8
 BATCH_KEYS = ("input_ids", "loss_mask", "position_ids", "cu_seqlens", "aux_hidden", "final_hidden")

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from lib.batch import TensorSpec
+from lib.data.batch import TensorSpec
 from lib.handoff.control import HandoffClosed, PeerError, connect, listen
 from lib.handoff.slots import SlotLayout, create_store, normalize_device, open_store
 

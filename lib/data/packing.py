@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from lib.batch import PackedBatch
-from lib.data import SHOWN_LINES, DataError, TokenizedDataset
+from lib.data.batch import PackedBatch
+from lib.data.datasets import SHOWN_LINES, DataError, TokenizedDataset
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from lib.config import Config, Placement
-from lib.topology import Groups, RankInfo, Role, Topology
+from lib.launch.topology import Groups, RankInfo, Role, Topology
 
 
 def memory_fraction(cfg: Config, placement: Placement, role: Role) -> float:

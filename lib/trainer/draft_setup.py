@@ -13,14 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lib.eagle3.export import load_draft
-from lib.eagle3.loss import ttt_forward
-from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-from lib.eagle3.fused import use_compiled
-from lib.eagle3.target_head import TargetDistribution, TargetHead, load_target_embedding
-from lib.eagle3.vocab import ensure_vocab_map, save_vocab_map
-from lib.runtime import RunContext
-from lib.target_shape import load_hf_config, target_shape
+from lib.drafts.eagle3.export import load_draft
+from lib.drafts.eagle3.loss import ttt_forward
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.fused import use_compiled
+from lib.drafts.eagle3.target_head import TargetDistribution, TargetHead, load_target_embedding
+from lib.drafts.eagle3.vocab import ensure_vocab_map, save_vocab_map
+from lib.launch.runtime import RunContext
+from lib.engine.target_shape import load_hf_config, target_shape
 
 log = logging.getLogger("specdraft.trainer")
 
@@ -62,7 +62,7 @@ class DraftBundle:
 
 
 def _token_counts(ctx: RunContext, vocab_size: int) -> torch.Tensor:
-    from lib.data import load_dataset, token_counts
+    from lib.data.datasets import load_dataset, token_counts
 
     return token_counts(load_dataset(ctx.cfg.data, ctx.tokenizer_path, "train"), vocab_size)
 

@@ -6,16 +6,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lib.runtime import RunContext
+from lib.launch.runtime import RunContext
 
 
 class ReceiverSource:
     """The trainer side of a pair: tells the engine where to start, then receives over the handoff."""
 
     def __init__(self, ctx: RunContext):
-        from lib.batch import eagle3_payload_specs
+        from lib.data.batch import eagle3_payload_specs
         from lib.handoff import make_receiver
-        from lib.target_shape import target_shape
+        from lib.engine.target_shape import target_shape
 
         cfg = ctx.cfg
         self.ctx = ctx

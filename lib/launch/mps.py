@@ -2,7 +2,7 @@
 
 MPS lets the kernels of a colocated engine and trainer run concurrently on one GPU instead of
 time-slicing. launch.sh and slurm/train.sbatch drive the daemon through this module's command
-line (`python -m lib.mps up|down|status`) and benchmarks use `MpsDaemon` directly, so the rules
+line (`python -m lib.launch.mps up|down|status`) and benchmarks use `MpsDaemon` directly, so the rules
 live in one place:
 - a daemon that already answers on our pipe directory is reused and never quit by us;
 - otherwise `nvidia-cuda-mps-control -d` is started, waited for (bounded), then one client is probed;
@@ -338,7 +338,7 @@ def _raise_on_sigterm(signum, frame):  # lets `finally` quit a half-started daem
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lib.mps", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lib.launch.mps", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     up = sub.add_parser("up", help="start or reuse the daemon; prints shell lines to source")
     up.add_argument("--mode", default="auto", choices=[m.value for m in MpsMode])

@@ -23,9 +23,9 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm import tqdm  # a dependency of transformers, so always present
 
-from lib.eagle3.model import Eagle3Draft
-from lib.spec_drafters import FORCED_MODES, Drafter, EagleDrafter, ForcedDrafter, VerifiedBlock, visible_keys
-from lib.spec_target import TargetRunner, as_target_runner  # noqa: F401 (re-exported)
+from lib.drafts.eagle3.model import Eagle3Draft
+from lib.eval.drafters import FORCED_MODES, Drafter, EagleDrafter, ForcedDrafter, VerifiedBlock, visible_keys
+from lib.eval.target import TargetRunner, as_target_runner  # noqa: F401 (re-exported)
 
 @dataclass
 class AcceptanceStats:

@@ -1,4 +1,4 @@
-"""Drafters for lib.spec_decode: what proposes the k tokens of a round, and the slot-mask helpers
+"""Drafters for lib.eval.spec_decode: what proposes the k tokens of a round, and the slot-mask helpers
 the decode loop shares with them.
 
 EagleDrafter runs an Eagle3Draft over its own cache with holes (HoleKVCache): slots a row rejected
@@ -13,7 +13,7 @@ from typing import Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from lib.eagle3.model import Eagle3Draft
+from lib.drafts.eagle3.model import Eagle3Draft
 
 FORCED_MODES = ("oracle", "wrong")
 

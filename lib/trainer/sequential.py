@@ -5,12 +5,12 @@ paired placements and only swaps the handoff for a direct call.
 """
 from __future__ import annotations
 
-from lib.pair_source import InlineSource
-from lib.runtime import RunContext
+from lib.trainer.sources import InlineSource
+from lib.launch.runtime import RunContext
 
 
 def run_sequential(ctx: RunContext) -> None:
-    from engine_worker import EngineStepper
-    from lib.trainer_loop import run_trainer
+    from lib.engine.worker import EngineStepper
+    from lib.trainer.loop import run_trainer
 
     run_trainer(ctx, source=InlineSource(EngineStepper(ctx)))

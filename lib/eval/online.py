@@ -1,7 +1,7 @@
 """Online evaluation: the acceptance length of the current draft, measured while it trains.
 
 Pair 0 does it. Its trainer pushes the gathered draft weights to its engine (same GPU, no NCCL:
-lib/weight_push.py) before the first step, every `eval.every` steps and after the last; the engine
+lib/handoff/weight_push.py) before the first step, every `eval.every` steps and after the last; the engine
 applies them between batches, runs greedy speculative decoding on the fixed held-out prompts with
 its own target, and reports a row (accept_len, accept_rate_i, step) that lands in metrics.jsonl.
 placement=sequential evaluates in-process instead of pushing.
@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lib.checkpoint import full_model_state
-from lib.runtime import RunContext
+from lib.trainer.checkpoint import full_model_state
+from lib.launch.runtime import RunContext
 
 log = logging.getLogger("specdraft.eval")
 
@@ -46,9 +46,9 @@ class EvalHarness:
     def __init__(self, ctx: RunContext, backend):
         from transformers import AutoTokenizer
 
-        from lib.data import load_heldout_prompts
-        from lib.eagle3.target_head import load_target_lm_head
-        from lib.spec_target import TargetRunner, stop_token_ids
+        from lib.data.datasets import load_heldout_prompts
+        from lib.drafts.eagle3.target_head import load_target_lm_head
+        from lib.eval.target import TargetRunner, stop_token_ids
 
         cfg = ctx.cfg
         self.cfg, self.backend = cfg, backend
@@ -58,9 +58,9 @@ class EvalHarness:
         self.draft = None
 
     def evaluate(self, weights: dict[str, torch.Tensor], draft_config: dict, step: int) -> dict:
-        from lib.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-        from lib.eagle3.target_head import load_target_embedding
-        from lib.spec_decode import evaluate_online
+        from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+        from lib.drafts.eagle3.target_head import load_target_embedding
+        from lib.eval.spec_decode import evaluate_online
 
         if self.draft is None:
             draft = Eagle3Draft(Eagle3DraftConfig.from_dict(draft_config))
@@ -87,7 +87,7 @@ class EngineEvalService:
     """The engine's half: between batches, apply a pending push, evaluate, report back."""
 
     def __init__(self, ctx: RunContext, backend):
-        from lib.weight_push import WeightSubscriber
+        from lib.handoff.weight_push import WeightSubscriber
 
         self.harness = EvalHarness(ctx, backend)
         self.sub = WeightSubscriber(weights_address(ctx), ctx.device, timeout_s=ctx.cfg.run.loop_timeout_s,
@@ -117,7 +117,7 @@ class TrainerEvaluator:
         self.harness = EvalHarness(ctx, inline_backend) if inline_backend is not None and self.leader else None
         self.pub = None
         if self.leader and inline_backend is None:
-            from lib.weight_push import WeightPublisher
+            from lib.handoff.weight_push import WeightPublisher
             cast = torch.bfloat16 if ctx.device.type == "cuda" else None
             self.pub = WeightPublisher(weights_address(ctx), ctx.device, cast_dtype=cast,
                                        timeout_s=ctx.cfg.run.loop_timeout_s,

@@ -1,0 +1,1 @@
+"""Data: datasets, chat templates and loss masks, packing, packed batches."""

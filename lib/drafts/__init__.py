@@ -1,0 +1,1 @@
+"""Draft families. Each registers a DraftStrategy; eagle3/ is the first."""

@@ -1,0 +1,1 @@
+"""Evaluation: speculative decoding against the target, drafters, online evaluation during training."""

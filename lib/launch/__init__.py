@@ -1,0 +1,1 @@
+"""Launch: topology and process groups, MPS lifecycle, the per-rank run context."""
