@@ -332,12 +332,15 @@ class Eagle3Draft(nn.Module):
         """
         tokens = input_ids.shape[0]
         hidden = self.project_hidden(aux_hidden)
-        cos, sin = self.rope(position_ids, hidden.dtype)
         positions = torch.arange(tokens, device=input_ids.device)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         logits = []
         for i, rows in enumerate(step_rows):
+            # Step i of row t is the i-th chained draft step after position t, which a server runs at
+            # position t + i: query and new key rotate there, and the keys of earlier steps keep the
+            # positions they were written at.
+            cos, sin = self.rope(position_ids + i, hidden.dtype)
             # Rows whose shifted source leaves the batch read a filler token: they never carry a loss,
             # and only their own later-step (diagonal) keys, equally loss-free, ever attend to them.
             step_ids = input_ids[(positions + 1 + i).clamp(max=tokens - 1)]
