@@ -73,11 +73,11 @@ def reference_unroll(draft: Eagle3Draft, target_weight: torch.Tensor, sample: di
         x = torch.cat([rms(emb, P["midlayer.input_layernorm.weight"]), rms(h, P["midlayer.hidden_norm.weight"])], -1)
         q = (x @ P["midlayer.self_attn.q_proj.weight"].T).view(n, heads, dim)
         k = (x @ P["midlayer.self_attn.k_proj.weight"].T).view(n, kv_heads, dim)
-        keys.append(torch.stack([rotate(k[t], t) for t in range(n)]))
+        keys.append(torch.stack([rotate(k[t], t + i) for t in range(n)]))
         values.append((x @ P["midlayer.self_attn.v_proj.weight"].T).view(n, kv_heads, dim))
         rows = []
         for t in range(n):
-            qt = rotate(q[t], t)
+            qt = rotate(q[t], t + i)
             per_head = []
             for hq in range(heads):
                 g = hq // (heads // kv_heads)

@@ -6,7 +6,9 @@ Alignment at unroll step i (0-based), for packed position t of a sample ending a
   target        the target distribution at position t+1+i (it predicts x[t+2+i])
   valid iff     t+2+i < end, loss_mask[t+2+i], and the target's full-vocab argmax at t+1+i is in
                 the draft vocab.
-Position ids stay those of the packed batch at every step (as EAGLE-3/SpecForge train).
+Rotary position of step i is position_ids + i (the i-th chained draft step after t, where a server
+runs it); keys written at step j keep position + j. tests/test_train_serve_consistency.py holds the
+unroll to the inference chain.
 
 loss = sum_i 0.8^i * (sum of soft cross-entropies over valid rows of step i) / denominators[i].
 With `denominators` = the global count of valid rows per step (all trainers, all micro-batches),
