@@ -1,11 +1,58 @@
+"""Test kinds and shared fixtures.
+
+Every test is exactly one of three kinds (markers registered in pytest.ini):
+- unit: pure and in-process;
+- integration: starts real processes (torchrun, launch.sh, bash, python subprocesses, multiprocessing);
+- gpu: needs CUDA, and is skipped when no CUDA GPU is visible.
+A module sets its default with `pytestmark = pytest.mark.unit` (or integration); a test or parameter
+may override it with its own marker, and `gpu` anywhere on a test wins, so a `cuda` parameter of a
+unit test is a gpu test. A test without a kind is a collection error, so `pytest -m unit`,
+`-m integration` and `-m gpu` together always select every test exactly once.
+"""
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KINDS = ("unit", "integration", "gpu")
+
+
+def _kind(item: pytest.Item) -> str | None:
+    if item.get_closest_marker("gpu") is not None:
+        return "gpu"
+    for node in item.iter_parents():  # the test itself first, then its class and module
+        own = {m.name for m in node.own_markers if m.name in KINDS}
+        if len(own) > 1:
+            raise pytest.UsageError(f"{node.nodeid}: markers {sorted(own)} conflict; give it exactly one of {KINDS}")
+        if own:
+            return own.pop()
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so it sees one kind per test
+def pytest_collection_modifyitems(config, items):
+    kinds = {item: _kind(item) for item in items}
+    unmarked = [item.nodeid for item, kind in kinds.items() if kind is None]
+    if unmarked:
+        raise pytest.UsageError(
+            f"{len(unmarked)} test(s) have no kind: {', '.join(unmarked[:5])}{' ...' if len(unmarked) > 5 else ''}; "
+            "add `pytestmark = pytest.mark.unit` (or integration) at the top of the module, or mark the test")
+    # Inherited module/class markers cannot be dropped per test, so move them onto the tests:
+    # each test then carries only its resolved kind, and a gpu parameter of a unit test is not unit.
+    for item in items:
+        for node in item.listchain():
+            node.own_markers[:] = [m for m in node.own_markers if m.name not in KINDS]
+    cuda = None
+    for item, kind in kinds.items():
+        item.add_marker(kind)
+        if kind == "gpu":
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()  # no CUDA context is created, so MPS settings still apply later
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="gpu test: no CUDA GPU visible"))
 
 
 @pytest.fixture

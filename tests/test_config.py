@@ -7,6 +7,8 @@ import pytest
 
 from lib.config import CONF_DIR, ConfigError, LaunchShape, Placement, compose, validate
 
+pytestmark = pytest.mark.unit
+
 CPU2 = LaunchShape(world_size=2, nproc_per_node=2, nnodes=1, gpus_per_node=0)
 
 

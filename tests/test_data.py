@@ -14,6 +14,8 @@ from lib.data.datasets import DataError, load_dataset, load_heldout_prompts, tok
 from lib.data.packing import ShardedPackedLoader
 from lib.data.templates import TemplateError, get_template
 
+pytestmark = pytest.mark.unit
+
 CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 LLAMA3_JINJA = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
@@ -191,6 +193,7 @@ def test_cache_is_reused_and_keyed_by_settings_and_content(tmp_path):
     assert os.listdir(tmp_path / "c")
 
 
+@pytest.mark.integration  # a fork pool of tokeniser workers
 def test_parallel_tokenisation_equals_serial(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [_chat(i, answer="x" * (i % 7)) for i in range(600)])
     serial = load_dataset(DataConfig(path=path, heldout_size=1, template="tiny", num_workers=1,

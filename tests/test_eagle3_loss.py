@@ -14,6 +14,8 @@ from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetHead
 from lib.drafts.eagle3.vocab import build_vocab_map
 
+pytestmark = pytest.mark.unit
+
 VOCAB, DRAFT_VOCAB, HIDDEN = 40, 16, 24
 
 
@@ -201,7 +203,7 @@ def test_batch_errors_name_the_problem():
         ttt_forward(draft, head, batch, 2, denominators=torch.ones(3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention path needs CUDA")
+@pytest.mark.gpu  # flex attention path needs CUDA
 def test_flex_attention_matches_reference_with_gradients():
     gen = torch.Generator(device="cuda").manual_seed(0)
     cu = torch.tensor([0, 70, 75, 300, 301, 520], dtype=torch.int32, device="cuda")
@@ -219,8 +221,7 @@ def test_flex_attention_matches_reference_with_gradients():
         torch.testing.assert_close(g_flex, g_ref, rtol=5e-3, atol=5e-3)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_elementwise_ops_give_the_eager_loss_and_gradients(device):
     """train.compile=true fuses the norms, rotary, SiLU-multiply and soft CE; the step must not change.
     Two batches of different sizes: the compiled functions take dynamic shapes."""

@@ -15,6 +15,8 @@ from lib.drafts.eagle3.target_head import TargetHead, load_target_embedding, loa
 from lib.drafts.eagle3.vocab import (VOCAB_MAP_FILENAME, build_vocab_map, check_vocab_map, ensure_vocab_map,
                               load_vocab_map, save_vocab_map)
 
+pytestmark = pytest.mark.unit
+
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 

@@ -14,6 +14,8 @@ from lib.config import EngineConfig, TargetConfig
 from lib.engine import EngineInputError, make_backend
 from lib.engine.base import resolve_aux_layers
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 500
 SHAPES = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -191,7 +193,7 @@ def test_config_errors_name_the_key():
         resolve_aux_layers(None, 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("attn,compile", [("varlen", False), ("varlen", True), ("sdpa", False)])
 def test_gpu_packed_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, attn, compile):
     """Against fp32 per-sample forwards, the packed bf16 capture errs no more than plain bf16 forwards do.

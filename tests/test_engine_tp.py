@@ -19,6 +19,8 @@ from lib.config import EngineConfig, TargetConfig
 from lib.engine import EngineInputError, make_backend
 from lib.engine.tp import tp_incompatibility
 
+pytestmark = pytest.mark.integration
+
 VOCAB = 300
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256)
@@ -107,11 +109,13 @@ def test_tp2_equals_tp1_and_members_get_their_own_rows(checkpoint, tmp_path):
     run_group(checkpoint, tmp_path, "gloo", CPU)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_tp2_over_nccl_equals_tp1_on_gpu(checkpoint, tmp_path):
     run_group(checkpoint, tmp_path, "nccl", torch.device("cuda", 0))
 
 
+@pytest.mark.unit
 def test_tp_that_does_not_divide_the_heads_is_refused():
     config = AutoConfig.for_model("qwen3", **SHAPE)
     assert tp_incompatibility(config, 2) is None

@@ -19,6 +19,8 @@ from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetHead
 from lib.drafts.eagle3.vocab import build_vocab_map
 
+pytestmark = pytest.mark.unit
+
 # Checkpoint-name rewrites applied in order by each loader's load_weights.
 STACKED = [(".q_proj", ".qkv_proj"), (".k_proj", ".qkv_proj"), (".v_proj", ".qkv_proj"),
            (".gate_proj", ".gate_up_proj"), (".up_proj", ".gate_up_proj")]

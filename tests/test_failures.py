@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import REPO, cpu_env
 
+pytestmark = pytest.mark.integration
+
 LOOP_TIMEOUT_S = 30
 
 

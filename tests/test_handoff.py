@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from lib.data.batch import TensorSpec
-from lib.handoff import (HandoffClosed, HandoffMismatch, LocalTransport, PeerError, make_receiver,
-                         make_sender)
+from lib.handoff import HandoffClosed, HandoffMismatch, PeerError, make_receiver, make_sender
 from lib.handoff.control import connect
-from lib.handoff.slots import describe_spec, format_specs
+from lib.handoff.slots import ALIGN_BYTES, SlotLayout, describe_spec, format_specs, trim
+
+pytestmark = pytest.mark.integration
 
 SLOTS = 3
 STEPS = 1000
@@ -211,48 +212,39 @@ def test_silent_then_killed_trainer_is_named_by_the_engine(address):
     sender.close()
 
 
+@pytest.mark.unit
 def test_connect_gives_up_naming_the_peer_when_nobody_listens(address):
     with pytest.raises(PeerError, match=f"{ENGINE} was not listening"):
         connect(address, ENGINE, startup_timeout_s=0.2)
 
 
+@pytest.mark.unit
 def test_address_longer_than_a_socket_path_is_refused():
     with pytest.raises(ValueError, match="choose a shorter path"):
         make_receiver(make_specs(), SLOTS, "/tmp/" + "x" * 120, ENGINE, 1.0, CPU, 1.0)
 
 
-def test_local_transport_delivers_in_order_and_holds_at_most_k():
-    specs = make_specs()
-    local = LocalTransport(specs, SLOTS, CPU, timeout_s=0.2)
-    for step in range(SLOTS):
-        send_step(local, step, specs)
-    with pytest.raises(PeerError, match="release"):
-        local.acquire()
-    for step in range(SLOTS, 60):
-        header, views = local.recv()
-        expected_header, expected = payload_for(step - SLOTS, specs)
-        assert header == expected_header
-        assert_bytes_equal(views, expected, step - SLOTS)
-        local.release()
-        send_step(local, step, specs)
-    local.close()
-    with pytest.raises(HandoffClosed):
-        local.recv()
+# ---- slot layout (in process): what every ring slot holds, however the bytes are shared ----
 
 
+@pytest.mark.unit
 def test_zero_copy_views_are_the_slot_and_copies_land_in_it():
     specs = make_specs()
-    local = LocalTransport(specs, 1, CPU, timeout_s=0.2)
-    slot = local.acquire()
+    layout = SlotLayout(tuple(specs))
+    assert all(offset % ALIGN_BYTES == 0 for offset in layout.offsets)
+    flat = torch.zeros(2 * layout.slot_bytes, dtype=torch.uint8)
+    slot = layout.views(flat, 1)
     header, tensors = payload_for(3, specs)
-    n = header["num_rows"]
+    n = layout.num_rows(header)
     slot["input_ids"][:n].copy_(tensors["input_ids"])
-    local.send({**tensors, "input_ids": slot["input_ids"]}, header)
-    _, views = local.recv()
+    layout.write(slot, {**tensors, "input_ids": slot["input_ids"]}, n)
+    views = trim(layout.views(flat, 1), n)
     assert views["input_ids"].data_ptr() == slot["input_ids"].data_ptr()
     assert_bytes_equal(views, tensors, 3)
+    assert not flat[:layout.slot_bytes].any(), "writing slot 1 touched slot 0"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("header, payload_change, message", [
     ({"step": 0}, {}, "num_rows"),
     ({"num_rows": 65}, {}, "num_rows=65"),
@@ -263,14 +255,16 @@ def test_zero_copy_views_are_the_slot_and_copies_land_in_it():
 ])
 def test_bad_payload_or_header_is_named(header, payload_change, message):
     specs = make_specs()
-    local = LocalTransport(specs, 1, CPU, timeout_s=0.2)
+    layout = SlotLayout(tuple(specs))
+    views = layout.views(torch.empty(layout.slot_bytes, dtype=torch.uint8), 0)
     payload = {s.name: torch.zeros(4, *s.row_shape, dtype=s.dtype) for s in specs}
     payload.update(payload_change)
     with pytest.raises(ValueError, match=message):
-        local.send(payload, header)
+        layout.write(views, payload, layout.num_rows(header))  # the order Sender.send checks them in
 
 
+@pytest.mark.unit
 def test_duplicate_spec_names_are_refused():
     specs = make_specs() + [TensorSpec("hidden", torch.float32, (2,), 4)]
     with pytest.raises(ValueError, match="'hidden' is empty or repeated"):
-        LocalTransport(specs, 2, CPU)
+        SlotLayout(tuple(specs))

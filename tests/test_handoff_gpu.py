@@ -14,7 +14,7 @@ import torch
 from lib.data.batch import TensorSpec
 from lib.handoff import HandoffClosed, HandoffMismatch, make_receiver, make_sender
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 SLOTS = 3
 STEPS = 1000

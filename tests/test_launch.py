@@ -27,7 +27,9 @@ import time
 
 import pytest
 
-from lib.launch.mps import MpsDaemon, MpsError, apply_role_mps_env, daemon_alive, mps_status
+from lib.launch.mps import MpsDaemon, MpsError, daemon_alive, mps_status
+
+pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.sh")
@@ -331,26 +333,50 @@ def test_daemon_on_fails_with_log_tail(tools, mps_dirs, monkeypatch):
     assert MpsDaemon("auto", pipe_dir=pipe, log_dir=log).start() is False
 
 
+@pytest.mark.unit
 def test_daemon_rejects_bad_mode():
     with pytest.raises(ValueError, match="mps='sometimes'.*auto, on, off"):
         MpsDaemon("sometimes")
 
 
-def test_apply_role_mps_env_sets_limits_before_cuda(monkeypatch):
-    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
-    monkeypatch.delenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", raising=False)
-    assert apply_role_mps_env("engine", None, None) == {}
-    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
-    set_now = apply_role_mps_env("trainer", 40, "20G", device_ordinal=3)
-    assert set_now == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "3=20G"}
-    assert os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "3=20G"
-    assert apply_role_mps_env("engine", None, "0=30G,1=512M")["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=30G,1=512M"
-    for bad in (0, 101, 50.0, True):
-        with pytest.raises(ValueError, match="trainer: MPS SM percentage"):
-            apply_role_mps_env("trainer", bad, None)
-    for bad in ("20GB", "lots", "0=20G,x=1G", ""):
-        with pytest.raises(ValueError, match="engine: MPS pinned memory limit"):
-            apply_role_mps_env("engine", None, bad)
+# Run in a fresh interpreter: apply_role_mps_env refuses to run once CUDA is initialised, and other
+# tests of the same pytest process (the GPU machine runs them all in one) may have initialised it.
+MPS_ENV_CHECKS = r"""
+import os, pytest, torch
+from lib.launch.mps import apply_role_mps_env
+assert apply_role_mps_env("engine", None, None) == {}
+assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
+set_now = apply_role_mps_env("trainer", 40, "20G", device_ordinal=3)
+assert set_now == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "3=20G"}
+assert os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "3=20G"
+assert apply_role_mps_env("engine", None, "0=30G,1=512M")["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=30G,1=512M"
+for bad in (0, 101, 50.0, True):
+    with pytest.raises(ValueError, match="trainer: MPS SM percentage"):
+        apply_role_mps_env("trainer", bad, None)
+for bad in ("20GB", "lots", "0=20G,x=1G", ""):
+    with pytest.raises(ValueError, match="engine: MPS pinned memory limit"):
+        apply_role_mps_env("engine", None, bad)
+assert not torch.cuda.is_initialized(), "setting MPS limits must not initialise CUDA"
+print("mps env checks passed")
+"""
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_apply_role_mps_env_sets_limits_before_cuda():
+    done = _fresh_python(MPS_ENV_CHECKS)
+    assert done.returncode == 0 and "mps env checks passed" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_apply_role_mps_env_after_cuda_init_is_refused():
+    done = _fresh_python("import torch; torch.zeros(1, device='cuda')\n"
+                         "from lib.launch.mps import apply_role_mps_env\n"
+                         "apply_role_mps_env('trainer', 40, None)")
+    assert done.returncode != 0 and "called after CUDA was initialised" in done.stderr, done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------- launch.sh end to end (CPU ranks)
@@ -443,15 +469,15 @@ def test_launch_sigterm_stops_ranks_and_quits_mps(tools, mps_dirs, tmp_path):
 
 # ---------------------------------------------------------------- real MPS (GPU machines only)
 
-needs_gpu_and_mps = pytest.mark.skipif(
-    not __import__("torch").cuda.is_available() or shutil.which("nvidia-cuda-mps-control") is None,
-    reason="needs a CUDA GPU and nvidia-cuda-mps-control",
-)
+# The gpu marker skips these without CUDA (tests/conftest.py); they also need the MPS control tool.
+needs_mps_tool = pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is None,
+                                    reason="needs nvidia-cuda-mps-control")
 
 ALLOC_2G = "import torch; torch.empty(2 << 30, dtype=torch.uint8, device='cuda'); torch.cuda.synchronize()"
 
 
-@needs_gpu_and_mps
+@pytest.mark.gpu
+@needs_mps_tool
 def test_gpu_real_daemon_serves_clients_and_enforces_role_limits(mps_dirs):
     pipe, log = mps_dirs
     with MpsDaemon("on", pipe_dir=pipe, log_dir=log) as mps:
@@ -467,7 +493,8 @@ def test_gpu_real_daemon_serves_clients_and_enforces_role_limits(mps_dirs):
     assert "NEW CLIENT" in open(os.path.join(log, "control.log")).read()
 
 
-@needs_gpu_and_mps
+@pytest.mark.gpu
+@needs_mps_tool
 def test_gpu_launch_runs_colocated_pair_under_real_mps(mps_dirs, tmp_path):
     pipe, log = mps_dirs
     entry = tmp_path / "entry.py"

@@ -9,6 +9,8 @@ import torch
 
 from tests.helpers import torchrun
 
+pytestmark = pytest.mark.integration
+
 STEPS = 3
 SMALL = [f"train.max_steps={STEPS}", "engine.token_budget=384", "data.max_length=384", "eval.every=0",
          "train.log_every=1"]
@@ -83,6 +85,7 @@ def test_engine_tensor_parallel_trains_like_tp1(tmp_path):
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("placement,role,expected", [
     ("colocate", "trainer", 0.3), ("colocate", "engine", 0.55),
     ("disaggregate", "trainer", 0.85), ("disaggregate", "engine", 0.85), ("sequential", "both", 0.85)])
@@ -95,7 +98,7 @@ def test_memory_fraction_splits_a_shared_gpu_and_gives_a_lone_process_both_share
     assert memory_fraction(cfg, Placement(placement), Role(role)) == pytest.approx(expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_cap_process_memory_sets_the_allocator_limit_on_gpu():
     from lib.config import Placement, compose
     from lib.launch.runtime import cap_process_memory

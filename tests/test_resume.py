@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import torchrun
 
+pytestmark = pytest.mark.integration
+
 BASE = ["train.max_steps=6", "engine.token_budget=384", "data.max_length=384", "eval.every=0", "train.log_every=1",
         "train.warmup_steps=2"]
 

@@ -23,7 +23,8 @@ APPLY = os.path.join(PATCH_DIR, "apply.sh")
 PATCHES = sorted(os.path.join(PATCH_DIR, f) for f in os.listdir(PATCH_DIR) if f.endswith(".patch"))
 PATCHED_FILES = ("sglang/srt/distributed/parallel_state.py", "sglang/srt/distributed/bootstrap.py")
 
-pytestmark = pytest.mark.skipif(shutil.which("patch") is None, reason="the 'patch' program is not installed")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(shutil.which("patch") is None, reason="the 'patch' program is not installed")]
 
 
 @pytest.fixture(scope="module")

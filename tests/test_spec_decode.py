@@ -27,6 +27,8 @@ from lib.engine import make_backend
 from lib.eval.spec_decode import TargetRunner, evaluate_online, greedy_decode, speculative_decode
 from lib.eval.drafters import EagleDrafter
 
+pytestmark = pytest.mark.unit
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
 AUX = [1, 2, 3]
@@ -222,7 +224,7 @@ def test_evaluate_online_through_the_engine_backend(target, prompts, tmp_path):
     assert all(len(layer._forward_hooks) == 1 for i, layer in enumerate(backend.model.layers) if i in backend.aux_layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_cuda_decoding_equals_greedy_and_forced_taus(prompts):
     cpu_target = build_target()
     draft = build_draft(cpu_target, std=0.2).cuda()
@@ -249,6 +251,7 @@ def test_bad_inputs_name_the_problem(target, prompts):
         speculative_decode(target, None, prompts, 2, 8, forced="perfect")
 
 
+@pytest.mark.integration
 def test_eval_cli_end_to_end(tmp_path):
     target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
     target_dir.mkdir()

@@ -10,6 +10,8 @@ from lib.config import Placement
 from lib.launch.topology import Role, Topology
 from tests.helpers import free_port, torchrun
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("pairs", [1, 2, 4])
 @pytest.mark.parametrize("nnodes", [1, 2])
@@ -64,6 +66,7 @@ def _check_dry_run(run_dir: str, nnodes: int, nproc: int) -> None:
         assert other not in sums  # never entered the other role's group
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pairs", [1, 2, 4])
 def test_dry_run_single_node(tmp_path, pairs):
     out = torchrun(2 * pairs, ["train.max_steps=0", f"run.dir={tmp_path}"], timeout=240)
@@ -71,6 +74,7 @@ def test_dry_run_single_node(tmp_path, pairs):
     _check_dry_run(str(tmp_path), 1, 2 * pairs)
 
 
+@pytest.mark.integration
 def test_dry_run_two_nodes_on_localhost(tmp_path):
     port = free_port()
     procs = [torchrun(4, ["train.max_steps=0", f"run.dir={tmp_path}"], nnodes=2, node_rank=n, port=port, wait=False)
@@ -80,6 +84,7 @@ def test_dry_run_two_nodes_on_localhost(tmp_path):
     _check_dry_run(str(tmp_path), 2, 4)
 
 
+@pytest.mark.integration
 def test_launch_sh_dry_run_on_cpu(tmp_path):
     """`bash launch.sh train.max_steps=0` on a machine without GPU: 1 pair on CPU, groups checked."""
     import subprocess

@@ -13,6 +13,8 @@ from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetHead
 from lib.trainer.loop import apply_update
 
+pytestmark = pytest.mark.integration
+
 VOCAB, DRAFT_VOCAB, HIDDEN, TTT = 96, 64, 32, 3
 
 

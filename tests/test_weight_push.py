@@ -21,6 +21,8 @@ from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.handoff.control import HandoffClosed, PeerError
 from lib.handoff.weight_push import WeightPublisher, WeightSubscriber
 
+pytestmark = pytest.mark.unit
+
 VERSIONS = (1, 2, 5)
 CONFIG = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128, vocab_size=64, draft_vocab_size=40,
@@ -66,8 +68,8 @@ def engine_process(addr: str, device: str, out_dir: str) -> None:
     subscriber.close()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA IPC needs a GPU"))])
+@pytest.mark.integration
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_round_trip_between_processes_is_bit_exact_and_reuses_one_buffer(tmp_path, device):
     addr = address()
     engine = multiprocessing.get_context("spawn").Process(target=engine_process, args=(addr, device, str(tmp_path)))
