@@ -17,11 +17,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from lib.config import ConfigError, compose  # noqa: E402
+from lib.config import ConfigError, compose
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

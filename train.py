@@ -12,13 +12,11 @@ import os
 import sys
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from lib.config import ConfigError, Device, LaunchShape, compose, resolve_device, validate  # noqa: E402
-from lib.launch.runtime import RunContext, cap_process_memory, resolve_run_dir, setup_logging, startup_barrier  # noqa: E402,E501
-from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E402,E501
+from lib.config import ConfigError, Device, LaunchShape, compose, resolve_device, validate
+from lib.launch.runtime import RunContext, cap_process_memory, resolve_run_dir, setup_logging, startup_barrier  # noqa: E501
+from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E501
 
 
 def visible_gpus() -> int:

@@ -96,3 +96,44 @@ def test_launch_sh_dry_run_on_cpu(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _check_dry_run(str(tmp_path), 1, 2)
+
+
+def _destroy_member(rank: int, port: int, out: str) -> None:
+    """One rank of a real 2-process gloo world: build the production groups, then destroy them twice."""
+    import torch.distributed as dist
+
+    from lib.launch.topology import build_groups, check_groups, destroy, init_world
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    init_world(60)
+    topo = Topology(1, 2, Placement.colocate, use_cuda=False)
+    info = topo.rank_info(rank)
+    groups = build_groups(topo, info, 60)
+    check_groups(topo, groups, info)
+    names = {id(groups.meta): "meta", id(groups.trainer): "trainer", id(groups.engine): "engine"}
+    real, calls = dist.destroy_process_group, []
+
+    def recording(group=None):  # the real teardown, with a note of which group it was given
+        calls.append("default" if group is None else names[id(group)])
+        real(group)
+
+    dist.destroy_process_group = recording
+    destroy(groups)
+    first = {"calls": list(calls), "initialized": dist.is_initialized(), "left": len(groups.all_groups)}
+    destroy(groups)
+    destroy(None)
+    with open(f"{out}-{rank}.json", "w") as f:
+        json.dump({"first": first, "calls": calls}, f)
+
+
+@pytest.mark.integration
+def test_destroy_tears_down_each_given_group_then_the_world_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "destroy")
+    mp.start_processes(_destroy_member, args=(free_port(), out), nprocs=2, join=True, start_method="spawn")
+    for rank, role in ((0, "trainer"), (1, "engine")):
+        with open(f"{out}-{rank}.json") as f:
+            seen = json.load(f)
+        assert seen["first"] == {"calls": ["meta", role, "default"], "initialized": False, "left": 0}, rank
+        assert seen["calls"] == ["meta", role, "default"], "a second destroy() must do nothing"

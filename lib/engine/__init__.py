@@ -1,8 +1,8 @@
 """Engine backends: run the frozen target over packed batches and capture EAGLE-3 hidden states.
 
 `make_backend(engine.backend)` returns an unloaded backend; the engine role then calls
-`apply_memory_fraction(infer_frac, device)`, `backend.load(target, engine, device, tp_group)` and,
-per step, `backend.capture(batch, out=slot_views)`.
+`backend.load(target, engine, device, tp_group)` and, per step, `backend.capture(batch, out=slot_views)`.
+The process's GPU memory is capped before that, at start-up, by lib/launch/runtime.py cap_process_memory.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from lib.engine.base import (
     EngineBackend,
     EngineInputError,
     SampleProblem,
-    apply_memory_fraction,
     drop_samples,
 )
 
@@ -35,7 +34,6 @@ __all__ = [
     "EngineBackend",
     "EngineInputError",
     "SampleProblem",
-    "apply_memory_fraction",
     "drop_samples",
     "make_backend",
 ]

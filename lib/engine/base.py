@@ -117,17 +117,6 @@ def resolve_aux_layers(explicit: Optional[list[int]], num_layers: int) -> list[i
     return layers
 
 
-def apply_memory_fraction(frac: float, device: torch.device) -> None:
-    """Cap this process's CUDA caching allocator at `frac` of the GPU (infer_frac for engines).
-
-    Call before the model is loaded so the load itself is capped. No-op on CPU.
-    """
-    if not 0.0 < frac < 1.0:
-        raise ValueError(f"infer_frac={frac} must be in (0, 1); set infer_frac so train_frac + infer_frac <= 0.9")
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(frac, device)
-
-
 def check_batch_structure(batch: PackedBatch) -> None:
     """Malformed batches are a packing bug, not a data problem: fail loudly, naming the field."""
     n = batch.num_tokens

@@ -126,7 +126,8 @@ class SGLangBackend:
             ranks, tp_rank = None, 0
         fraction = torch.cuda.get_per_process_memory_fraction(self.device)
         if not 0.0 < fraction < 1.0:
-            raise RuntimeError("call apply_memory_fraction(infer_frac, device) before loading the sglang backend")
+            raise RuntimeError(f"the CUDA memory fraction of {self.device} is {fraction}; cap it before loading the sglang "
+                               "backend (train.py does, through lib/launch/runtime.py cap_process_memory)")
         self._runner = self._start_runner(target, group_size * self.token_budget, fraction, ranks, tp_rank)
 
     def _start_runner(self, target: TargetConfig, max_tokens: int, fraction: float, ranks, tp_rank: int):

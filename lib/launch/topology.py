@@ -220,5 +220,21 @@ def check_groups(topo: Topology, groups: Groups, info: RankInfo) -> dict[str, in
 
 
 def destroy(groups: Optional[Groups]) -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear down this rank's process groups: each subgroup in `groups`, then the default group.
+
+    Subgroups go first, each on its own, so their backends (NCCL communicators on GPU) shut down
+    explicitly instead of inside the default group's teardown. Safe to call again, with None (a rank
+    that failed before building its groups), or after the default group is gone, which already took
+    every subgroup with it.
+    """
+    subgroups: list[dist.ProcessGroup] = []
+    if groups is not None:
+        subgroups, groups.all_groups = groups.all_groups, []  # emptied first: a second call has nothing left
+    if not dist.is_initialized():
+        return
+    seen: set[int] = set()
+    for group in subgroups:
+        if id(group) not in seen:
+            seen.add(id(group))
+            dist.destroy_process_group(group)
+    dist.destroy_process_group()
