@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from lib.config import ConfigError, compose
+from lib.config import ConfigError, compose, resolve_device
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -101,8 +101,7 @@ def main(argv: list[str]) -> int:
     from lib.eval.target import stop_token_ids
 
     directory = draft_dir(args.draft)
-    wanted = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if wanted == "auto" else wanted)
+    device = torch.device(resolve_device(args.device, torch.cuda.device_count() if torch.cuda.is_available() else 0).value)
     model = load_target(cfg, device)
     runner = TargetRunner.from_causal_lm(model)
     draft = load_draft(directory, device=device, dtype=runner.dtype, embedding=model.get_input_embeddings().weight)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Launch one node of a training run: detect GPUs, pick the process count, bring MPS up for
-# colocation, run torchrun with every argument forwarded as a Hydra override, then quit MPS
-# (only if this script started it) and report which rank failed and its role.
+# Launch one node of a training run: detect GPUs, pick the process count, check the config once,
+# bring MPS up for colocation, run torchrun with every argument forwarded as a Hydra override, then
+# quit MPS (only if this script started it) and report which rank failed and its role.
 #
 #   bash launch.sh [--print-plan] [hydra overrides...]
 #
@@ -86,22 +86,18 @@ if [[ $DEVICE == cpu ]]; then GPUS=0; else GPUS=$(count_gpus); fi
 if (( GPUS == 0 )); then
   [[ $DEVICE == cuda ]] && die "device=cuda but no GPU is visible (nvidia-smi / torch found none, CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-}'); drop device=cuda to run on CPU"
   RUN_DEVICE=cpu
-  # One trainer and one engine; sequential plays both roles in one process (the same single shard).
-  if [[ $PLACEMENT == sequential ]]; then NPROC_AUTO=1; else NPROC_AUTO=2; fi
 else
   RUN_DEVICE=cuda
-  case "$PLACEMENT" in
-    colocate) NPROC_AUTO=$(( 2 * GPUS )) ;;
-    disaggregate)
-      (( GPUS % 2 == 0 )) || die "placement=disaggregate needs an even number of GPUs per node (found $GPUS); set CUDA_VISIBLE_DEVICES to an even count or use placement=colocate"
-      NPROC_AUTO=$GPUS ;;
-    sequential) NPROC_AUTO=$GPUS ;;
-  esac
 fi
-NPROC_EFFECTIVE=${NPROC:-$NPROC_AUTO}
-[[ $NPROC_EFFECTIVE =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC_EFFECTIVE is not a positive integer; unset NPROC to derive it from the GPUs"
-if [[ $PLACEMENT != sequential ]] && (( NPROC_EFFECTIVE % 2 )); then
-  die "NPROC=$NPROC_EFFECTIVE is odd but placement=$PLACEMENT pairs a trainer with an engine; use an even NPROC"
+
+# The process count comes from lib/config.py ProcessLayout, the rule train.py and the topology use;
+# it prints its own one-line error (odd GPU count for disaggregate, odd NPROC) and exits 2.
+config_cli() { (cd "$REPO" && "$PYTHON" -m lib.config "$@"); }
+if [[ -n ${NPROC:-} ]]; then
+  [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC is not a positive integer; unset NPROC to derive it from the GPUs"
+  NPROC_EFFECTIVE=$(config_cli nproc --placement "$PLACEMENT" --gpus "$GPUS" --nproc "$NPROC") || exit 2
+else
+  NPROC_EFFECTIVE=$(config_cli nproc --placement "$PLACEMENT" --gpus "$GPUS") || exit 2
 fi
 
 EXTRA=()
@@ -132,11 +128,32 @@ else
   base=$RUN_DIR
   while [[ -e $RUN_DIR ]]; do suffix=$(( suffix + 1 )); RUN_DIR=$base-$suffix; done
 fi
+CHECK_OVERRIDES=("${EXTRA[@]}" "${OVERRIDES[@]}")
 if [[ -z $USER_RUN_DIR ]]; then
   # Hydra's override grammar needs quotes around values with spaces or other special characters.
   [[ $RUN_DIR == *\'* ]] && die "run directory '$RUN_DIR' contains a single quote; pass run.dir=<path without quotes>"
   if [[ $RUN_DIR =~ ^[A-Za-z0-9_./:+-]+$ ]]; then EXTRA=("run.dir=$RUN_DIR" "${EXTRA[@]}")
   else EXTRA=("run.dir='$RUN_DIR'" "${EXTRA[@]}")
+  fi
+  # A directory someone chose (SPECDRAFT_RUN_DIR by hand) may hold a checkpoint to resume; one made
+  # fresh here or by train.sbatch cannot, and the check must see run.dir=auto to say so.
+  if [[ -n ${SPECDRAFT_RUN_DIR:-} && ${SPECDRAFT_RUN_DIR_FRESH:-0} != 1 ]]; then
+    CHECK_OVERRIDES=("${EXTRA[0]}" "${CHECK_OVERRIDES[@]}")
+  fi
+fi
+
+# ---- config: checked once here, as every rank of train.py will check it, before MPS or torchrun ----
+# A bad value prints its one line (from lib/config_check.py) and the launch exits 2. Another entry
+# script (SPECDRAFT_ENTRY) takes other arguments, so only train.py's config is checked.
+CONFIG_STATUS="not checked (SPECDRAFT_ENTRY is not train.py)"
+if [[ $ENTRY -ef $REPO/train.py ]]; then
+  if [[ $PRINT_PLAN == 1 ]]; then
+    if err=$(config_cli check --gpus "$GPUS" --nproc "$NPROC_EFFECTIVE" --nnodes "${SPECDRAFT_NNODES:-1}" \
+             -- "${CHECK_OVERRIDES[@]}" 2>&1 >/dev/null); then CONFIG_STATUS=ok; else CONFIG_STATUS=$err; fi
+  else
+    config_cli check --gpus "$GPUS" --nproc "$NPROC_EFFECTIVE" --nnodes "${SPECDRAFT_NNODES:-1}" \
+      -- "${CHECK_OVERRIDES[@]}" >/dev/null || exit 2
+    CONFIG_STATUS=ok
   fi
 fi
 
@@ -167,6 +184,7 @@ if [[ $PRINT_PLAN == 1 ]]; then
   echo "nproc=$NPROC_EFFECTIVE"
   echo "mps=$MPS_PLAN"
   echo "run_dir=$RUN_DIR"
+  echo "config=$CONFIG_STATUS"
   echo "env=PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF-} PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF-} OMP_NUM_THREADS=$OMP_NUM_THREADS"
   printf 'command='; printf '%q ' "${CMD[@]}"; echo
   exit 0

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
 
-from lib.config import ConfigError, Device, LaunchShape, compose, resolve_device, validate
-from lib.launch.runtime import RunContext, cap_process_memory, resolve_run_dir, setup_logging, startup_barrier  # noqa: E501
+from lib.config import ConfigError, Device, LaunchShape, compose, resolve, validate
+from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, startup_barrier  # noqa: E501
 from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E501
 
 
@@ -32,9 +33,30 @@ def write_run_files(ctx: RunContext, records: list[dict]) -> None:
         json.dump({"world_size": ctx.topo.world_size, "nnodes": ctx.topo.nnodes,
                    "nproc_per_node": ctx.topo.nproc_per_node, "placement": ctx.topo.placement.value,
                    "mps": os.environ.get("SPECDRAFT_MPS", "unknown"), "ranks": records}, f, indent=1)
-    resolved = OmegaConf.structured(ctx.cfg)
-    resolved.run.dir = ctx.run_dir
-    OmegaConf.save(resolved, os.path.join(ctx.run_dir, "config.yaml"))
+    # ctx.cfg is the resolved config: the device, dtype, compile and attention choices the run made.
+    OmegaConf.save(OmegaConf.structured(ctx.cfg), os.path.join(ctx.run_dir, "config.yaml"))
+
+
+def claim_config_report() -> bool:
+    """Whether this rank prints the config error: one rank per node, the first to get there.
+
+    Every rank fails the same way, and torchrun stops the other ranks once one exits, so waiting for
+    rank 0 can lose the message. The ranks of a node share torchrun's attempt directory (two levels
+    above TORCHELASTIC_ERROR_FILE); creating a file there exclusively elects the reporter.
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return True  # not under torchrun: this process is alone
+    marker = os.path.join(os.path.dirname(os.path.dirname(error_file)), "specdraft-config-error")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        # The reporter may be between claiming and printing; torchrun stops it once any rank exits.
+        time.sleep(0.5)
+        return False
+    except OSError:
+        return True  # no shared directory: better every rank than none
+    return True
 
 
 def record_dry_run(ctx: RunContext, sums: dict[str, int]) -> None:
@@ -65,12 +87,12 @@ def main(overrides: list[str]) -> int:
         gpus = visible_gpus()
         shape = LaunchShape.from_env(gpus)
         validate(cfg, shape)
+        cfg = resolve(cfg, shape)  # from here on no "auto" or None: every role reads these values
     except ConfigError as exc:
-        # Every rank fails the same way; one line from rank 0 is enough.
-        if rank == 0:
+        if claim_config_report():
             log.error("config error: %s", exc)
         return 2
-    use_cuda = resolve_device(cfg, gpus) == Device.cuda
+    use_cuda = cfg.device == Device.cuda
     topo = Topology(shape.nnodes, shape.nproc_per_node, cfg.placement.name, use_cuda, cfg.engine.tp)
     info = topo.rank_info(rank)
     log = setup_logging(f"[rank {rank} {info.role.value}]")
@@ -81,7 +103,8 @@ def main(overrides: list[str]) -> int:
     try:
         init_world(cfg.run.startup_timeout_s)
         groups = build_groups(topo, info, cfg.run.startup_timeout_s)
-        ctx = RunContext(cfg, topo, info, groups, resolve_run_dir(cfg, groups))
+        cfg = agree_run_dir(cfg, groups)
+        ctx = RunContext(cfg, topo, info, groups, cfg.run.dir)
         records = gather_topology(groups, info)
         if rank == 0:
             write_run_files(ctx, records)

@@ -1,16 +1,19 @@
 """Configuration schema: one dataclass per concern, validated before any process group or model load.
 
-Hydra composes conf/ on top of these dataclasses (structured configs), so an unknown key is an error
-at composition time. `validate()` then checks what types cannot: ranges, sums, paths and the fit
-between the config and the launch (process count, GPUs). Every failure is one line that names the
-key, the value and the fix.
+Hydra composes conf/ on top of these dataclasses (structured configs), so an unknown key or a value
+outside a choice (the enums) is an error at composition time. `validate()` then checks what types
+cannot: ranges, sums, paths, combinations and the fit between the config and the launch (process
+count, GPUs); launch.sh runs the same checks once (`python -m lib.config check`) before it starts
+anything. Every failure is one line that names the key, the value and the fix. `resolve()` then
+decides every auto/None once, and all roles read that resolved copy.
 """
 from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TARGET_DIR = os.path.join(REPO_ROOT, "assets", "tiny_target")
@@ -41,6 +44,37 @@ class MpsMode(str, enum.Enum):
     off = "off"
 
 
+class Backend(str, enum.Enum):
+    hf = "hf"
+    sglang = "sglang"
+
+
+class AttnImpl(str, enum.Enum):
+    auto = "auto"  # varlen on CUDA with bf16/fp16 weights, sdpa otherwise (resolve())
+    varlen = "varlen"
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+class TargetDtype(str, enum.Enum):
+    auto = "auto"  # bfloat16 on GPU, float32 on CPU (resolve())
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+    # Short spellings lib/engine/base.py always accepted. They are aliases (same value), so OmegaConf,
+    # which looks names up, takes target.dtype=bf16 and stores the canonical member.
+    bf16 = "bfloat16"
+    fp16 = "float16"
+    half = "float16"
+    fp32 = "float32"
+    float = "float32"
+
+
+class Overlong(str, enum.Enum):
+    truncate = "truncate"  # cut a sample to data.max_length
+    skip = "skip"  # drop it (counted)
+
+
 @dataclass
 class TargetConfig:
     name: str = "tiny"
@@ -48,7 +82,7 @@ class TargetConfig:
     random_init: bool = False  # build from `path`'s config.json or `hf_config` with random weights
     hf_config: Optional[dict[str, Any]] = None  # model shape for random_init without a path
     tokenizer: Optional[str] = None  # defaults to `path`
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: TargetDtype = TargetDtype.auto
     aux_layers: Optional[list[int]] = None  # default [1, L/2-1, L-4]
 
 
@@ -68,9 +102,9 @@ class DataConfig:
     path: Optional[str] = None  # JSON Lines of conversations (data=tiny sets the embedded corpus)
     heldout_path: Optional[str] = None  # prompts for evaluation; None -> last `heldout_size` lines of path
     heldout_size: int = 64
-    template: str = "auto"  # auto: the tokenizer's own chat template; else a registered name
+    template: str = "auto"  # auto: the tokenizer's own chat template; else a name registered in lib/data/templates.py
     max_length: int = 2048
-    overlong: str = "truncate"  # truncate | skip
+    overlong: Overlong = Overlong.truncate
     cache_dir: Optional[str] = None  # default: next to the data file
     num_workers: int = 0  # tokenisation processes; 0 -> min(8, cpus)
 
@@ -82,11 +116,11 @@ class PlacementConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = "hf"  # hf | sglang
+    backend: Backend = Backend.hf
     tp: int = 1
     token_budget: int = 8192  # tokens per packed batch
     compile: Optional[bool] = None  # None: torch.compile the target layers on GPU (~30% faster), not on CPU
-    attn_impl: str = "auto"  # auto (varlen on CUDA bf16, sdpa otherwise) | varlen | sdpa | eager
+    attn_impl: AttnImpl = AttnImpl.auto
 
 
 @dataclass
@@ -154,12 +188,10 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Composition and validation
+# Composition
 # ---------------------------------------------------------------------------------------------
 
 CONF_DIR = os.path.join(REPO_ROOT, "conf")
-ENGINE_BACKENDS = ("hf", "sglang")
-OVERLONG_POLICIES = ("truncate", "skip")
 
 
 def _register_schema() -> None:
@@ -187,28 +219,55 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             node = hydra_compose(config_name="config", overrides=list(overrides))
         return OmegaConf.to_object(node)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_explain_hydra_error(exc)) from None
+    except (HydraException, OmegaConfBaseException) as exc:  # ValidationError for enums included
+        from lib.config_check import explain_hydra_error
+
+        raise ConfigError(explain_hydra_error(exc)) from None
 
 
-def _explain_hydra_error(exc: BaseException) -> str:
-    # Hydra wraps the useful line ("Invalid value ...", "Key ... not in ...") in its cause.
-    cause = exc.__cause__ or exc
-    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
-    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    useful = [ln for ln in lines if not ln.startswith(("full_key", "reference_type", "object_type"))]
-    first = " ".join(useful[:2]) if useful else type(exc).__name__
-    where = f"{key}: " if key else ""
-    if "Could not find" in first or "Could not load" in first:
-        groups = {g: sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g)) if f.endswith(".yaml"))
-                  for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g))}
-        options = "; ".join(f"{g}: {', '.join(v)}" for g, v in sorted(groups.items()))
-        return f"{first.split(' Available')[0]}. Fix: pick a shipped option ({options}) or add a file under conf/."
-    if "not in" in first and "Key" in first:
-        return f"{where}unknown key ({first}). Fix: check the spelling against lib/config.py."
-    if "Missing mandatory value" in first:
-        return f"{first}. Fix: set it on the command line, e.g. data.path=/data/chat.jsonl."
-    return f"{where}{first}. Fix: correct the override (see lib/config.py for keys and types)."
+# ---------------------------------------------------------------------------------------------
+# Launch shape and the placement -> process-count rule
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessLayout:
+    """Processes per node for a placement, and the GPUs they need: the only place this rule lives.
+
+    launch.sh asks it (`python -m lib.config nproc`), validate() checks a launch against it and
+    lib/launch/topology.py lays ranks out by it.
+    """
+
+    placement: Placement
+    nproc: int  # processes on one node
+    key: str = field(default="nproc_per_node", compare=False)  # how the caller spells nproc in errors
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            _fail(self.key, self.nproc, "must be >= 1")
+        if self.placement != Placement.sequential and self.nproc % 2:
+            _fail(self.key, self.nproc, f"placement={Placement(self.placement).value} needs an even process "
+                  "count per node (trainer r pairs with engine r + P/2); use 2x the number of pairs")
+
+    @property
+    def pairs(self) -> int:
+        """Trainer/engine pairs on the node (= engines = data shards of the node)."""
+        return self.nproc if self.placement == Placement.sequential else self.nproc // 2
+
+    @property
+    def gpus_needed(self) -> int:
+        # colocate: a pair shares a GPU; disaggregate: one GPU per process; sequential: one per process.
+        return self.pairs if self.placement == Placement.colocate else self.nproc
+
+    @staticmethod
+    def for_gpus(placement: Placement, gpus: int) -> "ProcessLayout":
+        """The default layout of a node with `gpus` visible GPUs (0: one pair, or one process, on CPU)."""
+        if gpus == 0:
+            return ProcessLayout(placement, 1 if placement == Placement.sequential else 2)
+        if placement == Placement.disaggregate and gpus % 2:
+            _fail("placement", Placement.disaggregate, f"needs an even number of GPUs per node (found {gpus}); set "
+                  "CUDA_VISIBLE_DEVICES to an even count or use placement=colocate")
+        return ProcessLayout(placement, 2 * gpus if placement == Placement.colocate else gpus)
 
 
 @dataclass(frozen=True)
@@ -227,109 +286,117 @@ class LaunchShape:
         return LaunchShape(world, local, max(1, world // max(local, 1)), gpus_per_node)
 
 
-def resolve_device(cfg: Config, gpus_per_node: int) -> Device:
-    if cfg.device == Device.auto:
+# ---------------------------------------------------------------------------------------------
+# "auto" and None, resolved in one place
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_enum(key: str, value: Any, kind: type[enum.Enum]) -> Any:
+    """A member from a member, its value or its name (aliases included); ConfigError otherwise."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        if value in kind.__members__:
+            return kind[value]
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    _fail(key, value, f"allowed: {', '.join(kind.__members__)}")
+
+
+def resolve_device(device: Device | str, gpus_per_node: int) -> Device:
+    device = _as_enum("device", device, Device)
+    if device == Device.auto:
         return Device.cuda if gpus_per_node > 0 else Device.cpu
-    return cfg.device
+    return device
+
+
+def resolve_target_dtype(dtype: TargetDtype | str, device_type: str) -> TargetDtype:
+    """auto: bf16 on GPU (the production path), fp32 on CPU (no fast bf16 matmuls there)."""
+    dtype = _as_enum("target.dtype", dtype, TargetDtype)
+    if dtype == TargetDtype.auto:
+        return TargetDtype.bfloat16 if device_type == "cuda" else TargetDtype.float32
+    return dtype
+
+
+def resolve_attn_impl(attn: AttnImpl | str, device_type: str, dtype: TargetDtype | str) -> AttnImpl:
+    """auto: the packed varlen flash kernel where it runs (CUDA, half precision), sdpa elsewhere."""
+    attn = _as_enum("engine.attn_impl", attn, AttnImpl)
+    flash_ok = device_type == "cuda" and resolve_target_dtype(dtype, device_type) in (
+        TargetDtype.bfloat16, TargetDtype.float16)
+    if attn == AttnImpl.auto:
+        return AttnImpl.varlen if flash_ok else AttnImpl.sdpa
+    if attn == AttnImpl.varlen and not flash_ok:
+        _fail("engine.attn_impl", AttnImpl.varlen, f"needs a CUDA device and bf16/fp16 weights (got {device_type}, "
+              f"target.dtype={resolve_target_dtype(dtype, device_type).value}); use engine.attn_impl=auto")
+    return attn
+
+
+def new_run_dir() -> str:
+    """outputs/<YYYYmmdd-HHMMSS> under the working directory, with -2, -3 ... if that exists."""
+    base = os.path.abspath(os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S")))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def resolve(cfg: Config, shape: LaunchShape) -> Config:
+    """A copy of `cfg` with every auto/None decided for this launch; `cfg` is left as composed.
+
+    Every role reads these values (train.py hands the copy to them) and config.yaml in the run dir
+    records them. run.dir=auto gets a fresh directory; under a bare torchrun each rank picks one
+    and lib/launch/runtime.py agrees on rank 0's (launch.sh always passes an explicit run.dir).
+    """
+    device = resolve_device(cfg.device, shape.gpus_per_node)
+    dtype = resolve_target_dtype(cfg.target.dtype, device.value)
+    cuda = device == Device.cuda
+    engine = replace(cfg.engine, backend=_as_enum("engine.backend", cfg.engine.backend, Backend),
+                     attn_impl=resolve_attn_impl(cfg.engine.attn_impl, device.value, dtype),
+                     compile=cuda if cfg.engine.compile is None else cfg.engine.compile)
+    # train.compile: fuse the draft step on GPU; on CPU compiling costs more than it saves.
+    train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile)
+    run = replace(cfg.run, dir=new_run_dir() if cfg.run.dir == "auto" else os.path.abspath(cfg.run.dir))
+    data = replace(cfg.data, overlong=_as_enum("data.overlong", cfg.data.overlong, Overlong))
+    mps = _as_enum("mps", cfg.mps, MpsMode)
+    if mps == MpsMode.auto:
+        # launch.sh decided and says so in SPECDRAFT_MPS; nothing starts MPS under a bare torchrun.
+        mps = MpsMode.on if os.environ.get("SPECDRAFT_MPS") == "on" else MpsMode.off
+    return replace(cfg, device=device, target=replace(cfg.target, dtype=dtype), engine=engine, train=train,
+                   run=run, data=data, mps=mps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (the checks live in lib/config_check.py, with the `python -m lib.config` command line)
+# ---------------------------------------------------------------------------------------------
 
 
 def validate(cfg: Config, shape: LaunchShape) -> None:
-    """Checks every rank runs before any process group or model load; raises ConfigError."""
-    _check_fractions(cfg)
-    _check_ranges(cfg)
-    _check_paths(cfg)
-    _check_launch_fit(cfg, shape)
+    """Checks every rank (and launch.sh, once) runs before any process group or model load.
+
+    Raises ConfigError whose one-line message names the key, the value and the fix.
+    """
+    from lib.config_check import validate_config
+
+    validate_config(cfg, shape)
 
 
-def _fail(key: str, value: Any, fix: str) -> None:
-    raise ConfigError(f"{key}={value!r}: {fix}")
+def _fail(key: str, value: Any, fix: str) -> NoReturn:
+    # As the user types them: enum values bare (attn_impl=varlen), booleans lower case (resume=true).
+    if isinstance(value, enum.Enum):
+        shown = value.value
+    else:
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+    raise ConfigError(f"{key}={shown}: {fix}")
 
 
-def _check_fractions(cfg: Config) -> None:
-    for key in ("train_frac", "infer_frac"):
-        value = getattr(cfg, key)
-        if not 0.0 < value < 1.0:
-            _fail(key, value, "must be in (0, 1), e.g. 0.45")
-    total = cfg.train_frac + cfg.infer_frac + MEMORY_HEADROOM
-    if total > 1.0 + 1e-9:
-        _fail("train_frac+infer_frac", round(cfg.train_frac + cfg.infer_frac, 4),
-              f"must leave {MEMORY_HEADROOM:.2f} headroom (sum <= {1 - MEMORY_HEADROOM:.2f}); "
-              f"lower one, e.g. train_frac={cfg.train_frac} infer_frac={round(0.9 - cfg.train_frac, 4)}")
+if __name__ == "__main__":
+    # `python -m lib.config check|nproc ...`: the command line lives next to the checks. Import it by
+    # its package name so it sees the same classes as everybody else (not this __main__ copy).
+    import sys
 
+    from lib.config_check import main
 
-def _check_ranges(cfg: Config) -> None:
-    positive = {
-        "engine.tp": cfg.engine.tp, "engine.token_budget": cfg.engine.token_budget,
-        "handoff.slots": cfg.handoff.slots, "train.ttt_length": cfg.train.ttt_length,
-        "train.grad_accum": cfg.train.grad_accum, "draft.draft_vocab_size": cfg.draft.draft_vocab_size,
-        "data.max_length": cfg.data.max_length, "train.log_every": cfg.train.log_every,
-        "run.loop_timeout_s": cfg.run.loop_timeout_s, "run.startup_timeout_s": cfg.run.startup_timeout_s,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            _fail(key, value, "must be >= 1")
-    for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every": cfg.checkpoint.every,
-                       "eval.every": cfg.eval.every, "train.warmup_steps": cfg.train.warmup_steps,
-                       "run.stop_after_steps": cfg.run.stop_after_steps}.items():
-        if value < 0:
-            _fail(key, value, "must be >= 0")
-    if cfg.train.lr <= 0:
-        _fail("train.lr", cfg.train.lr, "must be > 0, e.g. 1e-4")
-    if cfg.engine.backend not in ENGINE_BACKENDS:
-        _fail("engine.backend", cfg.engine.backend, f"must be one of {', '.join(ENGINE_BACKENDS)}")
-    if cfg.data.overlong not in OVERLONG_POLICIES:
-        _fail("data.overlong", cfg.data.overlong, f"must be one of {', '.join(OVERLONG_POLICIES)}")
-    if cfg.data.max_length > cfg.engine.token_budget:
-        _fail("data.max_length", cfg.data.max_length,
-              f"exceeds engine.token_budget={cfg.engine.token_budget}; a sample must fit one batch: "
-              f"lower data.max_length or raise engine.token_budget")
-    if any(k < 1 for k in cfg.eval.draft_tokens):
-        _fail("eval.draft_tokens", cfg.eval.draft_tokens, "every entry must be >= 1")
-
-
-def _check_paths(cfg: Config) -> None:
-    t = cfg.target
-    if t.path is None:
-        if not (t.random_init and t.hf_config):
-            _fail("target.path", None, "point it at a local HF checkpoint directory, or set "
-                  "target.random_init=true with a target shape that has hf_config (e.g. target=qwen3_8b)")
-    elif not os.path.isfile(os.path.join(t.path, "config.json")):
-        _fail("target.path", t.path, "no config.json there; point it at a local HF checkpoint directory")
-    tokenizer = t.tokenizer or t.path
-    if tokenizer is None:
-        _fail("target.tokenizer", None, "a random-init target needs a tokenizer directory to tokenise "
-              "data.path; set target.tokenizer=/path/to/tokenizer")
-    if cfg.data.path is None:
-        _fail("data.path", None, "set it to a JSON Lines file of conversations, e.g. data.path=/data/chat.jsonl "
-              "(or data=tiny for the embedded corpus)")
-    if not os.path.isfile(cfg.data.path):
-        _fail("data.path", cfg.data.path, "file not found; point it at a JSON Lines file of conversations")
-    if cfg.data.heldout_path is not None and not os.path.isfile(cfg.data.heldout_path):
-        _fail("data.heldout_path", cfg.data.heldout_path, "file not found; point it at a JSON Lines file, "
-              "or set data.heldout_path=null to hold out the last data.heldout_size lines of data.path")
-    if cfg.draft.init_from is not None and not os.path.isfile(os.path.join(cfg.draft.init_from, "config.json")):
-        _fail("draft.init_from", cfg.draft.init_from, "no config.json there; point it at a draft export (draft/)")
-
-
-def _check_launch_fit(cfg: Config, shape: LaunchShape) -> None:
-    placement = cfg.placement.name
-    p = shape.nproc_per_node
-    device = resolve_device(cfg, shape.gpus_per_node)
-    if device == Device.cuda and shape.gpus_per_node == 0:
-        _fail("device", "cuda", "no GPU is visible; use device=cpu (or device=auto)")
-    if placement != Placement.sequential and p % 2:
-        _fail("nproc_per_node", p, f"placement={placement.value} needs an even process count per node "
-              "(trainer r pairs with engine r + P/2); use 2x the number of pairs")
-    if device == Device.cuda:
-        need = {Placement.colocate: p // 2, Placement.disaggregate: p, Placement.sequential: p}[placement]
-        if shape.gpus_per_node < need:
-            _fail("nproc_per_node", p, f"placement={placement.value} needs {need} GPUs per node but "
-                  f"{shape.gpus_per_node} are visible; use --nproc_per_node="
-                  f"{shape.gpus_per_node * (2 if placement == Placement.colocate else 1)}")
-    engines = p if placement == Placement.sequential else p // 2
-    if engines % cfg.engine.tp:
-        _fail("engine.tp", cfg.engine.tp, f"must divide the {engines} engines of a node; use one of "
-              f"{[d for d in range(1, engines + 1) if engines % d == 0]}")
-    if placement == Placement.sequential and cfg.engine.tp > 1:
-        _fail("engine.tp", cfg.engine.tp, "placement=sequential runs one process per GPU with no engine "
-              "group; use engine.tp=1 or placement=colocate")
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,13 @@ import os
 
 import pytest
 
-from lib.config import CONF_DIR, ConfigError, LaunchShape, Placement, compose, validate
+import dataclasses
+import enum
+
+from lib.config import (
+    CONF_DIR, AttnImpl, Config, ConfigError, DataConfig, Device, EngineConfig, LaunchShape, Placement, ProcessLayout,
+    TargetConfig, TargetDtype, compose, resolve, validate,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -62,6 +68,12 @@ GPU_NODE = LaunchShape(world_size=8, nproc_per_node=8, nnodes=1, gpus_per_node=4
     (["device=cuda"], CPU2, "no GPU is visible"),
     (["handoff.slots=0"], CPU2, "handoff.slots=0"),
     (["data.max_length=4096", "engine.token_budget=1024"], CPU2, "data.max_length=4096"),
+    (["data.template=nonexistent"], CPU2, "data.template='nonexistent': not a registered template; use one of auto,"),
+    (["checkpoint.resume=true"], CPU2, "checkpoint.resume=true: run.dir=auto makes a fresh directory"),
+    (["eval.every=5", "engine.tp=2"], GPU_NODE, "eval.every=5: online evaluation needs engine.tp=1"),
+    (["train_frac=0.6", "infer_frac=0.4"], CPU2, "train_frac+infer_frac=1.0: must leave 0.10 headroom"),
+    (["engine.attn_impl=varlen"], CPU2, "engine.attn_impl=varlen: needs a CUDA device and bf16/fp16 weights"),
+    (["engine.attn_impl=varlen", "target.dtype=float32"], GPU_NODE, "engine.attn_impl=varlen: needs a CUDA"),
 ])
 def test_invalid_configs_fail_with_the_key_and_a_fix(overrides, shape, needle):
     with pytest.raises(ConfigError) as err:
@@ -73,7 +85,7 @@ def test_invalid_configs_fail_with_the_key_and_a_fix(overrides, shape, needle):
 @pytest.mark.parametrize("overrides, needle", [
     (["placement=nowhere"], "placement/nowhere"),
     (["train.not_a_key=1"], "train.not_a_key: unknown key"),
-    (["placement.name=sideways"], "placement.name: Invalid value 'sideways'"),
+    (["placement.name=sideways"], "placement.name='sideways': not one of colocate, disaggregate, sequential"),
     (["train.max_steps=many"], "train.max_steps"),
 ])
 def test_unknown_options_fail_at_composition(overrides, needle):
@@ -81,3 +93,199 @@ def test_unknown_options_fail_at_composition(overrides, needle):
         compose(overrides)
     assert needle in str(err.value)
     assert "Fix:" in str(err.value)
+
+
+# ---------------------------------------------------------------------- choice-valued keys are enums
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("engine.attn_impl=bogus", "engine.attn_impl", "auto, varlen, sdpa, eager"),
+    ("target.dtype=bf17", "target.dtype", "auto, bfloat16, float16, float32"),
+    ("engine.backend=vllm", "engine.backend", "hf, sglang"),
+    ("data.overlong=drop", "data.overlong", "truncate, skip"),
+])
+def test_bad_enum_value_is_one_line_naming_key_value_and_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    msg = str(err.value)
+    assert msg.startswith(f"{key}='{override.split('=')[1]}': not one of {allowed}"), msg
+    assert "Fix:" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("field, value, key", [
+    ("engine", EngineConfig(attn_impl="bogus"), "engine.attn_impl='bogus'"),
+    ("engine", EngineConfig(backend="vllm"), "engine.backend='vllm'"),
+    ("target", TargetConfig(path=compose([]).target.path, dtype="bf17"), "target.dtype='bf17'"),
+    ("data", dataclasses.replace(compose([]).data, overlong="drop"), "data.overlong='drop'"),
+])
+def test_configs_built_in_python_are_checked_too(field, value, key):
+    cfg = dataclasses.replace(compose([]), **{field: value})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg, CPU2)
+
+
+@pytest.mark.parametrize("spelling, canonical", [
+    ("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp16", "float16"), ("half", "float16"),
+    ("fp32", "float32"), ("float", "float32"), ("auto", "auto"),
+])
+def test_target_dtype_keeps_the_short_spellings(spelling, canonical):
+    import torch
+
+    from lib.engine.base import resolve_dtype
+
+    assert compose([f"target.dtype={spelling}"]).target.dtype == TargetDtype(canonical)
+    expected = torch.float32 if canonical == "auto" else getattr(torch, canonical)
+    assert resolve_dtype(spelling, torch.device("cpu")) == expected  # library callers pass strings
+
+
+def test_resume_with_an_explicit_run_dir_is_fine(tmp_path):
+    validate(compose(["checkpoint.resume=true", f"run.dir={tmp_path}"]), CPU2)
+
+
+# ---------------------------------------------------------------------- resolve(): no auto, no None
+
+
+def _leaves(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+RESOLVED_KEYS = ("device", "target.dtype", "engine.attn_impl", "engine.compile", "train.compile", "run.dir")
+
+
+@pytest.mark.parametrize("shape, expect", [
+    (CPU2, {"device": Device.cpu, "target.dtype": TargetDtype.float32, "engine.attn_impl": AttnImpl.sdpa,
+            "engine.compile": False, "train.compile": False}),
+    (GPU_NODE, {"device": Device.cuda, "target.dtype": TargetDtype.bfloat16, "engine.attn_impl": AttnImpl.varlen,
+                "engine.compile": True, "train.compile": True}),
+])
+def test_resolved_config_has_no_auto_or_none(shape, expect, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    composed = compose([])
+    cfg = resolve(composed, shape)
+    leaves = dict(_leaves(cfg))
+    for key, value in leaves.items():
+        plain = value.value if isinstance(value, enum.Enum) else value
+        # data.template=auto is a template's name (the tokenizer's own), not a choice left open.
+        assert plain != "auto" or key == "data.template", key
+    assert all(leaves[k] is not None for k in RESOLVED_KEYS)
+    assert {k: leaves[k] for k in expect} == expect
+    assert leaves["run.dir"].startswith(str(tmp_path / "outputs") + os.sep)
+    assert composed.engine.compile is None and composed.run.dir == "auto", "resolve() returns a copy"
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))  # what train.py writes as the run's config.yaml
+    assert text.count(": auto") == 1 and "template: auto" in text and "compile: null" not in text
+
+
+def test_resolve_keeps_explicit_choices(tmp_path):
+    cfg = resolve(compose(["target.dtype=fp32", "engine.compile=false", "train.compile=false",
+                           f"run.dir={tmp_path}/run"]), GPU_NODE)
+    assert (cfg.target.dtype, cfg.engine.attn_impl) == (TargetDtype.float32, AttnImpl.sdpa)  # no flash in fp32
+    assert (cfg.engine.compile, cfg.train.compile, cfg.run.dir) == (False, False, f"{tmp_path}/run")
+
+
+# ---------------------------------------------------------------------- the placement -> process-count rule
+
+
+@pytest.mark.parametrize("placement, gpus, nproc, pairs, need", [
+    (Placement.colocate, 0, 2, 1, 1), (Placement.disaggregate, 0, 2, 1, 2), (Placement.sequential, 0, 1, 1, 1),
+    (Placement.colocate, 4, 8, 4, 4), (Placement.disaggregate, 4, 4, 2, 4), (Placement.sequential, 4, 4, 4, 4),
+])
+def test_process_layout_is_the_one_rule(placement, gpus, nproc, pairs, need):
+    from lib.launch.topology import Topology
+
+    layout = ProcessLayout.for_gpus(placement, gpus)
+    assert (layout.nproc, layout.pairs, layout.gpus_needed) == (nproc, pairs, need)
+    assert Topology(1, nproc, placement, use_cuda=gpus > 0).pairs_per_node == pairs
+
+
+def test_process_layout_refuses_what_cannot_pair():
+    with pytest.raises(ConfigError, match="placement=disaggregate: needs an even number of GPUs per node"):
+        ProcessLayout.for_gpus(Placement.disaggregate, 3)
+    with pytest.raises(ConfigError, match="NPROC=3: placement=colocate needs an even process count"):
+        ProcessLayout(Placement.colocate, 3, key="NPROC")
+    assert ProcessLayout(Placement.sequential, 3).pairs == 3
+
+
+def test_command_line_prints_nproc_or_one_error_line(capsys):
+    from lib.config_check import main
+
+    assert main(["nproc", "--placement", "colocate", "--gpus", "4"]) == 0
+    assert capsys.readouterr().out == "8\n"
+    assert main(["check", "--gpus", "0", "--", "device=cpu"]) == 0
+    assert capsys.readouterr().out == "nproc=2\n"
+    assert main(["check", "--gpus", "0", "--", "engine.attn_impl=bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: engine.attn_impl='bogus'") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- the whole launch, real processes
+
+BAD = {  # override(s) -> the start of the one line that must name them
+    "engine.attn_impl=bogus": "engine.attn_impl='bogus'",
+    "target.dtype=bf17": "target.dtype='bf17'",
+    "data.template=nonexistent": "data.template='nonexistent'",
+    "checkpoint.resume=true": "checkpoint.resume=true",
+    "train_frac=0.6 infer_frac=0.4": "train_frac+infer_frac=1.0",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bad", list(BAD))
+def test_launch_sh_prints_the_line_once_and_exits_2_before_torchrun(bad, tmp_path):
+    import subprocess
+    import time
+
+    from tests.helpers import REPO, cpu_env
+
+    run_dir = tmp_path / "run"
+    extra = [] if bad.startswith("checkpoint.") else [f"run.dir={run_dir}"]  # resume needs run.dir=auto
+    start = time.monotonic()
+    done = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), *bad.split(), *extra], cwd=tmp_path,
+                          env=cpu_env(), capture_output=True, text=True, timeout=60)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert time.monotonic() - start < 30
+    assert out.count(BAD[bad]) == 1 and out.count("\n") == 1, out
+    assert "Traceback" not in out and "torch.distributed" not in out
+    assert not run_dir.exists() and not (tmp_path / "outputs").exists(), "nothing may start"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bad", ["engine.attn_impl=bogus", "checkpoint.resume=true"])
+def test_bare_torchrun_prints_the_line_once_and_ranks_exit_2(bad):
+    import time
+
+    from tests.helpers import torchrun
+
+    start = time.monotonic()
+    done = torchrun(2, bad.split(), timeout=60)
+    out = done.stdout + done.stderr
+    assert time.monotonic() - start < 30, out
+    assert out.count(BAD[bad]) == 1, out  # one rank per node reports, whichever fails first
+    assert "exitcode  : 2" in out, out  # torchrun names the first rank's exit code in its summary
+    assert done.returncode != 0
+
+
+@pytest.mark.integration
+def test_plan_reports_the_check_and_a_fresh_sbatch_dir_cannot_resume(tmp_path):
+    import subprocess
+
+    from tests.helpers import REPO, cpu_env
+
+    def plan(*args, **env):
+        done = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "--print-plan", *args],
+                              env={**cpu_env(), **env}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return dict(line.split("=", 1) for line in done.stdout.splitlines())["config"]
+
+    assert plan() == "ok"
+    assert plan("target.dtype=bf17").startswith("config error: target.dtype='bf17'")
+    assert plan("checkpoint.resume=true", SPECDRAFT_RUN_DIR=str(tmp_path)) == "ok"  # chosen by hand
+    assert plan("checkpoint.resume=true", SPECDRAFT_RUN_DIR=str(tmp_path),
+                SPECDRAFT_RUN_DIR_FRESH="1").startswith("config error: checkpoint.resume=true")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lib.data.batch import PackedBatch
-from lib.config import EngineConfig, TargetConfig
+from lib.config import EngineConfig, TargetConfig, resolve_target_dtype
 
 # Random-init targets must be identical on every rank that builds one (TP members, and trainers that
 # rebuild the target's embedding and lm_head), so the seed is fixed rather than taken from the run.
@@ -91,11 +91,9 @@ class EngineInputError(ValueError):
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """target.dtype -> torch dtype; 'auto' is bf16 on GPU (the production path) and fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"target.dtype={name!r} is not known; use auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    # A run's config arrives resolved (lib.config.resolve); library callers may still pass auto or a
+    # short spelling (bf16). The auto rule and the accepted names are lib.config's.
+    return _DTYPES[resolve_target_dtype(name, device.type).value]
 
 
 def resolve_aux_layers(explicit: Optional[list[int]], num_layers: int) -> list[int]:

@@ -25,7 +25,8 @@ from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelFor
 from transformers.utils import logging as hf_logging
 
 from lib.data.batch import PackedBatch
-from lib.config import EngineConfig, TargetConfig
+from lib.config import AttnImpl, EngineConfig, TargetConfig
+from lib.config import resolve_attn_impl as resolve_attn_choice
 from lib.engine.base import (
     RANDOM_INIT_SEED,
     EngineInputError,
@@ -37,7 +38,7 @@ from lib.engine.base import (
 )
 from lib.engine.tp import TensorParallel
 
-ATTN_IMPLS = ("auto", "varlen", "sdpa", "eager")
+ATTN_IMPLS = tuple(a.value for a in AttnImpl)
 _VARLEN_NAME = "engine_varlen"
 _HF_ATTN_NAMES = {"varlen": _VARLEN_NAME, "sdpa": "sdpa", "eager": "eager"}
 
@@ -73,18 +74,12 @@ AttentionInterface.register(_VARLEN_NAME, _varlen_flash_attention)
 
 
 def resolve_attn_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """engine.attn_impl -> one of varlen | sdpa | eager for this device and dtype."""
-    if name not in ATTN_IMPLS:
-        raise ValueError(f"engine.attn_impl={name!r} is not known; use one of {', '.join(ATTN_IMPLS)}")
-    flash_ok = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-    if name == "auto":
-        return "varlen" if flash_ok else "sdpa"
-    if name == "varlen" and not flash_ok:
-        raise ValueError(
-            f"engine.attn_impl=varlen needs a CUDA device and bf16/fp16 weights (got {device.type}, {dtype}); "
-            "use engine.attn_impl=auto (sdpa on CPU or fp32)"
-        )
-    return name
+    """engine.attn_impl -> one of varlen | sdpa | eager for this device and dtype.
+
+    A run's config arrives resolved (lib.config.resolve); library callers may still pass auto. The
+    rule, and its errors (ConfigError, a ValueError), are lib.config's either way.
+    """
+    return resolve_attn_choice(name, device.type, str(dtype).removeprefix("torch.")).value
 
 
 def build_target_config(target: TargetConfig):

@@ -7,7 +7,6 @@ many micro-batches to produce.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Optional
@@ -32,9 +31,7 @@ class EngineStepper:
         cfg = ctx.cfg
         self.ctx = ctx
         self.backend = make_backend(cfg.engine.backend)
-        compile_layers = cfg.engine.compile if cfg.engine.compile is not None else ctx.device.type == "cuda"
-        engine_cfg = dataclasses.replace(cfg.engine, compile=compile_layers)
-        self.backend.load(cfg.target, engine_cfg, ctx.device, ctx.groups.engine_tp)
+        self.backend.load(cfg.target, cfg.engine, ctx.device, ctx.groups.engine_tp)
         dataset = load_dataset(cfg.data, ctx.tokenizer_path, "train")
         self.loader = ShardedPackedLoader(dataset, shard=ctx.info.pair_index, num_shards=ctx.topo.num_pairs,
                                           token_budget=cfg.engine.token_budget, seed=cfg.train.seed,

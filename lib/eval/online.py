@@ -22,9 +22,9 @@ log = logging.getLogger("specdraft.eval")
 
 
 def eval_enabled(ctx: RunContext) -> bool:
-    """Needs a real target checkpoint (its lm_head and held-out data) and an untensor-split engine."""
+    """Needs a real target checkpoint (its lm_head and held-out data); validate() refuses engine.tp>1."""
     cfg = ctx.cfg
-    return cfg.eval.every > 0 and cfg.target.path is not None and cfg.engine.tp == 1
+    return cfg.eval.every > 0 and cfg.target.path is not None
 
 
 def is_eval_step(step: int, cfg) -> bool:

@@ -1,11 +1,11 @@
 """Per-process run state handed to the role loops, and the small helpers every role needs."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -93,14 +93,13 @@ def setup_logging(prefix: str) -> logging.Logger:
     return logging.getLogger("specdraft")
 
 
-def resolve_run_dir(cfg: Config, groups: Groups) -> str:
-    """The launcher fixes run.dir for all ranks; a bare torchrun lets rank 0 choose and tell everyone."""
+def agree_run_dir(cfg: Config, groups: Groups) -> Config:
+    """`cfg` (resolved) with rank 0's run.dir: under a bare torchrun with run.dir=auto each rank's
+    lib.config.resolve picked its own fresh directory (clocks differ by a second); launch.sh passes
+    one explicit run.dir, which this leaves as it is."""
     choice = [cfg.run.dir]
-    if cfg.run.dir == "auto":
-        if dist.get_rank() == 0:
-            choice = [os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S"))]
-        dist.broadcast_object_list(choice, src=0, group=groups.meta)
-    return os.path.abspath(choice[0])
+    dist.broadcast_object_list(choice, src=0, group=groups.meta)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=choice[0]))
 
 
 def startup_barrier(groups: Groups, timeout_s: float, what: str) -> None:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lib.config import Placement
+from lib.config import Placement, ProcessLayout
 
 
 class Role(str, enum.Enum):
@@ -48,9 +48,7 @@ class Topology:
     def __post_init__(self) -> None:
         if self.nnodes < 1 or self.nproc_per_node < 1:
             raise ValueError(f"nnodes={self.nnodes}, nproc_per_node={self.nproc_per_node}: both must be >= 1")
-        if self.placement != Placement.sequential and self.nproc_per_node % 2:
-            raise ValueError(f"nproc_per_node={self.nproc_per_node}: placement={self.placement.value} needs an "
-                             "even count (trainer r pairs with engine r + P/2)")
+        ProcessLayout(self.placement, self.nproc_per_node)  # the placement's process-count rule (lib/config.py)
         if self.engines_per_node % self.engine_tp:
             raise ValueError(f"engine.tp={self.engine_tp} must divide the {self.engines_per_node} engines of a node")
 
@@ -60,7 +58,7 @@ class Topology:
 
     @property
     def pairs_per_node(self) -> int:
-        return self.nproc_per_node if self.placement == Placement.sequential else self.nproc_per_node // 2
+        return ProcessLayout(self.placement, self.nproc_per_node).pairs
 
     @property
     def engines_per_node(self) -> int:

@@ -93,7 +93,7 @@ def build_draft(ctx: RunContext) -> DraftBundle:
                                    ("num_key_value_heads", cfg.draft.num_key_value_heads)) if v is not None}
     draft_cfg = Eagle3DraftConfig.from_target(hf, draft_vocab, list(shape.aux_layers), overrides)
     d2t, t2d = vocab_map(ctx, shape.vocab_size, draft_vocab)
-    use_compiled(cfg.train.compile if cfg.train.compile is not None else device.type == "cuda")
+    use_compiled(cfg.train.compile)  # resolved by lib.config.resolve: on for CUDA unless set
     torch.manual_seed(cfg.train.seed)
     draft = Eagle3Draft(draft_cfg)
     if cfg.draft.init_from is not None:

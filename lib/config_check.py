@@ -1,0 +1,204 @@
+"""The checks behind lib.config.validate (and its composition errors), and `python -m lib.config`.
+
+    python -m lib.config nproc --placement P --gpus G [--nproc N]
+        prints the process count per node for placement P on G visible GPUs (N: the user's NPROC, checked)
+    python -m lib.config check --gpus G --nproc N [--nnodes K] [--] [overrides...]
+        composes and validates exactly as every rank of train.py will, for that launch shape
+
+Both print a failure as one line on stderr ("config error: <key>=<value>: <fix>") and exit 2, so a
+launcher can stop before it starts MPS or torchrun.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from lib.config import (
+    CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, LaunchShape, Overlong, Placement, ProcessLayout,
+    TargetDtype, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
+)
+
+
+def explain_hydra_error(exc: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, the value, what is allowed, the fix."""
+    # Hydra wraps the useful line ("Invalid value ...", "Key ... not in ...") in its cause.
+    cause = exc.__cause__ or exc
+    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    useful = [ln for ln in lines if not ln.startswith(("full_key", "reference_type", "object_type"))]
+    first = " ".join(useful[:2]) if useful else type(exc).__name__
+    where = f"{key}: " if key else ""
+    if "Could not find" in first or "Could not load" in first:
+        groups = {g: sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g)) if f.endswith(".yaml"))
+                  for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g))}
+        options = "; ".join(f"{g}: {', '.join(v)}" for g, v in sorted(groups.items()))
+        return f"{first.split(' Available')[0]}. Fix: pick a shipped option ({options}) or add a file under conf/."
+    if "not in" in first and "Key" in first:
+        return f"{where}unknown key ({first}). Fix: check the spelling against lib/config.py."
+    if "Missing mandatory value" in first:
+        return f"{first}. Fix: set it on the command line, e.g. data.path=/data/chat.jsonl."
+    enum_value = re.match(r"Invalid value (?P<value>.*), expected one of \[(?P<allowed>.*)\]", first)
+    if enum_value and key:
+        # OmegaConf's enum error: name the allowed values and the override that fixes it.
+        allowed = enum_value["allowed"]
+        return (f"{key}={enum_value['value']}: not one of {allowed}. "
+                f"Fix: pick one of those, e.g. {key}={allowed.split(',')[0].strip()}.")
+    return f"{where}{first}. Fix: correct the override (see lib/config.py for keys and types)."
+
+
+def validate_config(cfg: Config, shape: LaunchShape) -> None:
+    _check_fractions(cfg)
+    _check_ranges(cfg)
+    _check_choices(cfg, shape)
+    _check_paths(cfg)
+    _check_launch_fit(cfg, shape)
+
+
+def _check_fractions(cfg: Config) -> None:
+    for key in ("train_frac", "infer_frac"):
+        value = getattr(cfg, key)
+        if not 0.0 < value < 1.0:
+            _fail(key, value, "must be in (0, 1), e.g. 0.45")
+    total = cfg.train_frac + cfg.infer_frac + MEMORY_HEADROOM
+    if total > 1.0 + 1e-9:
+        _fail("train_frac+infer_frac", round(cfg.train_frac + cfg.infer_frac, 4),
+              f"must leave {MEMORY_HEADROOM:.2f} headroom (sum <= {1 - MEMORY_HEADROOM:.2f}); "
+              f"lower one, e.g. train_frac={cfg.train_frac} infer_frac={round(0.9 - cfg.train_frac, 4)}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    positive = {
+        "engine.tp": cfg.engine.tp, "engine.token_budget": cfg.engine.token_budget,
+        "handoff.slots": cfg.handoff.slots, "train.ttt_length": cfg.train.ttt_length,
+        "train.grad_accum": cfg.train.grad_accum, "draft.draft_vocab_size": cfg.draft.draft_vocab_size,
+        "data.max_length": cfg.data.max_length, "train.log_every": cfg.train.log_every,
+        "run.loop_timeout_s": cfg.run.loop_timeout_s, "run.startup_timeout_s": cfg.run.startup_timeout_s,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            _fail(key, value, "must be >= 1")
+    for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every": cfg.checkpoint.every,
+                       "eval.every": cfg.eval.every, "train.warmup_steps": cfg.train.warmup_steps,
+                       "run.stop_after_steps": cfg.run.stop_after_steps}.items():
+        if value < 0:
+            _fail(key, value, "must be >= 0")
+    if cfg.train.lr <= 0:
+        _fail("train.lr", cfg.train.lr, "must be > 0, e.g. 1e-4")
+    if cfg.data.max_length > cfg.engine.token_budget:
+        _fail("data.max_length", cfg.data.max_length,
+              f"exceeds engine.token_budget={cfg.engine.token_budget}; a sample must fit one batch: "
+              f"lower data.max_length or raise engine.token_budget")
+    if any(k < 1 for k in cfg.eval.draft_tokens):
+        _fail("eval.draft_tokens", cfg.eval.draft_tokens, "every entry must be >= 1")
+
+
+def _check_choices(cfg: Config, shape: LaunchShape) -> None:
+    """Choice-valued keys (also when a Config was built in Python, not composed) and their combinations."""
+    from lib.data.templates import TEMPLATES  # registry only; no tokenizer or torch import
+
+    _as_enum("engine.backend", cfg.engine.backend, Backend)
+    _as_enum("target.dtype", cfg.target.dtype, TargetDtype)
+    _as_enum("data.overlong", cfg.data.overlong, Overlong)
+    if cfg.data.template not in TEMPLATES:
+        _fail("data.template", cfg.data.template, f"not a registered template; use one of {', '.join(TEMPLATES)} "
+              "(auto: the tokenizer's own chat template), or register one in lib/data/templates.py")
+    device = resolve_device(cfg.device, shape.gpus_per_node)
+    resolve_attn_impl(cfg.engine.attn_impl, device.value, cfg.target.dtype)  # attn_impl, and its fit to device/dtype
+    if cfg.checkpoint.resume and cfg.run.dir == "auto":
+        _fail("checkpoint.resume", True, "run.dir=auto makes a fresh directory, which holds no checkpoint; "
+              "pass the run's directory, e.g. run.dir=outputs/20250101-120000")
+
+
+def _check_paths(cfg: Config) -> None:
+    t = cfg.target
+    if t.path is None:
+        if not (t.random_init and t.hf_config):
+            _fail("target.path", None, "point it at a local HF checkpoint directory, or set "
+                  "target.random_init=true with a target shape that has hf_config (e.g. target=qwen3_8b)")
+    elif not os.path.isfile(os.path.join(t.path, "config.json")):
+        _fail("target.path", t.path, "no config.json there; point it at a local HF checkpoint directory")
+    tokenizer = t.tokenizer or t.path
+    if tokenizer is None:
+        _fail("target.tokenizer", None, "a random-init target needs a tokenizer directory to tokenise "
+              "data.path; set target.tokenizer=/path/to/tokenizer")
+    if cfg.data.path is None:
+        _fail("data.path", None, "set it to a JSON Lines file of conversations, e.g. data.path=/data/chat.jsonl "
+              "(or data=tiny for the embedded corpus)")
+    if not os.path.isfile(cfg.data.path):
+        _fail("data.path", cfg.data.path, "file not found; point it at a JSON Lines file of conversations")
+    if cfg.data.heldout_path is not None and not os.path.isfile(cfg.data.heldout_path):
+        _fail("data.heldout_path", cfg.data.heldout_path, "file not found; point it at a JSON Lines file, "
+              "or set data.heldout_path=null to hold out the last data.heldout_size lines of data.path")
+    if cfg.draft.init_from is not None and not os.path.isfile(os.path.join(cfg.draft.init_from, "config.json")):
+        _fail("draft.init_from", cfg.draft.init_from, "no config.json there; point it at a draft export (draft/)")
+
+
+def _check_launch_fit(cfg: Config, shape: LaunchShape) -> None:
+    placement = _as_enum("placement.name", cfg.placement.name, Placement)
+    p, gpus = shape.nproc_per_node, shape.gpus_per_node
+    device = resolve_device(cfg.device, gpus)
+    if device == Device.cuda and gpus == 0:
+        _fail("device", "cuda", "no GPU is visible; use device=cpu (or device=auto)")
+    layout = ProcessLayout(placement, p)
+    if device == Device.cuda and gpus < layout.gpus_needed:
+        _fail("nproc_per_node", p, f"placement={placement.value} needs {layout.gpus_needed} GPUs per node but "
+              f"{gpus} are visible; use --nproc_per_node={ProcessLayout.for_gpus(placement, gpus).nproc}")
+    engines = layout.pairs
+    if engines % cfg.engine.tp:
+        _fail("engine.tp", cfg.engine.tp, f"must divide the {engines} engines of a node; use one of "
+              f"{[d for d in range(1, engines + 1) if engines % d == 0]}")
+    if placement == Placement.sequential and cfg.engine.tp > 1:
+        _fail("engine.tp", cfg.engine.tp, "placement=sequential runs one process per GPU with no engine "
+              "group; use engine.tp=1 or placement=colocate")
+    if cfg.eval.every > 0 and cfg.engine.tp > 1:
+        # Online evaluation decodes on pair 0's engine with a whole, unsplit target.
+        _fail("eval.every", cfg.eval.every, f"online evaluation needs engine.tp=1 (got engine.tp={cfg.engine.tp}); "
+              "set eval.every=0 and evaluate the export afterwards with eval.py, or use engine.tp=1")
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m lib.config ...
+# ---------------------------------------------------------------------------------------------
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m lib.config", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    nproc = sub.add_parser("nproc", help="processes per node for a placement and GPU count")
+    nproc.add_argument("--placement", required=True)
+    nproc.add_argument("--gpus", type=_count, required=True, help="visible GPUs (0: CPU)")
+    nproc.add_argument("--nproc", type=_count, default=None, help="the user's process count (NPROC), checked")
+    check = sub.add_parser("check", help="compose and validate as every rank of train.py will")
+    check.add_argument("--gpus", type=_count, required=True, help="visible GPUs per node (0: CPU)")
+    check.add_argument("--nproc", type=_count, default=None, help="processes per node (default: the rule)")
+    check.add_argument("--nnodes", type=_count, default=1)
+    check.add_argument("overrides", nargs="*", help="Hydra overrides, as given to train.py")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "nproc":
+            placement = _as_enum("placement", args.placement, Placement)
+            if args.nproc is None:
+                print(ProcessLayout.for_gpus(placement, args.gpus).nproc)
+            else:
+                print(ProcessLayout(placement, args.nproc, key="NPROC").nproc)
+            return 0
+        cfg = compose(args.overrides)
+        nproc = args.nproc if args.nproc is not None else ProcessLayout.for_gpus(cfg.placement.name, args.gpus).nproc
+        validate_config(cfg, LaunchShape(nproc * max(args.nnodes, 1), nproc, max(args.nnodes, 1), args.gpus))
+        print(f"nproc={nproc}")
+        return 0
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
