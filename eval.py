@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from lib.data.datasets import load_heldout_prompts
-    from lib.drafts.eagle3.export import load_draft
+    from lib.drafts.base import get_strategy
     from lib.eval.spec_decode import TargetRunner, speculative_decode
     from lib.eval.target import stop_token_ids
 
@@ -104,10 +104,11 @@ def main(argv: list[str]) -> int:
     device = torch.device(resolve_device(args.device, torch.cuda.device_count() if torch.cuda.is_available() else 0).value)
     model = load_target(cfg, device)
     runner = TargetRunner.from_causal_lm(model)
-    draft = load_draft(directory, device=device, dtype=runner.dtype, embedding=model.get_input_embeddings().weight)
-    if cfg.target.aux_layers is not None and list(cfg.target.aux_layers) != draft.config.aux_layer_ids:
+    strategy = get_strategy(cfg.draft.name)  # draft=<name> picks the loader and the drafter
+    draft = strategy.drafter(strategy.load_export(directory, device, runner.dtype, model))
+    if cfg.target.aux_layers is not None and list(cfg.target.aux_layers) != list(draft.aux_layers):
         print(f"eval.py: target.aux_layers={list(cfg.target.aux_layers)} but the draft was trained on "
-              f"{draft.config.aux_layer_ids}; drop the override (the draft's layers are used)", file=sys.stderr)
+              f"{list(draft.aux_layers)}; drop the override (the draft's layers are used)", file=sys.stderr)
         return 2
     tokenizer_path = cfg.target.tokenizer or cfg.target.path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)

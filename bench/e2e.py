@@ -78,7 +78,7 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
     from bench.flops import draft_step_flops, target_forward_flops
     from lib.config import compose
     from lib.drafts.eagle3.model import Eagle3DraftConfig
-    from lib.engine.base import resolve_aux_layers
+    from lib.drafts.eagle3.strategy import eagle3_aux_layers
     from lib.engine.target_shape import load_hf_config
 
     with open(os.path.join(run_dir, "topology.json")) as f:
@@ -95,7 +95,7 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
         hf = AutoConfig.from_pretrained(TINY)
     else:
         hf = load_hf_config(compose([f"target={target}", "target.random_init=true"]).target)
-    aux = resolve_aux_layers(None, hf.num_hidden_layers)
+    aux = eagle3_aux_layers(None, hf.num_hidden_layers)
     dc = Eagle3DraftConfig.from_target(hf, min(32000, hf.vocab_size), aux, {})
     # Samples of the embedded corpus are short: attention is a rounding error, count matmuls only.
     per_pair = tokens_per_step / pairs

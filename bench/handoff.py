@@ -28,7 +28,7 @@ import torch.multiprocessing as tmp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib.data.batch import eagle3_payload_specs  # noqa: E402
+from lib.drafts.base import CapturePlan, capture_payload_specs  # noqa: E402
 from lib.handoff import make_receiver, make_sender  # noqa: E402
 from lib.handoff.slots import SlotLayout  # noqa: E402
 
@@ -226,7 +226,7 @@ def worker(rank: int, args: argparse.Namespace, workdir: str) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("gloo", init_method=f"file://{workdir}/pg", rank=rank, world_size=2)
-    specs = eagle3_payload_specs(args.tokens, args.hidden, args.aux, torch.bfloat16)
+    specs = capture_payload_specs(CapturePlan(tuple(range(args.aux)), args.hidden), args.tokens, torch.bfloat16)
     ring = run_ring(args, rank, specs, os.path.join(workdir, "ring.sock"))
     gloo = run_gloo(args, rank, specs)
     gathered = [None, None]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import BF16_PEAK_TFLOPS, draft_step_flops  # noqa: E402
-from lib.trainer.draft_setup import TTTModule  # noqa: E402
+from lib.drafts.eagle3.trainer import TTTModule  # noqa: E402
 from lib.drafts.eagle3.fused import use_compiled  # noqa: E402
 from lib.drafts.eagle3.loss import count_valid_positions  # noqa: E402
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                 reshard_after_forward=False)
     dtype = torch.bfloat16 if cuda else torch.float32
     head = TargetHead(torch.randn(hf.vocab_size, hf.hidden_size, device=device, dtype=dtype) * 0.02, draft.d2t)
-    module._head = head
+    module.set_head(head)
     opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=1e-4, fused=cuda)
     rng = random.Random(0)
     gen = torch.Generator(device=device).manual_seed(0)

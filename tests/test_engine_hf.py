@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 from lib.engine import EngineInputError, make_backend
-from lib.engine.base import resolve_aux_layers
+from lib.drafts.eagle3.strategy import eagle3_aux_layers
+from lib.engine.worker import capture_skipping_bad
 
 pytestmark = pytest.mark.unit
 
@@ -119,7 +120,7 @@ def test_capture_writes_in_place_into_out_views(checkpoints):
 def test_out_views_of_the_wrong_shape_or_dtype_are_refused(checkpoints):
     backend = load(checkpoints["qwen3"])
     batch = random_batch((10,))
-    with pytest.raises(ValueError, match="eagle3_payload_specs"):
+    with pytest.raises(ValueError, match="payload_specs"):
         backend.capture(batch, out={"aux_hidden": torch.empty(5, 192), "final_hidden": torch.empty(5, 64)})
     with pytest.raises(ValueError, match="engine's dtype"):
         backend.capture(batch, out={"aux_hidden": torch.empty(10, 192, dtype=torch.bfloat16),
@@ -150,6 +151,29 @@ def test_bad_samples_raise_naming_them_and_the_rest_still_runs(checkpoints):
     got = backend.capture(rest)
     expected = backend.capture(PackedBatch.from_samples([samples[0], samples[4]], [70, 74]))
     assert torch.equal(got["aux_hidden"], expected["aux_hidden"])
+
+
+def test_engine_loop_skips_bad_samples_with_a_warning_and_counts_them(checkpoints, caplog):
+    """docs/engine.md: one bad sample is dropped (warning naming its id and reason), the rest is captured;
+    a batch left empty is replaced by the next one."""
+    backend = load(checkpoints["qwen3"], budget=64)
+    good = random_batch((9, 20), seed=5)
+    samples = [(good.input_ids[:9].tolist(), [True] * 9), ([3, VOCAB, 4], [True] * 3),
+               (good.input_ids[9:].tolist(), [True] * 20)]
+    batch = PackedBatch.from_samples(samples, [80, 81, 82])
+    slot = {"aux_hidden": torch.full((64, 3 * 64), float("nan")), "final_hidden": torch.full((64, 64), float("nan"))}
+    with caplog.at_level("WARNING", logger="specdraft.engine"):
+        captured, states, dropped = capture_skipping_bad(backend, batch, slot, lambda: pytest.fail("not needed"))
+    assert [p.sample_id for p in dropped] == [81] and captured.sample_ids == [80, 82]
+    assert any("sample id 81" in r.getMessage() and "outside [0, 500)" in r.getMessage() for r in caplog.records)
+    expected = backend.capture(PackedBatch.from_samples([samples[0], samples[2]], [80, 82]))
+    assert torch.equal(states["aux_hidden"], expected["aux_hidden"])
+    assert torch.equal(slot["final_hidden"][:captured.num_tokens], expected["final_hidden"])
+
+    only_bad = PackedBatch.from_samples([([VOCAB + 1] * 4, [True] * 4), ([], [])], [90, 91])
+    captured, states, dropped = capture_skipping_bad(backend, only_bad, None, lambda: good)
+    assert [p.sample_id for p in dropped] == [90, 91] and captured.sample_ids == good.sample_ids
+    assert states["final_hidden"].shape == (good.num_tokens, 64)
 
 
 def test_malformed_batch_is_a_clear_error(checkpoints):
@@ -188,9 +212,9 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="engine.tp=2"):
         make_backend("hf").load(TargetConfig(random_init=True, hf_config=SHAPES["qwen3"]), EngineConfig(tp=2), CPU, None)
     with pytest.raises(ValueError, match="target.aux_layers"):
-        resolve_aux_layers([1, 6], 6)
+        eagle3_aux_layers([1, 6], 6)
     with pytest.raises(ValueError, match="target.aux_layers"):
-        resolve_aux_layers(None, 3)
+        eagle3_aux_layers(None, 3)
 
 
 @pytest.mark.gpu

@@ -161,9 +161,9 @@ def test_ring_delivers_bytes_in_order_and_engine_waits_for_credits(address):
     assert status == "ok", sender_pid
     assert proc.exitcode == 0
     assert len(os.listdir("/proc/self/fd")) == fds_before, "file descriptors leaked"
-    assert not glob.glob(f"/dev/shm/eagle3-handoff-{sender_pid}-*"), "shared memory file left behind"
+    assert not glob.glob(f"/dev/shm/specdraft-handoff-{sender_pid}-*"), "shared memory file left behind"
     with open("/proc/self/maps") as maps:
-        assert "eagle3-handoff" not in maps.read(), "the receiver kept the shared memory mapped after close()"
+        assert "specdraft-handoff" not in maps.read(), "the receiver kept the shared memory mapped after close()"
 
 
 def test_spec_mismatch_fails_on_both_sides_naming_both_specs(address):

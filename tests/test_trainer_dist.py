@@ -7,8 +7,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Qwen3Config
 
-from lib.trainer.draft_setup import DraftBundle, TTTModule, shard
-from lib.drafts.eagle3.loss import count_valid_positions
+from lib.drafts.base import get_strategy
+from lib.drafts.eagle3.trainer import Eagle3Bundle, TTTModule
+from lib.trainer.draft_setup import shard
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetHead
 from lib.trainer.loop import apply_update
@@ -40,7 +41,7 @@ def _batch(seed: int, nan: bool = False) -> dict:
     return batch
 
 
-def _bundle(group) -> DraftBundle:
+def _bundle(group) -> Eagle3Bundle:
     torch.manual_seed(0)
     cfg = Eagle3DraftConfig.from_target(_target_config(), DRAFT_VOCAB, [1, 2, 2], {})
     draft = Eagle3Draft(cfg)
@@ -48,9 +49,8 @@ def _bundle(group) -> DraftBundle:
     t2d = torch.arange(VOCAB) < DRAFT_VOCAB
     draft.set_vocab_map(d2t, t2d)
     head = TargetHead(torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(1)), draft.d2t)
-    module = TTTModule(draft, TTT)
-    module._head = head
-    return DraftBundle(shard(module, group, torch.device("cpu")), cfg, head)
+    module = TTTModule(draft, TTT, head=head)
+    return Eagle3Bundle(shard(module, group, torch.device("cpu")), draft_config=cfg, target_head=head, ttt_length=TTT)
 
 
 def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_rank: int, out: str) -> None:
@@ -58,11 +58,13 @@ def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_
     group = dist.group.WORLD
     bundle = _bundle(group)
     mine = [_batch(s, nan=(rank == nan_rank)) for s in batch_seeds[rank]]
-    targets = [bundle.target_head.target_probs(b["final_hidden"]) for b in mine]
-    counts = sum(count_valid_positions(bundle.target_head, b, TTT, target=t) for b, t in zip(mine, targets)).float()
+    # The loss step as the trainer loop runs it, through the strategy.
+    strategy = get_strategy("eagle3")
+    targets, counts = strategy.prepare(bundle, mine)
+    counts = counts.float()
     dist.all_reduce(counts, group=group)
     for b, t in zip(mine, targets):
-        loss, _ = bundle.model(b, t, counts, grad_scale=float(world))
+        loss, _ = strategy.micro_loss(bundle, b, t, counts, float(world))
         loss.backward()
     grads = {n: p.grad.full_tensor().clone() for n, p in bundle.model.named_parameters() if p.grad is not None}
     opt = torch.optim.AdamW(bundle.trainable_params(), lr=1e-2)

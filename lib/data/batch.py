@@ -69,13 +69,3 @@ class TensorSpec:
     def max_bytes(self) -> int:
         return self.row_bytes * self.max_rows
 
-
-def eagle3_payload_specs(token_budget: int, hidden_size: int, n_aux: int, dtype: torch.dtype) -> list[TensorSpec]:
-    """The tensors an engine hands to its trainer per step, in a fixed order."""
-    return [
-        TensorSpec("input_ids", torch.int64, (), token_budget),
-        TensorSpec("loss_mask", torch.bool, (), token_budget),
-        TensorSpec("position_ids", torch.int64, (), token_budget),
-        TensorSpec("aux_hidden", dtype, (n_aux * hidden_size,), token_budget),
-        TensorSpec("final_hidden", dtype, (hidden_size,), token_budget),
-    ]

@@ -1,7 +1,8 @@
-"""Engine backends: run the frozen target over packed batches and capture EAGLE-3 hidden states.
+"""Engine backends: run the frozen target over packed batches and capture the hidden states a draft needs.
 
 `make_backend(engine.backend)` returns an unloaded backend; the engine role then calls
-`backend.load(target, engine, device, tp_group)` and, per step, `backend.capture(batch, out=slot_views)`.
+`backend.load(target, engine, device, tp_group, plan)` (plan: the draft strategy's CapturePlan) and,
+per step, `backend.capture(batch, out=slot_views)`.
 The process's GPU memory is capped before that, at start-up, by lib/launch/runtime.py cap_process_memory.
 """
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """What every engine backend promises, and the checks they share.
 
 An engine backend runs the frozen target model over a packed batch (prefill only) and returns the
-hidden states the EAGLE-3 draft learns from: the outputs of the aux decoder layers, concatenated,
-and the last layer's output after the target's final norm. Backends differ in how they run the
-target (plain transformers, tensor-parallel transformers, sglang), never in what they return.
+hidden states the draft learns from, as the draft strategy's CapturePlan says (lib/drafts/base.py):
+the outputs of the planned decoder layers, concatenated ("aux_hidden"), and the last layer's output
+after the target's final norm ("final_hidden"). Backends differ in how they run the target (plain
+transformers, tensor-parallel transformers, sglang), never in what they return.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig, resolve_target_dtype
+from lib.drafts.base import CapturePlan
 
 # Random-init targets must be identical on every rank that builds one (TP members, and trainers that
 # rebuild the target's embedding and lm_head), so the seed is fixed rather than taken from the run.
@@ -36,7 +38,8 @@ class EngineBackend(Protocol):
     hidden_size: int
     num_layers: int
     vocab_size: int
-    aux_layers: list[int]
+    aux_layers: list[int]  # the plan's layers
+    plan: CapturePlan
     dtype: torch.dtype
 
     def load(
@@ -45,6 +48,7 @@ class EngineBackend(Protocol):
         engine: EngineConfig,
         device: torch.device,
         tp_group: Optional[dist.ProcessGroup],
+        plan: Optional[CapturePlan] = None,  # None: the default draft's plan for this target
     ) -> None: ...
 
     def capture(self, batch: PackedBatch, out: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]: ...
@@ -94,25 +98,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     # A run's config arrives resolved (lib.config.resolve); library callers may still pass auto or a
     # short spelling (bf16). The auto rule and the accepted names are lib.config's.
     return _DTYPES[resolve_target_dtype(name, device.type).value]
-
-
-def resolve_aux_layers(explicit: Optional[list[int]], num_layers: int) -> list[int]:
-    """The decoder layers whose outputs are captured: explicit ones, or EAGLE-3's [1, L/2-1, L-4]."""
-    if explicit is None:
-        if num_layers < 4:
-            raise ValueError(
-                f"target has {num_layers} decoder layers; the default aux layers [1, L/2-1, L-4] need at least 4: "
-                f"set target.aux_layers explicitly (each in [0, {num_layers - 1}])"
-            )
-        return [1, num_layers // 2 - 1, num_layers - 4]
-    layers = [int(i) for i in explicit]
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if not layers or bad:
-        raise ValueError(
-            f"target.aux_layers={list(explicit)} must be a non-empty list of decoder layer indices in "
-            f"[0, {num_layers - 1}] (the target has {num_layers} layers); fix or remove target.aux_layers"
-        )
-    return layers
 
 
 def check_batch_structure(batch: PackedBatch) -> None:
@@ -191,13 +176,12 @@ def drop_samples(batch: PackedBatch, indices: list[int]) -> PackedBatch:
 def capture_destination(
     out: Optional[dict[str, torch.Tensor]],
     rows: int,
-    n_aux: int,
-    hidden_size: int,
+    plan: CapturePlan,
     dtype: torch.dtype,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Views of the first `rows` rows of `out` (checked against the engine's shapes), or fresh tensors."""
-    widths = {"aux_hidden": n_aux * hidden_size, "final_hidden": hidden_size}
+    """Views of the first `rows` rows of `out` (checked against the plan's shapes), or fresh tensors."""
+    widths = plan.widths
     if out is None:
         return {name: torch.empty(rows, w, dtype=dtype, device=device) for name, w in widths.items()}
     dst = {}
@@ -208,7 +192,7 @@ def capture_destination(
         if t.dim() != 2 or t.shape[1] != width or t.shape[0] < rows:
             raise ValueError(
                 f"capture(out[{name!r}]) has shape {tuple(t.shape)}, the engine needs at least ({rows}, {width}); "
-                "size the handoff slots with eagle3_payload_specs(token_budget, hidden_size, n_aux, dtype)"
+                "size the handoff slots with the draft strategy's payload_specs(plan, token_budget, dtype)"
             )
         if t.dtype != dtype or t.device != device:
             raise ValueError(

@@ -8,8 +8,9 @@ sample boundaries:
 - `sdpa` / `eager`: a block-diagonal causal [1, 1, T, T] mask (CPU default; O(T^2) memory).
 flex attention with a document BlockMask was tried and dropped: no faster than varlen, and on
 torch 2.11 its kernel failed to recompile once the batch length changed (docs/engine.md).
-The aux layers' outputs are copied by forward hooks straight into the caller's handoff views, so no
-layer's output is kept beyond the hook and `output_hidden_states` is never used.
+The planned layers' outputs (the draft strategy's CapturePlan) are copied by forward hooks straight
+into the caller's handoff views, so no layer's output is kept beyond the hook and
+`output_hidden_states` is never used.
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ from transformers.utils import logging as hf_logging
 from lib.data.batch import PackedBatch
 from lib.config import AttnImpl, EngineConfig, TargetConfig
 from lib.config import resolve_attn_impl as resolve_attn_choice
+from lib.drafts.base import FINAL_HIDDEN, CapturePlan, default_capture_plan
 from lib.engine.base import (
     RANDOM_INIT_SEED,
     EngineInputError,
     capture_destination,
     check_batch_structure,
     find_sample_problems,
-    resolve_aux_layers,
     resolve_dtype,
 )
 from lib.engine.tp import TensorParallel
@@ -195,6 +196,7 @@ class HFBackend:
         engine: EngineConfig,
         device: torch.device,
         tp_group: Optional[dist.ProcessGroup] = None,
+        plan: Optional[CapturePlan] = None,
     ) -> None:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -217,7 +219,9 @@ class HFBackend:
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)
         self.vocab_size = int(config.vocab_size)
-        self.aux_layers = resolve_aux_layers(target.aux_layers, self.num_layers)
+        self.plan = plan if plan is not None else default_capture_plan(target, config)
+        self.plan.check_target(self.num_layers, self.hidden_size)
+        self.aux_layers = list(self.plan.layers)
         if tp is not None:
             tp.shard(model.layers, config)
             model.to(device)
@@ -258,8 +262,7 @@ class HFBackend:
                 batch.lengths,
                 slice(0, batch.num_tokens),
             )
-        n_aux = len(self.aux_layers)
-        dst = capture_destination(out, batch.num_tokens, n_aux, self.hidden_size, self.dtype, self.device)
+        dst = capture_destination(out, batch.num_tokens, self.plan, self.dtype, self.device)
         if inputs.num_tokens > 0:
             self._forward(inputs, dst)
         return dst
@@ -267,7 +270,8 @@ class HFBackend:
     def _forward(self, inputs: ForwardInputs, dst: dict[str, torch.Tensor]) -> None:
         with torch.inference_mode():
             attention = self._attention_inputs(inputs)
-            self._aux.arm(dst["aux_hidden"], inputs.rows)
+            if self.aux_layers:
+                self._aux.arm(dst["aux_hidden"], inputs.rows)
             try:
                 hidden = self._model(
                     input_ids=inputs.input_ids[None],
@@ -277,7 +281,8 @@ class HFBackend:
                 ).last_hidden_state
             finally:
                 self._aux.disarm()
-            dst["final_hidden"].copy_(hidden[0, inputs.rows])
+            if FINAL_HIDDEN in dst:
+                dst[FINAL_HIDDEN].copy_(hidden[0, inputs.rows])
 
     def _attention_inputs(self, inputs: ForwardInputs) -> dict:
         """Keyword arguments that keep attention inside each sample, for the chosen implementation."""

@@ -25,13 +25,13 @@ import torch.distributed as dist
 
 from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
+from lib.drafts.base import CapturePlan, default_capture_plan
 from lib.engine.base import (
     RANDOM_INIT_SEED,
     EngineInputError,
     capture_destination,
     check_batch_structure,
     find_sample_problems,
-    resolve_aux_layers,
     resolve_dtype,
 )
 from lib.engine.tp import TensorParallel
@@ -92,6 +92,7 @@ class SGLangBackend:
         engine: EngineConfig,
         device: torch.device,
         tp_group: Optional[dist.ProcessGroup] = None,
+        plan: Optional[CapturePlan] = None,
     ) -> None:
         check_sglang_ready()
         if device.type != "cuda":
@@ -109,7 +110,12 @@ class SGLangBackend:
         self.hidden_size = int(hf_config.hidden_size)
         self.num_layers = int(hf_config.num_hidden_layers)
         self.vocab_size = int(hf_config.vocab_size)
-        self.aux_layers = resolve_aux_layers(target.aux_layers, self.num_layers)
+        self.plan = plan if plan is not None else default_capture_plan(target, hf_config)
+        self.plan.check_target(self.num_layers, self.hidden_size)
+        if not self.plan.layers or not self.plan.final_hidden:
+            raise ValueError("engine.backend=sglang captures aux layers and the final hidden state together; "
+                             "a capture plan without either needs engine.backend=hf")
+        self.aux_layers = list(self.plan.layers)
         self.token_budget = engine.token_budget
         # sglang captures each layer once, in layer order; map our (maybe repeated) list onto that.
         self._sglang_layers = sorted(set(self.aux_layers))
@@ -197,8 +203,7 @@ class SGLangBackend:
             if problems:
                 raise EngineInputError(problems)
             ids, lengths, rows = batch.input_ids, batch.lengths, slice(0, batch.num_tokens)
-        dst = capture_destination(out, batch.num_tokens, len(self.aux_layers), self.hidden_size, self.dtype,
-                                  self.device)
+        dst = capture_destination(out, batch.num_tokens, self.plan, self.dtype, self.device)
         if ids.numel() == 0:
             return dst
         aux, final = self._prefill(ids, lengths)

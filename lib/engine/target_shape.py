@@ -1,7 +1,7 @@
-"""The target's shape (hidden size, layers, vocab, aux layers, dtype) read from its config alone.
+"""The target's shape (hidden size, layers, vocab, dtype) read from its config alone.
 
-Engine and trainer both derive the handoff specs from this, without loading weights, so the two
-sides agree by construction; the handoff's start-up check catches any drift.
+Engine and trainer both derive the handoff specs from this and the draft's capture plan, without
+loading weights, so the two sides agree by construction; the handoff's start-up check catches any drift.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from lib.config import ConfigError, TargetConfig
-from lib.engine.base import resolve_aux_layers, resolve_dtype
+from lib.engine.base import resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -18,12 +18,7 @@ class TargetShape:
     hidden_size: int
     num_layers: int
     vocab_size: int
-    aux_layers: tuple[int, ...]
     dtype: torch.dtype
-
-    @property
-    def n_aux(self) -> int:
-        return len(self.aux_layers)
 
 
 def load_hf_config(target: TargetConfig):
@@ -40,7 +35,4 @@ def load_hf_config(target: TargetConfig):
 
 def target_shape(target: TargetConfig, device: torch.device, hf_config=None) -> TargetShape:
     hf = hf_config if hf_config is not None else load_hf_config(target)
-    layers = hf.num_hidden_layers
-    # The engine backends resolve these the same way: one rule, so both sides of the handoff agree.
-    aux = resolve_aux_layers(target.aux_layers, layers)
-    return TargetShape(hf.hidden_size, layers, hf.vocab_size, tuple(aux), resolve_dtype(target.dtype, device))
+    return TargetShape(hf.hidden_size, hf.num_hidden_layers, hf.vocab_size, resolve_dtype(target.dtype, device))

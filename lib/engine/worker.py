@@ -1,23 +1,48 @@
 """The engine role's loop: run the frozen target over this pair's data shard and hand captured states over.
 
 Each micro-batch: pack the next samples, acquire a free handoff slot (blocks while the trainer is
-`handoff.slots` batches behind), forward the target writing aux and final hidden states straight
-into the slot, send a small header. The trainer tells the engine where to start (resume) and how
-many micro-batches to produce.
+`handoff.slots` batches behind), forward the target writing what the draft strategy's capture plan
+asks for straight into the slot, send a small header. The trainer tells the engine where to start
+(resume) and how many micro-batches to produce. Samples the target cannot run (EngineInputError)
+are dropped from their batch with a warning and counted (header "skipped_sample_ids").
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from lib.data.batch import PackedBatch, eagle3_payload_specs
+from lib.data.batch import PackedBatch
+from lib.drafts.base import get_strategy
+from lib.engine.base import EngineBackend, EngineInputError
+from lib.engine.target_shape import load_hf_config
 from lib.launch.runtime import RunContext, peak_memory
 
 log = logging.getLogger("specdraft.engine")
+
+
+def capture_skipping_bad(backend: EngineBackend, batch: PackedBatch, out: Optional[dict[str, torch.Tensor]],
+                         next_batch: Callable[[], PackedBatch]) -> tuple[PackedBatch, dict[str, torch.Tensor], list]:
+    """backend.capture(batch), dropping the samples it refuses (docs/engine.md) with a warning each.
+
+    Returns (the batch actually captured, its states, the dropped SampleProblems). A batch left with
+    no sample is replaced by `next_batch()`. Under engine TP every member raises together and
+    retries, so the group stays in step (a member whose own batch was fine retries it unchanged).
+    """
+    dropped = []
+    while True:
+        try:
+            return batch, backend.capture(batch, out=out), dropped
+        except EngineInputError as err:
+            for problem in err.problems:
+                log.warning("engine skips %s", problem.describe())
+            dropped += err.problems
+            batch = err.remaining(batch)
+            if batch.num_tokens == 0:
+                batch = next_batch()
 
 
 class EngineStepper:
@@ -31,15 +56,17 @@ class EngineStepper:
         cfg = ctx.cfg
         self.ctx = ctx
         self.backend = make_backend(cfg.engine.backend)
-        self.backend.load(cfg.target, cfg.engine, ctx.device, ctx.groups.engine_tp)
+        self.strategy = get_strategy(cfg.draft.name)
+        self.plan = self.strategy.capture_plan(load_hf_config(cfg.target), cfg)
+        self.backend.load(cfg.target, cfg.engine, ctx.device, ctx.groups.engine_tp, plan=self.plan)
         dataset = load_dataset(cfg.data, ctx.tokenizer_path, "train")
         self.loader = ShardedPackedLoader(dataset, shard=ctx.info.pair_index, num_shards=ctx.topo.num_pairs,
                                           token_budget=cfg.engine.token_budget, seed=cfg.train.seed,
                                           overlong=cfg.data.overlong)
-        self.specs = eagle3_payload_specs(cfg.engine.token_budget, self.backend.hidden_size,
-                                          len(self.backend.aux_layers), self.backend.dtype)
+        self.specs = self.strategy.payload_specs(self.plan, cfg.engine.token_budget, self.backend.dtype)
         self._iter = iter(self.loader)
         self.step = 0
+        self.skipped_samples = 0
 
     def load_state(self, loader_state: Optional[dict]) -> None:
         if loader_state is not None:
@@ -48,10 +75,12 @@ class EngineStepper:
 
     def produce(self, slot: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict, dict[str, torch.Tensor]]:
         """Capture the next micro-batch, into `slot` views when given (zero copy), else fresh tensors."""
-        batch: PackedBatch = next(self._iter)
+        out = None if slot is None else {k: slot[k] for k in self.plan.widths}
+        batch, states, dropped = capture_skipping_bad(self.backend, next(self._iter), out, lambda: next(self._iter))
+        if dropped:
+            self.skipped_samples += len(dropped)
+            log.warning("engine has skipped %d samples so far (docs/engine.md, bad samples)", self.skipped_samples)
         n = batch.num_tokens
-        out = None if slot is None else {k: slot[k] for k in ("aux_hidden", "final_hidden")}
-        states = self.backend.capture(batch, out=out)
         device = self.ctx.device
         tensors = {"input_ids": batch.input_ids, "loss_mask": batch.loss_mask, "position_ids": batch.position_ids}
         if slot is None:
@@ -62,6 +91,7 @@ class EngineStepper:
                 slot[k][:n].copy_(v, non_blocking=True)
             tensors = slot
         header = {"step": self.step, "num_rows": n, "sample_ids": list(batch.sample_ids),
+                  "skipped_sample_ids": [p.sample_id for p in dropped],
                   "cu_seqlens": batch.cu_seqlens.tolist(), "loader_state": self.loader.state_dict(),
                   "engine_peak_alloc_bytes": peak_memory(device)}
         self.step += 1

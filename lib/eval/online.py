@@ -4,7 +4,8 @@ Pair 0 does it. Its trainer pushes the gathered draft weights to its engine (sam
 lib/handoff/weight_push.py) before the first step, every `eval.every` steps and after the last; the engine
 applies them between batches, runs greedy speculative decoding on the fixed held-out prompts with
 its own target, and reports a row (accept_len, accept_rate_i, step) that lands in metrics.jsonl.
-placement=sequential evaluates in-process instead of pushing.
+placement=sequential evaluates in-process instead of pushing. What is pushed, the draft it is loaded
+into and the drafter that decodes with it come from the run's DraftStrategy.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from lib.drafts.base import DraftStrategy, get_strategy
 from lib.trainer.checkpoint import full_model_state
 from lib.launch.runtime import RunContext
 
@@ -35,39 +37,31 @@ def weights_address(ctx: RunContext) -> str:
     return ctx.handoff_address().removesuffix(".sock") + "-w.sock"
 
 
-def draft_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the engine needs: everything but the frozen embedding, which it copies from its target."""
-    return {k.removeprefix("draft."): v for k, v in state.items() if k != "draft.embed_tokens.weight"}
-
-
 class EvalHarness:
     """Engine side: target runner, held-out prompts, stop tokens and a draft copy to load pushes into."""
 
-    def __init__(self, ctx: RunContext, backend):
+    def __init__(self, ctx: RunContext, backend, strategy: DraftStrategy):
         from transformers import AutoTokenizer
 
         from lib.data.datasets import load_heldout_prompts
-        from lib.drafts.eagle3.target_head import load_target_lm_head
+        from lib.engine.target_weights import load_target_lm_head
         from lib.eval.target import TargetRunner, stop_token_ids
 
         cfg = ctx.cfg
-        self.cfg, self.backend = cfg, backend
+        self.cfg, self.backend, self.strategy = cfg, backend, strategy
         self.runner = TargetRunner.from_backend(backend, load_target_lm_head(cfg.target.path))
         self.prompts = load_heldout_prompts(cfg.data, ctx.tokenizer_path, cfg.eval.num_prompts)
         self.stops = stop_token_ids(AutoTokenizer.from_pretrained(ctx.tokenizer_path), cfg.target.path)
         self.draft = None
 
     def evaluate(self, weights: dict[str, torch.Tensor], draft_config: dict, step: int) -> dict:
-        from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-        from lib.drafts.eagle3.target_head import load_target_embedding
         from lib.eval.spec_decode import evaluate_online
 
         if self.draft is None:
-            draft = Eagle3Draft(Eagle3DraftConfig.from_dict(draft_config))
-            draft.load_embedding(load_target_embedding(self.backend.model))
-            self.draft = draft.to(device=self.runner.device, dtype=self.runner.dtype).eval()
+            self.draft = self.strategy.eval_model(draft_config, self.backend.model, self.runner.device,
+                                                  self.runner.dtype)
         self.draft.load_state_dict({k: v.to(self.runner.device) for k, v in weights.items()}, strict=False)
-        row = evaluate_online(self.runner, self.draft, self.prompts, self.cfg.eval.draft_tokens,
+        row = evaluate_online(self.runner, self.strategy.drafter(self.draft), self.prompts, self.cfg.eval.draft_tokens,
                               self.cfg.eval.max_new_tokens, step=step, stop_token_ids=self.stops)
         log.info("eval at step %d: accept_len %.3f (k=%s) in %.1f s", step, row["accept_len"],
                  self.cfg.eval.draft_tokens[0], row["eval_s"])
@@ -89,7 +83,7 @@ class EngineEvalService:
     def __init__(self, ctx: RunContext, backend):
         from lib.handoff.weight_push import WeightSubscriber
 
-        self.harness = EvalHarness(ctx, backend)
+        self.harness = EvalHarness(ctx, backend, get_strategy(ctx.cfg.draft.name))
         self.sub = WeightSubscriber(weights_address(ctx), ctx.device, timeout_s=ctx.cfg.run.loop_timeout_s,
                                     startup_timeout_s=ctx.cfg.run.startup_timeout_s, peer=ctx.peer_name())
 
@@ -111,10 +105,11 @@ class EngineEvalService:
 class TrainerEvaluator:
     """The trainer's half. Every trainer joins the weight gather (a collective); pair 0 evaluates."""
 
-    def __init__(self, ctx: RunContext, draft_config: dict, inline_backend=None):
-        self.ctx, self.draft_config = ctx, draft_config
+    def __init__(self, ctx: RunContext, strategy: DraftStrategy, draft_config: dict, inline_backend=None):
+        self.ctx, self.strategy, self.draft_config = ctx, strategy, draft_config
         self.leader = ctx.is_trainer_leader
-        self.harness = EvalHarness(ctx, inline_backend) if inline_backend is not None and self.leader else None
+        self.harness = (EvalHarness(ctx, inline_backend, strategy)
+                        if inline_backend is not None and self.leader else None)
         self.pub = None
         if self.leader and inline_backend is None:
             from lib.handoff.weight_push import WeightPublisher
@@ -131,7 +126,7 @@ class TrainerEvaluator:
             return rows
         state = full_model_state(model)  # collective over the trainer group
         if self.leader:
-            weights = draft_weights(state)
+            weights = self.strategy.eval_weights(state)
             if self.harness is not None:
                 rows.append(evaluate_safely(self.harness, weights, self.draft_config, step))
             else:

@@ -311,7 +311,7 @@ def _check_draft(draft: Eagle3Draft, runner: TargetRunner) -> None:
         raise ValueError(f"draft aux_layer_ids={cfg.aux_layer_ids} are outside the target's {layers} layers")
 
 
-def evaluate_online(target: Any, draft: Eagle3Draft, prompts: Sequence[Any], draft_tokens: Sequence[int],
+def evaluate_online(target: Any, draft: Eagle3Draft | Drafter, prompts: Sequence[Any], draft_tokens: Sequence[int],
                     max_new_tokens: int, step: Optional[int] = None, stop_token_ids: Sequence[int] = (),
                     lm_head: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
     """One metrics row for the engine to call between batches: accept_len (first k), accept_len_k{K}

@@ -47,7 +47,8 @@ class SlotLayout:
     def __post_init__(self):
         object.__setattr__(self, "specs", tuple(self.specs))
         if not self.specs:
-            raise ValueError("handoff specs are empty: pass at least one TensorSpec (e.g. eagle3_payload_specs(...))")
+            raise ValueError("handoff specs are empty: pass at least one TensorSpec "
+                             "(the draft strategy's payload_specs(plan, token_budget, dtype))")
         seen: set[str] = set()
         for spec in self.specs:
             if not isinstance(spec, TensorSpec):
@@ -138,7 +139,7 @@ class ShmSlotStore:
     @classmethod
     def create(cls, layout: SlotLayout, slots: int) -> "ShmSlotStore":
         root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        path = os.path.join(root, f"eagle3-handoff-{os.getpid()}-{secrets.token_hex(6)}")
+        path = os.path.join(root, f"specdraft-handoff-{os.getpid()}-{secrets.token_hex(6)}")
         size = layout.slot_bytes * slots
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:

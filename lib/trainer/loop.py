@@ -1,7 +1,8 @@
-"""The trainer role: receive captured states, train the EAGLE-3 draft, checkpoint, export.
+"""The trainer role: receive captured states, train the run's draft, checkpoint, export.
 
 The step loop reads top to bottom: receive micro-batches, agree on the loss normaliser, forward and
-backward each, clip, step (or skip together), reduce metrics once, log, checkpoint.
+backward each, clip, step (or skip together), reduce metrics once, log, checkpoint. What the draft
+is, its loss, metrics and export formats come from the run's DraftStrategy (lib/drafts/base.py).
 """
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ import torch
 import torch.distributed as dist
 
 from lib.config import Placement
-from lib.trainer.draft_setup import DraftBundle, build_draft
+from lib.drafts.base import DraftBundle, DraftStrategy, get_strategy
 from lib.trainer.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
-from lib.drafts.eagle3.export import export_draft
-from lib.drafts.eagle3.loss import count_valid_positions, sim_accept_len
 from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
 from lib.eval.online import TrainerEvaluator, eval_enabled
 from lib.launch.runtime import RunContext, peak_memory
@@ -49,7 +48,8 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
         from lib.trainer.sources import ReceiverSource
         source = ReceiverSource(ctx)
     cfg = ctx.cfg
-    bundle = build_draft(ctx)
+    strategy = get_strategy(cfg.draft.name)
+    bundle = strategy.build(ctx)
     optimizer = torch.optim.AdamW(bundle.trainable_params(), lr=cfg.train.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -61,7 +61,7 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
     source.start(start_step, loader_state, (end_step - start_step) * cfg.train.grad_accum)
     evaluator = None
     if eval_enabled(ctx):
-        evaluator = TrainerEvaluator(ctx, bundle.draft_config.to_dict(), getattr(source, "backend", None))
+        evaluator = TrainerEvaluator(ctx, strategy, bundle.config_dict(), getattr(source, "backend", None))
     enter_loop_timeouts(ctx.groups, cfg.run.loop_timeout_s)
     metrics = MetricsWriter(ctx.run_dir, ctx.is_trainer_leader)
     try:
@@ -69,18 +69,18 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
             for row in evaluator.maybe_evaluate(step, bundle.model) if evaluator else []:
                 metrics.write(row)
             try:
-                row, loader_state = train_step(ctx, bundle, optimizer, source, counters)
+                row, loader_state = train_step(ctx, strategy, bundle, optimizer, source, counters)
             except torch.OutOfMemoryError as e:
                 raise RuntimeError(out_of_memory_hint(ctx, step + 1)) from e
             schedule.step()
             row.update(step=step + 1, lr=schedule.get_last_lr()[0], **counters)
             metrics.write(row)
             if ctx.is_trainer_leader and ((step + 1) % cfg.train.log_every == 0 or step == start_step):
-                log.info("step %d loss %.4f acc_0 %.3f sim_accept %.2f grad_norm %.3g %.0f tok/s handoff %.2f ms",
-                         step + 1, row["loss"], row["acc_0"], row["sim_accept_len"], row["grad_norm"],
-                         row["tokens_per_s"], row["handoff_ms"])
+                headline = "".join(f" {k} {row[k]:.3f}" for k in strategy.headline_metrics if k in row)
+                log.info("step %d loss %.4f%s grad_norm %.3g %.0f tok/s handoff %.2f ms", step + 1, row["loss"],
+                         headline, row["grad_norm"], row["tokens_per_s"], row["handoff_ms"])
             if step + 1 == end_step or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                checkpoint(ctx, bundle, optimizer, schedule, step + 1, loader_state, counters)
+                checkpoint(ctx, strategy, bundle, optimizer, schedule, step + 1, loader_state, counters)
         if evaluator is not None:
             for row in evaluator.maybe_evaluate(end_step, bundle.model) + evaluator.finish():
                 metrics.write(row)
@@ -89,15 +89,18 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
         source.close()
     if ctx.is_trainer_leader:
         plot_curves(ctx.run_dir)
-        summary = write_summary(ctx.run_dir, {"skipped_steps": counters["skipped_steps"]})
-        log.info("done: draft export in %s/draft, metrics %s/metrics.jsonl, summary %s/summary.json "
-                 "(last loss %.4f, acc_0 %.3f)", ctx.run_dir, ctx.run_dir, ctx.run_dir,
-                 summary.get("last", {}).get("loss", float("nan")), summary.get("last", {}).get("acc_0", float("nan")))
+        summary = write_summary(ctx.run_dir, {"skipped_steps": counters["skipped_steps"],
+                                              "skipped_samples": counters["skipped_samples"]})
+        last = summary.get("last", {})
+        headline = "".join(f", {k} {last[k]:.3f}" for k in strategy.headline_metrics if k in last)
+        log.info("done: draft export in %s, metrics %s/metrics.jsonl, summary %s/summary.json (last loss %.4f%s)",
+                 ", ".join(exported_dirs(ctx.run_dir)), ctx.run_dir, ctx.run_dir, last.get("loss", float("nan")),
+                 headline)
 
 
 def resume(ctx: RunContext, bundle: DraftBundle, optimizer, schedule) -> tuple[int, Optional[dict], dict]:
     """(start step, data position, counters): from the newest complete checkpoint, or fresh."""
-    fresh = (0, None, {"samples_seen": 0, "skipped_steps": 0})
+    fresh = (0, None, fresh_counters())
     if not ctx.cfg.checkpoint.resume:
         return fresh
     path = latest_checkpoint(ctx.run_dir)
@@ -110,7 +113,13 @@ def resume(ctx: RunContext, bundle: DraftBundle, optimizer, schedule) -> tuple[i
     torch.set_rng_state(private["rng"])
     if ctx.is_trainer_leader:
         log.info("resumed from %s at step %d", path, meta["step"])
-    return meta["step"], private["loader_state"], meta["counters"]
+    # Checkpoints from before a counter existed resume it at 0.
+    return meta["step"], private["loader_state"], {**fresh_counters(), **meta["counters"]}
+
+
+def fresh_counters() -> dict[str, int]:
+    """samples_seen: trained on; skipped_steps: non-finite gradient; skipped_samples: refused by the engine."""
+    return {"samples_seen": 0, "skipped_steps": 0, "skipped_samples": 0}
 
 
 def apply_update(bundle: DraftBundle, optimizer: torch.optim.Optimizer, max_norm: float) -> tuple[float, bool]:
@@ -131,39 +140,38 @@ def out_of_memory_hint(ctx: RunContext, step: int) -> str:
             f"train.ttt_length={ctx.cfg.train.ttt_length}")
 
 
-def train_step(ctx: RunContext, bundle: DraftBundle, optimizer: torch.optim.Optimizer, source: PayloadSource,
-               counters: dict[str, int]) -> tuple[dict[str, Any], Optional[dict]]:
+def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, optimizer: torch.optim.Optimizer,
+               source: PayloadSource, counters: dict[str, int]) -> tuple[dict[str, Any], Optional[dict]]:
     cfg, device, group = ctx.cfg, ctx.device, ctx.groups.trainer
     t0 = time.perf_counter()
     micro, wait_s = receive_micro_batches(source, cfg.train.grad_accum, device)
-    # Target distributions once per micro-batch: they feed both the normaliser and the loss.
-    targets = [bundle.target_head.target_probs(t["final_hidden"]) for _, t in micro]
-    # The normaliser is the global count of valid positions, so 1 trainer and N trainers with the
-    # same global batch produce the same gradient.
-    counts = sum(count_valid_positions(bundle.target_head, t, cfg.train.ttt_length, target=tgt)
-                 for (_, t), tgt in zip(micro, targets))
+    # The loss normaliser is global (summed over trainers), so 1 trainer and N trainers with the same
+    # global batch produce the same gradient.
+    contexts, counts = strategy.prepare(bundle, [t for _, t in micro])
     counts = counts.to(device=device, dtype=torch.float32)
     dist.all_reduce(counts, group=group)
     stats = None
-    for (_, tensors), target in zip(micro, targets):
-        loss, m = bundle.model(tensors, target, counts, grad_scale=float(dist.get_world_size(group)))
+    for (_, tensors), context in zip(micro, contexts):
+        loss, sums = strategy.micro_loss(bundle, tensors, context, counts, float(dist.get_world_size(group)))
         loss.backward()
         source.release()
-        stats = m["sums"] if stats is None else stats + m["sums"]
+        stats = sums if stats is None else stats + sums
     grad_norm, applied = apply_update(bundle, optimizer, cfg.train.grad_clip)
     if not applied:
         counters["skipped_steps"] += 1
         if ctx.is_trainer_leader:
             log.warning("non-finite gradient norm (%s): update skipped on all trainers", grad_norm)
-    tokens = torch.tensor([sum(h["num_rows"] for h, _ in micro), sum(len(h["sample_ids"]) for h, _ in micro)],
+    tokens = torch.tensor([sum(h["num_rows"] for h, _ in micro), sum(len(h["sample_ids"]) for h, _ in micro),
+                           sum(len(h.get("skipped_sample_ids", ())) for h, _ in micro)],
                           dtype=torch.float32, device=device)
     reduced = torch.cat([stats.to(device=device, dtype=torch.float32), tokens])
     dist.all_reduce(reduced, group=group)
-    counters["samples_seen"] += int(reduced[-1].item())
+    counters["samples_seen"] += int(reduced[-2].item())
+    counters["skipped_samples"] += int(reduced[-1].item())
     step_time = time.perf_counter() - t0
-    row = summarize_stats(reduced[:-2].cpu(), cfg.train.ttt_length)
-    row.update(grad_norm=grad_norm, step_time_s=step_time, tokens_per_s=float(reduced[-2]) / step_time,
-               samples_per_s=float(reduced[-1]) / step_time, handoff_ms=wait_s * 1e3,
+    row = strategy.summarize(reduced[:-3].cpu())
+    row.update(grad_norm=grad_norm, step_time_s=step_time, tokens_per_s=float(reduced[-3]) / step_time,
+               samples_per_s=float(reduced[-2]) / step_time, handoff_ms=wait_s * 1e3,
                peak_alloc_bytes=peak_memory(device),
                engine_peak_alloc_bytes=max(h.get("engine_peak_alloc_bytes", 0) for h, _ in micro))
     return row, micro[-1][0].get("loader_state")
@@ -180,33 +188,26 @@ def receive_micro_batches(source: PayloadSource, n: int, device: torch.device) -
     return micro, time.perf_counter() - t
 
 
-def summarize_stats(sums: torch.Tensor, ttt_length: int) -> dict[str, float]:
-    """sums = [ploss_sum_i..., correct_i..., count_i...] over all trainers; weights 0.8^i."""
-    ploss, correct, count = sums[:ttt_length], sums[ttt_length:2 * ttt_length], sums[2 * ttt_length:3 * ttt_length]
-    denom = count.clamp_min(1)
-    row: dict[str, float] = {}
-    for i in range(ttt_length):
-        row[f"ploss_{i}"] = float(ploss[i] / denom[i])
-        row[f"acc_{i}"] = float(correct[i] / denom[i])
-    row["loss"] = sum(0.8 ** i * row[f"ploss_{i}"] for i in range(ttt_length))
-    row["sim_accept_len"] = sim_accept_len([row[f"acc_{i}"] for i in range(ttt_length)])
-    return row
-
-
 def export_dtype(device: torch.device) -> torch.dtype:
     """bf16 for serving on GPU; fp32 on CPU, where training ran in fp32 (exact resume checks)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def checkpoint(ctx: RunContext, bundle: DraftBundle, optimizer, schedule, step: int, loader_state, counters) -> None:
+def exported_dirs(run_dir: str) -> list[str]:
+    """The run's final exports (draft/, and any other format directories beside it)."""
+    return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir)) if d.startswith("draft")
+            and os.path.isdir(os.path.join(run_dir, d))] if os.path.isdir(run_dir) else []
+
+
+def checkpoint(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, optimizer, schedule, step: int,
+               loader_state, counters) -> None:
     cfg = ctx.cfg
     save_checkpoint(ctx.run_dir, step, bundle.model, optimizer,
                     meta={"schedule": schedule.state_dict(), "counters": counters},
                     private={"loader_state": loader_state, "rng": torch.get_rng_state()},
                     group=ctx.groups.trainer_gloo, keep=cfg.checkpoint.keep)
-    state = {k.removeprefix("draft."): v for k, v in full_model_state(bundle.model).items()}
+    state = full_model_state(bundle.model)
     if ctx.is_trainer_leader:
-        for out in (os.path.join(ctx.run_dir, "checkpoints", f"step-{step}", "draft"),
-                    os.path.join(ctx.run_dir, "draft")):
-            export_draft(state, bundle.draft_config, out, dtype=export_dtype(ctx.device))
+        for out in (os.path.join(ctx.run_dir, "checkpoints", f"step-{step}"), ctx.run_dir):
+            strategy.export(bundle, state, out, export_dtype(ctx.device), verifier_path=cfg.target.path)
     dist.barrier(group=ctx.groups.trainer_gloo)

@@ -13,14 +13,17 @@ class ReceiverSource:
     """The trainer side of a pair: tells the engine where to start, then receives over the handoff."""
 
     def __init__(self, ctx: RunContext):
-        from lib.data.batch import eagle3_payload_specs
+        from lib.drafts.base import get_strategy
+        from lib.engine.target_shape import load_hf_config, target_shape
         from lib.handoff import make_receiver
-        from lib.engine.target_shape import target_shape
 
         cfg = ctx.cfg
         self.ctx = ctx
-        shape = target_shape(cfg.target, ctx.device)
-        specs = eagle3_payload_specs(cfg.engine.token_budget, shape.hidden_size, shape.n_aux, shape.dtype)
+        # The engine sizes its slots from the same plan; the handoff's start-up check catches drift.
+        strategy = get_strategy(cfg.draft.name)
+        hf = load_hf_config(cfg.target)
+        plan = strategy.capture_plan(hf, cfg)
+        specs = strategy.payload_specs(plan, cfg.engine.token_budget, target_shape(cfg.target, ctx.device, hf).dtype)
         self.receiver = make_receiver(specs, cfg.handoff.slots, ctx.handoff_address(), ctx.peer_name(),
                                       cfg.run.loop_timeout_s, ctx.device, cfg.run.startup_timeout_s,
                                       cross_device=ctx.cross_device_handoff)

@@ -1,0 +1,211 @@
+"""The seam between the draft family being trained and everything that is the same for all of them.
+
+The engine, the handoff, the trainer loop and online evaluation never name a draft family: they ask
+the run's `DraftStrategy` (cfg.draft.name, e.g. `draft=eagle3`) for
+- `capture_plan`: which target layers the engine captures, and whether it keeps the final hidden state;
+- `payload_specs`: the handoff payload sized from that plan;
+- `build`: the trainer-side bundle (the FSDP2 unit the loop optimises, plus the family's own state);
+- `prepare` / `micro_loss` / `summarize`: one optimiser step's loss and metrics;
+- `export`: the draft on disk, in the formats its servers load;
+- `eval_*` / `load_export` / `drafter`: speculative-decoding evaluation, online and offline.
+
+A new family (DFlash, ...) is a subclass registered with `register_strategy`; its modules live under
+lib/drafts/<name>/ and are imported when the config first names it.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lib.config import Config, ConfigError, TargetConfig
+from lib.data.batch import TensorSpec
+
+# Payload names for what the engine captures; the packed batch's own tensors come first.
+AUX_HIDDEN = "aux_hidden"  # [T, len(plan.layers) * hidden]: the planned layers' outputs, concatenated in order
+FINAL_HIDDEN = "final_hidden"  # [T, hidden]: the last layer's output after the target's final norm
+BATCH_TENSORS = (("input_ids", torch.int64), ("loss_mask", torch.bool), ("position_ids", torch.int64))
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """What the engine captures per token for the draft: decoder-layer outputs and the final hidden state."""
+
+    layers: tuple[int, ...]  # decoder layers whose outputs are captured, in column order (repeats allowed)
+    hidden_size: int  # the target's hidden size, one column block per layer
+    final_hidden: bool = True
+    extras: tuple[str, ...] = ()  # further per-token tensors; no engine backend provides any yet
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "extras", tuple(self.extras))
+        if any(i < 0 for i in self.layers):
+            raise ValueError(f"CapturePlan.layers={list(self.layers)} has negative layer indices; "
+                             "use decoder layer indices counted from 0")
+        if self.hidden_size < 1:
+            raise ValueError(f"CapturePlan.hidden_size={self.hidden_size} must be >= 1: take it from the target config")
+        if not self.layers and not self.final_hidden and not self.extras:
+            raise ValueError("CapturePlan captures nothing: give layers, final_hidden=True or extras")
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Captured tensor name -> row width, in payload order."""
+        out = {}
+        if self.layers:
+            out[AUX_HIDDEN] = len(self.layers) * self.hidden_size
+        if self.final_hidden:
+            out[FINAL_HIDDEN] = self.hidden_size
+        return out
+
+    def check_target(self, num_layers: int, hidden_size: int) -> None:
+        """The plan fits the loaded target; engine backends call this at load."""
+        if hidden_size != self.hidden_size:
+            raise ValueError(f"capture plan is for hidden size {self.hidden_size}, the target has {hidden_size}: "
+                             "build the plan from this target's config")
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ValueError(f"capture plan layers {list(self.layers)} include {bad}, outside the target's "
+                             f"{num_layers} layers [0, {num_layers - 1}]; fix target.aux_layers")
+        if self.extras:
+            raise ValueError(f"capture plan asks for extra tensors {list(self.extras)}; no engine backend captures "
+                             "them yet: add them to lib/engine/hf.py first")
+
+
+def batch_payload_specs(token_budget: int) -> list[TensorSpec]:
+    """The packed batch's own tensors, which every payload starts with."""
+    return [TensorSpec(name, dtype, (), token_budget) for name, dtype in BATCH_TENSORS]
+
+
+def capture_payload_specs(plan: CapturePlan, token_budget: int, dtype: torch.dtype) -> list[TensorSpec]:
+    """The batch tensors followed by what the plan captures, each up to token_budget rows."""
+    return batch_payload_specs(token_budget) + [
+        TensorSpec(name, dtype, (width,), token_budget) for name, width in plan.widths.items()]
+
+
+@dataclass
+class DraftBundle:
+    """The trainer's side of a draft: the module the loop optimises, checkpoints and pushes.
+
+    Each family subclasses it with its own state (target head, draft config, ...); the loop only
+    uses what is declared here.
+    """
+
+    model: nn.Module  # the FSDP2 unit; its forward is the family's loss
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global norm over all shards (DTensor reduces it); the same value on every trainer."""
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_params(), max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The draft's config, JSON-ready: sent with online-evaluation weight pushes."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its config")
+
+
+class DraftStrategy(ABC):
+    """One draft family, end to end. Instances are stateless; per-run state lives in the bundle."""
+
+    name: ClassVar[str]
+    headline_metrics: ClassVar[tuple[str, ...]] = ()  # metrics-row keys the trainer log line shows after loss
+
+    # ---- capture and handoff ----
+    @abstractmethod
+    def capture_plan(self, hf_config: Any, cfg: Config) -> CapturePlan:
+        """What the engine captures for this family, from the target's transformers config and the run config."""
+
+    def payload_specs(self, plan: CapturePlan, token_budget: int, dtype: torch.dtype) -> list[TensorSpec]:
+        """The handoff payload: engine and trainer both size their slots with it."""
+        return capture_payload_specs(plan, token_budget, dtype)
+
+    # ---- training ----
+    @abstractmethod
+    def build(self, ctx) -> DraftBundle:
+        """The trainer-side bundle for this run (ctx: lib.launch.runtime.RunContext); collective over trainers."""
+
+    @abstractmethod
+    def prepare(self, bundle: DraftBundle, micro: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list[Any], torch.Tensor]:
+        """(per-micro-batch context, this rank's loss normaliser); the loop sums the normaliser over trainers."""
+
+    @abstractmethod
+    def micro_loss(self, bundle: DraftBundle, batch: Mapping[str, torch.Tensor], context: Any,
+                   normaliser: torch.Tensor, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, float32 metric sums to add up over micro-batches and trainers)."""
+
+    @abstractmethod
+    def summarize(self, sums: torch.Tensor) -> dict[str, float]:
+        """Metric sums over all micro-batches and trainers -> the metrics row (must contain "loss")."""
+
+    # ---- export ----
+    @abstractmethod
+    def export(self, bundle: DraftBundle, state: Mapping[str, torch.Tensor], out_dir: str, dtype: torch.dtype,
+               verifier_path: Optional[str] = None) -> list[str]:
+        """Write the draft from the bundle model's full state dict under out_dir; returns the directories written."""
+
+    # ---- evaluation ----
+    @abstractmethod
+    def eval_weights(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What an online-evaluation push carries, from the bundle model's full state dict."""
+
+    @abstractmethod
+    def eval_model(self, config: dict[str, Any], target: nn.Module, device: torch.device,
+                   dtype: torch.dtype) -> nn.Module:
+        """A fresh draft for online evaluation (pushed weights are loaded into it); target: the engine's base model."""
+
+    @abstractmethod
+    def load_export(self, directory: str, device: torch.device, dtype: torch.dtype, target: nn.Module) -> nn.Module:
+        """The draft from an export directory, for offline evaluation; target: the loaded causal LM."""
+
+    @abstractmethod
+    def drafter(self, model: nn.Module):
+        """A lib.eval.drafters.Drafter that proposes tokens with `model`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+_STRATEGIES: dict[str, DraftStrategy] = {}
+# Built-in families, imported on first use so that naming one never pulls in the others.
+_BUILTIN = {"eagle3": "lib.drafts.eagle3.strategy"}
+
+
+def register_strategy(cls: type[DraftStrategy]) -> type[DraftStrategy]:
+    """Class decorator: make `cls.name` selectable as draft.name."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute `name` (the draft.name that selects it)")
+    existing = _STRATEGIES.get(name)
+    if existing is not None and type(existing) is not cls:
+        raise ValueError(f"draft strategy {name!r} is already registered by {type(existing).__name__}")
+    _STRATEGIES[name] = cls()
+    return cls
+
+
+def known_strategies() -> list[str]:
+    return sorted(set(_STRATEGIES) | set(_BUILTIN))
+
+
+def get_strategy(name: str) -> DraftStrategy:
+    """The strategy registered as `name`; an unknown name is a ConfigError naming draft.name and the known ones."""
+    if name not in _STRATEGIES and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _STRATEGIES:
+        raise ConfigError(f"draft.name={name!r} is not a known draft strategy; use one of "
+                          f"{', '.join(known_strategies())} (draft=<name>), or register one with register_strategy")
+    return _STRATEGIES[name]
+
+
+def default_capture_plan(target: TargetConfig, hf_config: Any) -> CapturePlan:
+    """The default draft's plan for a target alone: for engines loaded without a run config (tests, benchmarks)."""
+    cfg = Config(target=target)
+    return get_strategy(cfg.draft.name).capture_plan(hf_config, cfg)
+
