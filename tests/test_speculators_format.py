@@ -67,7 +67,8 @@ def test_config_has_what_vllm_and_speculators_read(tmp_path):
     export_speculators(draft.state_dict(), draft.config, str(tmp_path / "s"), torch.bfloat16, str(verifier),
                        speculative_tokens=4)
     c = json.loads((tmp_path / "s" / "config.json").read_text())
-    assert c["speculators_model_type"] == "eagle3"
+    # vLLM takes speculators_config without a top-level model_type as this format (else: a plain Llama).
+    assert c["speculators_model_type"] == "eagle3" and "model_type" not in c
     spec = c["speculators_config"]
     assert spec["algorithm"] == "eagle3" and spec["default_proposal_method"] == "greedy"
     # vLLM: num_speculative_tokens defaults to the first proposal method's speculative_tokens.

@@ -3,7 +3,8 @@
 out_dir/config.json is a speculators `Eagle3SpeculatorConfig` (schema of speculators 0.9.0,
 speculators/models/eagle3/config.py); vLLM turns it into its own draft config in
 vllm/transformers_utils/configs/speculators/ (base.py + algos.py `update_eagle3`):
-  - `speculators_model_type: "eagle3"` selects that path;
+  - `speculators_config` without a top-level `model_type` marks the format (vllm/transformers_utils/
+    config.py), and `speculators_model_type: "eagle3"` selects the EAGLE-3 conversion;
   - `transformer_layer_config` is the one-layer Llama config of the draft (vLLM starts from it);
   - `speculators_config.proposal_methods[0].speculative_tokens` becomes vLLM's default
     num_speculative_tokens, and `speculators_config.verifier.name_or_path` is the target that
