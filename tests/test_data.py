@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from lib import data as data_mod
+from lib.data import datasets as data_mod
 from lib.config import TINY_TARGET_DIR, DataConfig
 from lib.data.datasets import DataError, load_dataset, load_heldout_prompts, token_counts
 from lib.data.packing import ShardedPackedLoader
