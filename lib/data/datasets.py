@@ -3,7 +3,8 @@
 Accepted lines: `{"id"?, "conversations": [{"role", "content"}]}`, ShareGPT
 `{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}`, and pre-formatted `{"text"}` (loss on
 every token). Bad lines are counted per reason with their line numbers and logged, never fatal unless
-nothing is left.
+nothing is left; lines kept although the chat template rewrote an answer (e.g. trimmed it) are counted
+per rewrite the same way.
 
 Tokenisation runs once per (data file content, tokenizer files, template, max_length, overlong,
 split) and is cached as one file (`<data>.tokcache/` or `data.cache_dir`), written atomically under a
@@ -23,11 +24,11 @@ from typing import Any, Optional
 import torch
 
 from lib.config import TINY_DATA_DIR, DataConfig
-from lib.data.templates import TemplateError, get_template
+from lib.data.templates import TemplateError, TemplateProblem, get_template
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: answers located by the template's own rendering (trimmed spans)
 SHOWN_LINES = 5  # line numbers listed per bad-line reason
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
@@ -45,15 +46,20 @@ class DataReport:
     kept: int = 0
     truncated: int = 0
     bad: dict[str, list[int]] = field(default_factory=dict)  # reason -> line numbers (1-based)
+    rewritten: dict[str, list[int]] = field(default_factory=dict)  # kept lines: rewrite reason -> line numbers
 
     def add_bad(self, reason: str, line_no: int) -> None:
         self.bad.setdefault(reason, []).append(line_no)
 
+    def add_rewritten(self, reason: str, line_no: int) -> None:
+        self.rewritten.setdefault(reason, []).append(line_no)
+
     def summary(self) -> str:
         text = f"{self.path}: {self.lines} lines, {self.kept} kept, {self.truncated} truncated"
-        for reason, lines in sorted(self.bad.items()):
-            shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
-            text += f"; {reason}: {len(lines)} (lines {shown})"
+        for label, counts in (("", self.bad), ("kept, ", self.rewritten)):
+            for reason, lines in sorted(counts.items()):
+                shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
+                text += f"; {label}{reason}: {len(lines)} (lines {shown})"
         return text
 
 
@@ -119,20 +125,22 @@ def _mask_from_offsets(offsets: list[tuple[int, int]], spans: tuple[tuple[int, i
     return [any(s < span_end and e > span_start for span_start, span_end in spans) for s, e in offsets]
 
 
-def tokenize_record(rec: Record) -> tuple[list[int], list[bool], int, int, bool] | str:
-    """(ids, loss_mask, prompt_len, answer_end, truncated) or a bad-line reason.
+def tokenize_record(rec: Record) -> tuple[list[int], list[bool], int, int, bool, tuple[str, ...]] | str:
+    """(ids, loss_mask, prompt_len, answer_end, truncated, rewrite reasons) or a bad-line reason.
 
     prompt_len/answer_end bound the last assistant turn in tokens (-1 when the record has none).
     """
     tokenizer, max_length = _worker["tokenizer"], _worker["max_length"]
+    rewrites: tuple[str, ...] = ()
     if rec.messages is None:
         text, spans, header_end = rec.text, ((0, len(rec.text)),), -1
     else:
         try:
             rendered = _worker["template"].render(rec.messages)
-        except TemplateError:
-            return "template_error"
+        except TemplateError as e:  # the template names the message; the report names the line
+            return (e.problem or TemplateProblem.BAD_MESSAGE).value
         text, spans, header_end = rendered.text, rendered.assistant_spans, rendered.last_assistant_header_end
+        rewrites = tuple(sorted({r.value for _, r in rendered.rewrites}))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, mask = list(enc["input_ids"]), _mask_from_offsets(enc["offset_mapping"], spans)
     prompt_len = answer_end = -1
@@ -149,7 +157,7 @@ def tokenize_record(rec: Record) -> tuple[list[int], list[bool], int, int, bool]
         answer_end = min(answer_end, max_length) if prompt_len >= 0 else -1
     if not any(mask):
         return "no_loss_tokens_after_truncation" if truncated else "no_loss_tokens"
-    return ids, mask, prompt_len, answer_end, truncated
+    return ids, mask, prompt_len, answer_end, truncated, rewrites
 
 
 def _progress(items, total: int, desc: str):
@@ -267,8 +275,10 @@ def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int]
         if isinstance(res, str):
             report.add_bad(res, rec.line_no)
             continue
-        ids, mask, p_len, a_end, truncated = res
+        ids, mask, p_len, a_end, truncated, rewrites = res
         report.truncated += truncated
+        for reason in rewrites:
+            report.add_rewritten(reason, rec.line_no)
         tokens.extend(ids)
         masks.extend(mask)
         offsets.append(len(tokens))
