@@ -94,6 +94,8 @@ class Drafter(Protocol):
     def start(self) -> None: ...  # a new batch begins
     def keep(self, rows: torch.Tensor) -> None: ...  # finished rows leave the batch
     def propose(self, block: VerifiedBlock, k: int, rows: list[int], generated: list[int]) -> torch.Tensor: ...
+    # Optional: check_target(runner) raises if the draft was built for another target or device;
+    # num_parameters() -> weights one draft forward multiplies by (for speedup_params; None if unknown).
 
 
 class EagleDrafter:
@@ -111,6 +113,24 @@ class EagleDrafter:
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.select(rows)
+
+    def num_parameters(self) -> int:
+        """Weights a draft forward multiplies by: all but the embedding lookup."""
+        return sum(p.numel() for name, p in self.draft.named_parameters() if name != "embed_tokens.weight")
+
+    def check_target(self, runner) -> None:
+        """The draft was built for this target (vocab, hidden size, layers) and sits on its device."""
+        cfg = self.draft.config
+        device = self.draft.fc.weight.device
+        if device != runner.device:
+            raise ValueError(f"draft is on {device}, target on {runner.device}: move the draft with draft.to(device)")
+        if cfg.vocab_size != runner.vocab_size or cfg.target_hidden_size != runner.lm_head.shape[1]:
+            raise ValueError(f"draft was built for vocab {cfg.vocab_size} / hidden {cfg.target_hidden_size}, the "
+                             f"target has {runner.vocab_size} / {runner.lm_head.shape[1]}: evaluate it with its own "
+                             f"target")
+        layers = len(runner.base.layers)
+        if any(not 0 <= i < layers for i in cfg.aux_layer_ids):
+            raise ValueError(f"draft aux_layer_ids={cfg.aux_layer_ids} are outside the target's {layers} layers")
 
     def propose(self, block: VerifiedBlock, k: int, rows: list[int], generated: list[int]) -> torch.Tensor:
         draft = self.draft

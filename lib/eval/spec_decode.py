@@ -199,7 +199,7 @@ class SpecDecodeResult:
     outputs: list[list[int]]  # generated ids per prompt (prompt excluded)
     greedy_outputs: Optional[list[list[int]]]  # plain greedy decoding, when checked
     stats: AcceptanceStats
-    draft_params: Optional[int]  # None for drafters without an Eagle3Draft (forced)
+    draft_params: Optional[int]  # None for drafters that do not report num_parameters() (forced)
     target_params: int
     spec_s: float
     greedy_s: Optional[float]
@@ -286,29 +286,14 @@ def speculative_decode(target: Any, draft: Optional[Eagle3Draft | Drafter], prom
             raise TypeError(f"draft is {type(draft).__name__}: pass an Eagle3Draft (load_draft(dir)), a Drafter, "
                             f"or forced='oracle'|'wrong'")
         drafter = draft
-        model = getattr(drafter, "draft", None)
-        draft_params = None
-        if isinstance(model, Eagle3Draft):
-            _check_draft(model, runner)
-            draft_params = sum(p.numel() for name, p in model.named_parameters() if name != "embed_tokens.weight")
+        if callable(getattr(drafter, "check_target", None)):
+            drafter.check_target(runner)
+        draft_params = drafter.num_parameters() if callable(getattr(drafter, "num_parameters", None)) else None
         if check_greedy:
             greedy, _, greedy_s = _run(runner, None, checked, 0, max_new_tokens, stop_ids, batch_size, "greedy", progress)
     outputs, stats, spec_s = _run(runner, drafter, checked, k, max_new_tokens, stop_ids, batch_size,
                                   f"speculative k={k}", progress)
     return SpecDecodeResult(k, outputs, greedy, stats, draft_params, runner.cost_parameters(), spec_s, greedy_s)
-
-
-def _check_draft(draft: Eagle3Draft, runner: TargetRunner) -> None:
-    cfg = draft.config
-    device = draft.fc.weight.device
-    if device != runner.device:
-        raise ValueError(f"draft is on {device}, target on {runner.device}: move the draft with draft.to(device)")
-    if cfg.vocab_size != runner.vocab_size or cfg.target_hidden_size != runner.lm_head.shape[1]:
-        raise ValueError(f"draft was built for vocab {cfg.vocab_size} / hidden {cfg.target_hidden_size}, the target "
-                         f"has {runner.vocab_size} / {runner.lm_head.shape[1]}: evaluate it with its own target")
-    layers = len(runner.base.layers)
-    if any(not 0 <= i < layers for i in cfg.aux_layer_ids):
-        raise ValueError(f"draft aux_layer_ids={cfg.aux_layer_ids} are outside the target's {layers} layers")
 
 
 def evaluate_online(target: Any, draft: Eagle3Draft | Drafter, prompts: Sequence[Any], draft_tokens: Sequence[int],
