@@ -19,7 +19,7 @@ from lib.drafts.eagle3.trainer import Eagle3Bundle
 
 log = logging.getLogger("specdraft.trainer")
 
-STEP_METRICS = ("ploss", "acc")  # per-depth metrics in the row: ploss_<i>, acc_<i>
+SUMS_PER_STEP = 3  # metric sums per unroll step: soft-CE sum, correct argmax count, valid rows
 SPECULATORS_MODULE = "lib.drafts.eagle3.speculators_format"
 
 
@@ -97,9 +97,9 @@ class Eagle3Strategy(DraftStrategy):
         return loss, metrics["sums"]
 
     def summarize(self, sums: torch.Tensor) -> dict[str, float]:
-        if sums.numel() % len(("ploss", "correct", "count")):
-            raise ValueError(f"EAGLE-3 metric sums have {sums.numel()} entries; expected 3 per unroll step")
-        return summarize_sums(sums, sums.numel() // 3)
+        if sums.numel() % SUMS_PER_STEP:
+            raise ValueError(f"EAGLE-3 metric sums have {sums.numel()} entries; expected {SUMS_PER_STEP} per unroll step")
+        return summarize_sums(sums, sums.numel() // SUMS_PER_STEP)
 
     def export(self, bundle: Eagle3Bundle, state: Mapping[str, torch.Tensor], out_dir: str, dtype: torch.dtype,
                verifier_path: Optional[str] = None) -> list[str]:
