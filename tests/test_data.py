@@ -11,7 +11,7 @@ import torch
 from lib.data import datasets as data_mod
 from lib.config import TINY_TARGET_DIR, DataConfig
 from lib.data.datasets import DataError, load_dataset, load_heldout_prompts, token_counts
-from lib.data.packing import ShardedPackedLoader
+from lib.data.packing import ShardedPackedLoader, epoch_order
 from lib.data.templates import TemplateError, get_template
 
 pytestmark = pytest.mark.unit
@@ -221,18 +221,24 @@ def _take(loader, n_samples):
     return ids
 
 
+def _rounds(loaders, rounds):
+    """Batch sample ids of `rounds` rounds, in stream order (round by round, shard by shard)."""
+    return [next(loader).sample_ids for _ in range(rounds) for loader in loaders]
+
+
 @pytest.mark.parametrize("num_shards", [1, 2, 4])
-def test_shards_of_an_epoch_are_disjoint_and_cover_every_sample(small_dataset, num_shards):
+def test_shards_deal_one_stream_of_epochs_round_robin(small_dataset, num_shards):
     n = len(small_dataset)
-    epochs = [[], []]  # per epoch: the ids every shard visited, in order
-    for shard in range(num_shards):
-        loader = ShardedPackedLoader(small_dataset, shard, num_shards, token_budget=64, seed=3)
-        size = len(range(shard, n, num_shards))  # the remainder is spread: sizes differ by <= 1
-        ids = _take(loader, 2 * size)
-        epochs[0] += ids[:size]
-        epochs[1] += ids[size:2 * size]
-    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(n))
-    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    loaders = [ShardedPackedLoader(small_dataset, k, num_shards, token_budget=64, seed=3) for k in range(num_shards)]
+    dealt = _rounds(loaders, 40 // num_shards)
+    single = ShardedPackedLoader(small_dataset, 0, 1, token_budget=64, seed=3)
+    assert dealt == [next(single).sample_ids for _ in dealt]  # the same batches, whatever the shard count
+    ids = [i for batch in dealt for i in batch]
+    assert len(ids) >= 2 * n
+    assert ids[:n] == epoch_order(n, 3, 0).tolist() and ids[n:2 * n] == epoch_order(n, 3, 1).tolist()
+    assert sorted(ids[:n]) == list(range(n)) and ids[:n] != ids[n:2 * n]  # every sample once, reshuffled
+    states = [loader.state_dict() for loader in loaders]
+    assert all(s == {**states[0], "shard": k} for k, s in enumerate(states))  # one position for all shards
 
 
 def test_packed_batches_hold_the_dataset_samples(small_dataset):
@@ -260,8 +266,24 @@ def test_resume_from_state_dict_continues_exactly(small_dataset):
     for want in expected:
         got = next(resumed)
         assert got.sample_ids == want.sample_ids and torch.equal(got.input_ids, want.input_ids)
-    with pytest.raises(DataError, match="num_shards=2 but this run has num_shards=4"):
-        ShardedPackedLoader(small_dataset, 1, 4, token_budget=48, seed=5).load_state_dict(state)
+    with pytest.raises(DataError, match="seed=5 but this run has seed=6"):
+        ShardedPackedLoader(small_dataset, 1, 2, token_budget=48, seed=6).load_state_dict(state)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (2, 3), (1, 4)])
+def test_resume_on_another_shard_count_trains_every_sample_once(small_dataset, before, after):
+    """2 pairs -> 1 pair (and others): the stream continues where all pairs together stopped."""
+    old = [ShardedPackedLoader(small_dataset, k, before, token_budget=48, seed=5) for k in range(before)]
+    first = _rounds(old, 12 // before)
+    new = [ShardedPackedLoader(small_dataset, k, after, token_budget=48, seed=5) for k in range(after)]
+    for loader in new:
+        loader.load_state_dict(json.loads(json.dumps(old[0].state_dict())))
+    second = _rounds(new, 24 // after)
+    single = ShardedPackedLoader(small_dataset, 0, 1, token_budget=48, seed=5)
+    assert first + second == [next(single).sample_ids for _ in range(len(first) + len(second))]
+    n = len(small_dataset)
+    ids = [i for batch in first + second for i in batch][:n]
+    assert sorted(ids) == list(range(n))  # the first epoch: nothing skipped, nothing repeated
 
 
 def test_samples_longer_than_the_budget_are_truncated_or_skipped(small_dataset):

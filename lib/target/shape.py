@@ -9,8 +9,25 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.config import ConfigError, TargetConfig
-from lib.engine.base import resolve_dtype
+from lib.config import ConfigError, TargetConfig, resolve_target_dtype
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """target.dtype -> torch dtype; 'auto' is bf16 on GPU (the production path) and fp32 on CPU."""
+    # A run's config arrives resolved (lib.config.resolve); library callers may still pass auto or a
+    # short spelling (bf16). The auto rule and the accepted names are lib.config's.
+    return _DTYPES[resolve_target_dtype(name, device.type).value]
 
 
 @dataclass(frozen=True)
