@@ -52,7 +52,7 @@ def draft_dir(path: str) -> str:
 def load_target(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    from lib.engine.base import resolve_dtype
+    from lib.target.shape import resolve_dtype
     from lib.engine.hf import build_random_target
 
     dtype = resolve_dtype(cfg.target.dtype, device)

@@ -79,7 +79,7 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
     from lib.config import compose
     from lib.drafts.eagle3.model import Eagle3DraftConfig
     from lib.drafts.eagle3.strategy import eagle3_aux_layers
-    from lib.engine.target_shape import load_hf_config
+    from lib.target.shape import load_hf_config
 
     with open(os.path.join(run_dir, "topology.json")) as f:
         topo = json.load(f)

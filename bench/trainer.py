@@ -43,7 +43,7 @@ def target_config(shape: str):
         spec = dict(TINY)
         return AutoConfig.for_model(spec.pop("model_type"), **spec)
     from lib.config import compose
-    from lib.engine.target_shape import load_hf_config
+    from lib.target.shape import load_hf_config
     return load_hf_config(compose([f"target={shape}", "target.random_init=true"]).target)
 
 

@@ -70,6 +70,11 @@ class TargetDtype(str, enum.Enum):
     float = "float32"
 
 
+class DraftFamily(str, enum.Enum):
+    # Each member is a DraftStrategy registered under lib/drafts/<name>/ (lib/drafts/base.py).
+    eagle3 = "eagle3"
+
+
 class Overlong(str, enum.Enum):
     truncate = "truncate"  # cut a sample to data.max_length
     skip = "skip"  # drop it (counted)
@@ -88,7 +93,7 @@ class TargetConfig:
 
 @dataclass
 class DraftConfig:
-    name: str = "eagle3"
+    name: DraftFamily = DraftFamily.eagle3  # set by draft=<family> (conf/draft/)
     draft_vocab_size: int = 32000  # clipped to the target vocab
     init_from: Optional[str] = None  # an existing draft export to fine-tune (reuses its vocab map)
     intermediate_size: Optional[int] = None  # default: the target's
@@ -360,12 +365,13 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
     train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile)
     run = replace(cfg.run, dir=new_run_dir() if cfg.run.dir == "auto" else os.path.abspath(cfg.run.dir))
     data = replace(cfg.data, overlong=_as_enum("data.overlong", cfg.data.overlong, Overlong))
+    draft = replace(cfg.draft, name=_as_enum("draft.name", cfg.draft.name, DraftFamily))
     mps = _as_enum("mps", cfg.mps, MpsMode)
     if mps == MpsMode.auto:
         # launch.sh decided and says so in SPECDRAFT_MPS; nothing starts MPS under a bare torchrun.
         mps = MpsMode.on if os.environ.get("SPECDRAFT_MPS") == "on" else MpsMode.off
     return replace(cfg, device=device, target=replace(cfg.target, dtype=dtype), engine=engine, train=train,
-                   run=run, data=data, mps=mps)
+                   run=run, data=data, draft=draft, mps=mps)
 
 
 # ---------------------------------------------------------------------------------------------

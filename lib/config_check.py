@@ -16,7 +16,7 @@ import re
 import sys
 
 from lib.config import (
-    CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, LaunchShape, Overlong, Placement, ProcessLayout,
+    CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement, ProcessLayout,
     TargetDtype, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
 )
 
@@ -101,6 +101,7 @@ def _check_choices(cfg: Config, shape: LaunchShape) -> None:
     _as_enum("engine.backend", cfg.engine.backend, Backend)
     _as_enum("target.dtype", cfg.target.dtype, TargetDtype)
     _as_enum("data.overlong", cfg.data.overlong, Overlong)
+    _as_enum("draft.name", cfg.draft.name, DraftFamily)
     if cfg.data.template not in TEMPLATES:
         _fail("data.template", cfg.data.template, f"not a registered template; use one of {', '.join(TEMPLATES)} "
               "(auto: the tokenizer's own chat template), or register one in lib/data/templates.py")

@@ -103,6 +103,7 @@ def test_unknown_options_fail_at_composition(overrides, needle):
     ("target.dtype=bf17", "target.dtype", "auto, bfloat16, float16, float32"),
     ("engine.backend=vllm", "engine.backend", "hf, sglang"),
     ("data.overlong=drop", "data.overlong", "truncate, skip"),
+    ("draft.name=dflash", "draft.name", "eagle3"),
 ])
 def test_bad_enum_value_is_one_line_naming_key_value_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as err:
@@ -117,6 +118,7 @@ def test_bad_enum_value_is_one_line_naming_key_value_and_allowed(override, key, 
     ("engine", EngineConfig(backend="vllm"), "engine.backend='vllm'"),
     ("target", TargetConfig(path=compose([]).target.path, dtype="bf17"), "target.dtype='bf17'"),
     ("data", dataclasses.replace(compose([]).data, overlong="drop"), "data.overlong='drop'"),
+    ("draft", dataclasses.replace(compose([]).draft, name="dflash"), "draft.name='dflash'"),
 ])
 def test_configs_built_in_python_are_checked_too(field, value, key):
     cfg = dataclasses.replace(compose([]), **{field: value})
@@ -131,7 +133,7 @@ def test_configs_built_in_python_are_checked_too(field, value, key):
 def test_target_dtype_keeps_the_short_spellings(spelling, canonical):
     import torch
 
-    from lib.engine.base import resolve_dtype
+    from lib.target.shape import resolve_dtype
 
     assert compose([f"target.dtype={spelling}"]).target.dtype == TargetDtype(canonical)
     expected = torch.float32 if canonical == "auto" else getattr(torch, canonical)

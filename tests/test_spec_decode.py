@@ -25,7 +25,7 @@ from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetHead
 from lib.engine import make_backend
 from lib.eval.spec_decode import TargetRunner, evaluate_online, greedy_decode, speculative_decode
-from lib.eval.drafters import EagleDrafter
+from lib.drafts.eagle3.drafter import EagleDrafter
 
 pytestmark = pytest.mark.unit
 

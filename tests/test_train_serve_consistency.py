@@ -4,7 +4,7 @@ At unroll depth i the training row of packed position t stands for one draft cha
 after verifying a prefix that ends at t: a prefill over the sample's positions 0..t (target states),
 then i chained steps, each on the draft's own output hidden, each one position further on, each
 attending the prefill's keys and the chain's earlier keys. Here the chain is driven by the same code
-evaluation uses (lib/eval/drafters.py `draft_step` over a `HoleKVCache`, and `forward_infer` over a
+evaluation uses (lib/drafts/eagle3/drafter.py `draft_step` over a `HoleKVCache`, and `forward_infer` over a
 `DraftKVCache`), teacher-forced with the tokens training feeds, and must give training's logits at
 every depth. Every parameter is drawn (norm gains too), so a term the two paths treat differently
 cannot hide behind a weight of one or zero.
@@ -16,7 +16,7 @@ import torch
 
 from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-from lib.eval.drafters import HoleKVCache, draft_step
+from lib.drafts.eagle3.drafter import HoleKVCache, draft_step
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from transformers import Qwen3Config
 
 from lib.drafts.base import get_strategy
 from lib.drafts.eagle3.trainer import Eagle3Bundle, TTTModule
-from lib.trainer.draft_setup import shard
+from lib.launch.sharding import shard
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetHead
 from lib.trainer.loop import apply_update

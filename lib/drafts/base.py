@@ -166,7 +166,7 @@ class DraftStrategy(ABC):
 
     @abstractmethod
     def drafter(self, model: nn.Module):
-        """A lib.eval.drafters.Drafter that proposes tokens with `model`."""
+        """A lib.drafts.drafting.Drafter that proposes tokens with `model`."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +195,9 @@ def known_strategies() -> list[str]:
 
 
 def get_strategy(name: str) -> DraftStrategy:
-    """The strategy registered as `name`; an unknown name is a ConfigError naming draft.name and the known ones."""
+    """The strategy registered as `name` (a DraftFamily or its value); an unknown name is a ConfigError
+    naming draft.name and the known ones."""
+    name = getattr(name, "value", name)
     if name not in _STRATEGIES and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in _STRATEGIES:

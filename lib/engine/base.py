@@ -15,23 +15,13 @@ import torch
 import torch.distributed as dist
 
 from lib.data.batch import PackedBatch
-from lib.config import EngineConfig, TargetConfig, resolve_target_dtype
+from lib.config import EngineConfig, TargetConfig
 from lib.drafts.base import CapturePlan
 
 # Random-init targets must be identical on every rank that builds one (TP members, and trainers that
 # rebuild the target's embedding and lm_head), so the seed is fixed rather than taken from the run.
 RANDOM_INIT_SEED = 1234
 
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 
 
 class EngineBackend(Protocol):
@@ -91,13 +81,6 @@ class EngineInputError(ValueError):
 
     def remaining(self, batch: PackedBatch) -> PackedBatch:
         return drop_samples(batch, [p.index for p in self.problems])
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """target.dtype -> torch dtype; 'auto' is bf16 on GPU (the production path) and fp32 on CPU."""
-    # A run's config arrives resolved (lib.config.resolve); library callers may still pass auto or a
-    # short spelling (bf16). The auto rule and the accepted names are lib.config's.
-    return _DTYPES[resolve_target_dtype(name, device.type).value]
 
 
 def check_batch_structure(batch: PackedBatch) -> None:

@@ -35,9 +35,9 @@ from lib.engine.base import (
     capture_destination,
     check_batch_structure,
     find_sample_problems,
-    resolve_dtype,
 )
 from lib.engine.tp import TensorParallel
+from lib.target.shape import resolve_dtype
 
 ATTN_IMPLS = tuple(a.value for a in AttnImpl)
 _VARLEN_NAME = "engine_varlen"

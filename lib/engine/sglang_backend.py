@@ -32,9 +32,9 @@ from lib.engine.base import (
     capture_destination,
     check_batch_structure,
     find_sample_problems,
-    resolve_dtype,
 )
 from lib.engine.tp import TensorParallel
+from lib.target.shape import resolve_dtype
 
 SGLANG_VERSION = "0.5.23"
 INSTALL_HINT = f"pip install sglang=={SGLANG_VERSION}; bash patches/sglang/apply.sh"

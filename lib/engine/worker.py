@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lib.data.batch import PackedBatch
 from lib.drafts.base import get_strategy
 from lib.engine.base import EngineBackend, EngineInputError
-from lib.engine.target_shape import load_hf_config
+from lib.target.shape import load_hf_config
 from lib.launch.runtime import RunContext, peak_memory
 
 log = logging.getLogger("specdraft.engine")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lib.drafts.base import DraftStrategy, get_strategy
-from lib.trainer.checkpoint import full_model_state
+from lib.launch.sharding import full_model_state
 from lib.launch.runtime import RunContext
 
 log = logging.getLogger("specdraft.eval")
@@ -44,7 +44,7 @@ class EvalHarness:
         from transformers import AutoTokenizer
 
         from lib.data.datasets import load_heldout_prompts
-        from lib.engine.target_weights import load_target_lm_head
+        from lib.target.weights import load_target_lm_head
         from lib.eval.target import TargetRunner, stop_token_ids
 
         cfg = ctx.cfg

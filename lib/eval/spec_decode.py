@@ -24,7 +24,9 @@ import torch
 from tqdm import tqdm  # a dependency of transformers, so always present
 
 from lib.drafts.eagle3.model import Eagle3Draft
-from lib.eval.drafters import FORCED_MODES, Drafter, EagleDrafter, ForcedDrafter, VerifiedBlock, visible_keys
+from lib.drafts.drafting import Drafter, VerifiedBlock, visible_keys
+from lib.drafts.eagle3.drafter import EagleDrafter
+from lib.eval.drafters import FORCED_MODES, ForcedDrafter
 from lib.eval.target import TargetRunner, as_target_runner  # noqa: F401 (re-exported)
 
 @dataclass

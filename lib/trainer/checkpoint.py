@@ -16,8 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -75,11 +74,6 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     private = torch.load(os.path.join(path, f"rank-{dist.get_rank(group)}.pt"), weights_only=False)
     return meta, private
-
-
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded fp32 CPU state dict on every trainer (a collective: all trainers must call it)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _prune(root: str, keep: int) -> None:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from lib.config import Placement
 from lib.drafts.base import DraftBundle, DraftStrategy, get_strategy
-from lib.trainer.checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from lib.launch.sharding import full_model_state
+from lib.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
 from lib.eval.online import TrainerEvaluator, eval_enabled
 from lib.launch.runtime import RunContext, peak_memory

@@ -14,7 +14,7 @@ class ReceiverSource:
 
     def __init__(self, ctx: RunContext):
         from lib.drafts.base import get_strategy
-        from lib.engine.target_shape import load_hf_config, target_shape
+        from lib.target.shape import load_hf_config, target_shape
         from lib.handoff import make_receiver
 
         cfg = ctx.cfg

@@ -77,7 +77,7 @@ class Eagle3Strategy(DraftStrategy):
 
     def build(self, ctx) -> Eagle3Bundle:
         from lib.drafts.eagle3.trainer import build_bundle
-        from lib.engine.target_shape import load_hf_config
+        from lib.target.shape import load_hf_config
 
         plan = self.capture_plan(load_hf_config(ctx.cfg.target), ctx.cfg)
         return build_bundle(ctx, list(plan.layers))
@@ -135,6 +135,6 @@ class Eagle3Strategy(DraftStrategy):
         return load_draft(directory, device=device, dtype=dtype, embedding=target.get_input_embeddings().weight)
 
     def drafter(self, model: nn.Module):
-        from lib.eval.drafters import EagleDrafter
+        from lib.drafts.eagle3.drafter import EagleDrafter
 
         return EagleDrafter(model.eval())

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 # The checkpoint readers are the target's, shared with evaluation; re-exported here for the draft code.
-from lib.engine.target_weights import (EMBEDDING_NAMES, LM_HEAD_NAMES, load_target_embedding,  # noqa: F401
+from lib.target.weights import (EMBEDDING_NAMES, LM_HEAD_NAMES, load_target_embedding,  # noqa: F401
                                        load_target_lm_head, read_checkpoint_tensor)
 
 

@@ -19,6 +19,8 @@ from lib.drafts.eagle3.fused import use_compiled
 from lib.drafts.eagle3.loss import ttt_forward
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetDistribution, TargetHead, load_target_embedding
+from lib.drafts.eagle3.vocab import vocab_map
+from lib.launch.sharding import shard
 
 log = logging.getLogger("specdraft.trainer")
 
@@ -74,8 +76,7 @@ def _vocab_map_of(export_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_bundle(ctx, aux_layers: list[int]) -> Eagle3Bundle:
     """The draft, its vocab map and target head for this run; aux_layers from the capture plan."""
-    from lib.engine.target_shape import load_hf_config, target_shape
-    from lib.trainer.draft_setup import shard, vocab_map
+    from lib.target.shape import load_hf_config, target_shape
 
     cfg, device = ctx.cfg, ctx.device
     hf = load_hf_config(cfg.target)

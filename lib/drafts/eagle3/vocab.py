@@ -8,9 +8,12 @@ and fine-tuning: rebuilding it would silently permute lm_head rows against a tra
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+
+from lib.launch.runtime import RunContext
 
 VOCAB_MAP_FILENAME = "vocab_map.safetensors"
 
@@ -94,3 +97,27 @@ def ensure_vocab_map(run_dir: str, draft_vocab_size: int, target_vocab_size: int
     d2t, t2d = build_vocab_map(counts, draft_vocab_size)
     save_vocab_map(run_dir, d2t, t2d)
     return d2t, t2d
+
+
+def _token_counts(ctx: RunContext, vocab_size: int) -> torch.Tensor:
+    from lib.data.datasets import load_dataset, token_counts
+
+    return token_counts(load_dataset(ctx.cfg.data, ctx.tokenizer_path, "train"), vocab_size)
+
+
+def vocab_map(ctx: RunContext, vocab_size: int, draft_vocab: int,
+              init_map: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built once per run by the trainer leader, loaded by all. init_map: the (d2t, t2d) of the draft
+    being fine-tuned (draft.init_from), whose rows must keep their meaning."""
+    group = ctx.groups.trainer_gloo
+    if ctx.is_trainer_leader:
+        if init_map is not None:
+            save_vocab_map(ctx.run_dir, *init_map())
+        ensure_vocab_map(ctx.run_dir, draft_vocab, vocab_size, lambda: _token_counts(ctx, vocab_size))
+    dist.barrier(group=group)
+    return ensure_vocab_map(ctx.run_dir, draft_vocab, vocab_size, _no_rebuild)
+
+
+def _no_rebuild() -> torch.Tensor:
+    raise RuntimeError("the trainer leader did not write vocab_map.safetensors; see its log")
