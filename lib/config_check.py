@@ -16,7 +16,8 @@ import re
 import sys
 
 from lib.config import (
-    CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement, ProcessLayout,
+    CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement,
+    ProcessLayout,
     TargetDtype, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
 )
 
