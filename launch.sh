@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Launch one node of a training run: detect GPUs, pick the process count, check the config once,
 # bring MPS up for colocation, run torchrun with every argument forwarded as a Hydra override, then
-# quit MPS (only if this script started it) and report which rank failed and its role.
+# quit MPS (only if this script started it) and report which rank failed, its role and its error.
+# SIGTERM/SIGINT stop the run at a checkpoint: the ranks finish the step in flight and save, and this
+# script exits 75 and prints the command that resumes (docs/reliability.md).
 #
 #   bash launch.sh [--print-plan] [hydra overrides...]
 #
@@ -28,12 +30,19 @@ PLACEMENT=colocate
 MPS_MODE=auto
 DEVICE=""
 USER_RUN_DIR=""
+SAVE_TIMEOUT_S=120  # run.save_timeout_s's default in lib/config.py RunConfig
+EXIT_STOPPED=75  # lib/launch/stopping.py EXIT_STOPPED: stopped by a signal at a checkpoint; resume it
+RESUME_ARGS=()  # the arguments of a resume: these, plus run.dir and checkpoint.resume=true
 for arg in "$@"; do
   case "$arg" in
     --print-plan) PRINT_PLAN=1; continue ;;
     -h|--help) usage; exit 0 ;;
   esac
   OVERRIDES+=("$arg")
+  case "${arg#++}" in
+    run.dir=*|+run.dir=*|checkpoint.resume=*|+checkpoint.resume=*|run.overwrite=*|+run.overwrite=*) ;;
+    *) RESUME_ARGS+=("$arg") ;;
+  esac
   [[ $arg == *=* ]] || continue
   key=${arg%%=*}
   key=${key#++}
@@ -44,6 +53,7 @@ for arg in "$@"; do
     mps) MPS_MODE=$value ;;
     device) DEVICE=$value ;;
     run.dir) USER_RUN_DIR=$value ;;
+    run.save_timeout_s) [[ $value =~ ^[0-9]+$ ]] && SAVE_TIMEOUT_S=$value ;;
   esac
 done
 
@@ -173,9 +183,18 @@ if [[ -n ${SPECDRAFT_RDZV_ENDPOINT:-} ]]; then
               --rdzv_id "${SPECDRAFT_RDZV_ID:-specdraft}")
 else
   RENDEZVOUS=(--standalone)
+  # One node: gloo's sockets bind to loopback, not to the address the host name resolves to.
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
 fi
-CMD=("$PYTHON" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node="$NPROC_EFFECTIVE"
-     "$ENTRY" "${EXTRA[@]}" "${OVERRIDES[@]}")
+# torchrun signals its ranks on SIGTERM and kills them --shutdown-timeout later: give the save its
+# whole bound (run.save_timeout_s) plus 10 s for the step in flight. --log-dir puts each rank's error file
+# (TORCHELASTIC_ERROR_FILE) where the failure summary below reads it.
+build_cmd() {
+  CMD=("$PYTHON" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node="$NPROC_EFFECTIVE"
+       --shutdown-timeout "$(( SAVE_TIMEOUT_S + 10 ))" --log-dir "$1"
+       "$ENTRY" "${EXTRA[@]}" "${OVERRIDES[@]}")
+}
+build_cmd "${TMPDIR:-/tmp}/specdraft-launch.XXXXXX/elastic"  # the real directory is made at run time
 
 if [[ $PRINT_PLAN == 1 ]]; then
   echo "gpus=$GPUS"
@@ -191,8 +210,9 @@ if [[ $PRINT_PLAN == 1 ]]; then
 fi
 
 # ---- run ----
-mkdir -p "$RUN_DIR" || die "cannot create run directory $RUN_DIR; pass run.dir=<writable path>"
+mkdir -p -m 700 "$RUN_DIR" || die "cannot create run directory $RUN_DIR; pass run.dir=<writable path>"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/specdraft-launch.XXXXXX") || die "cannot create a temporary directory; set TMPDIR"
+build_cmd "$WORK/elastic"
 TORCHRUN_PID=""
 TEE_PID=""
 MPS_STARTED_HERE=0
@@ -230,24 +250,37 @@ cleanup() {
   rm -rf "$WORK"
 }
 
+GOT_SIGNAL=""
+SIGNAL_CODE=0
 on_signal() {
   local name=$1 code=$2
-  trap '' INT TERM
-  if [[ -n $TORCHRUN_PID ]] && kill -0 "$TORCHRUN_PID" 2>/dev/null; then
-    info "got SIG$name: stopping torchrun (pid $TORCHRUN_PID) and its ranks"
-    kill -TERM "$TORCHRUN_PID" 2>/dev/null
-    wait "$TORCHRUN_PID"
-    local rc=$?
-    (( rc != 0 )) && code=$rc
-  fi
-  exit "$code"
+  if [[ -z $TORCHRUN_PID ]]; then exit "$code"; fi  # nothing started yet (or it has ended)
+  [[ -n $GOT_SIGNAL ]] && return  # Slurm signals every process, and may signal again: one stop is enough
+  GOT_SIGNAL=SIG$name
+  SIGNAL_CODE=$code
+  # The ranks, not torchrun: each finishes its step, the trainers checkpoint, and they exit 0, so
+  # torchrun ends cleanly too. (Signalled itself, torchrun forwards the signal and prints a traceback.)
+  local ranks
+  ranks=$(pgrep -P "$TORCHRUN_PID" 2>/dev/null | tr '\n' ' ')
+  info "got SIG$name: asking the ranks ($ranks) to stop at the end of their step and checkpoint"
+  [[ -n $ranks ]] && kill -TERM $ranks 2>/dev/null
+}
+
+report_stop() {
+  "$PYTHON" - "$RUN_DIR/stopped.json" <<'PY' >&2
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"launch.sh: stopped on {r['signal']} after step {r['step']}; checkpoint {r['checkpoint']}")
+PY
+  local resume=(bash "$REPO/launch.sh" "${RESUME_ARGS[@]}" "run.dir=$RUN_DIR" checkpoint.resume=true)
+  printf 'launch.sh: resume with: ' >&2; printf '%q ' "${resume[@]}" >&2; echo >&2
 }
 
 report_failure() {
   local rc=$1
-  "$PYTHON" - "$WORK/torchrun.stderr" "$RUN_DIR/topology.json" "$NPROC_EFFECTIVE" "$PLACEMENT" "$rc" <<'PY' >&2
-import json, re, sys
-log_path, topo_path, nproc, placement, rc = sys.argv[1:6]
+  "$PYTHON" - "$WORK/torchrun.stderr" "$RUN_DIR/topology.json" "$NPROC_EFFECTIVE" "$PLACEMENT" "$rc" "$WORK/elastic" <<'PY' >&2
+import glob, json, os, re, sys
+log_path, topo_path, nproc, placement, rc, elastic_dir = sys.argv[1:7]
 nproc = int(nproc)
 try:
     text = open(log_path, errors="replace").read()
@@ -259,6 +292,24 @@ failure = re.compile(r"host\s*:\s*(?P<host>\S+)\s*\n\s*rank\s*:\s*(?P<rank>\d+)\
 failed = {}
 for m in failure.finditer(text):
     failed[int(m["rank"])] = (m, root_at >= 0 and m.start() > root_at)
+# Each rank that raised wrote torchrun's error file (TORCHELASTIC_ERROR_FILE, lib/launch/stopping.py):
+# the exception and the rank's identity. A rank killed by a signal wrote none; torchrun's summary names it.
+errors = {}
+for path in glob.glob(os.path.join(elastic_dir, "*", "attempt_*", "*", "error.json")):
+    try:
+        msg = json.load(open(path))["message"]
+        extra = msg["extraInfo"]
+        errors[int(extra["rank"])] = {"message": msg["message"], "role": extra.get("role"), "host": extra.get("host"),
+                                      "exit": extra.get("exit_code"), "time": float(extra.get("time", 0))}
+    except (OSError, ValueError, KeyError, TypeError):
+        continue
+signalled_root = [r for r, (m, is_root) in failed.items() if is_root and m["sig"] and r not in errors]
+if signalled_root:
+    root = signalled_root[0]
+elif errors:
+    root = min(errors, key=lambda r: errors[r]["time"])
+else:
+    root = next((r for r, (m, is_root) in failed.items() if is_root), None)
 try:
     topo = json.load(open(topo_path))
     records = topo.get("ranks", topo) if isinstance(topo, dict) else topo
@@ -266,6 +317,12 @@ try:
 except (OSError, ValueError, TypeError, KeyError, AttributeError):
     by_rank = {}
 print(f"launch.sh: torchrun exited with {rc}.")
+if root in errors:
+    e = errors[root]
+    print(f"launch.sh: root cause: rank {root} ({e['role']}) on host {e['host']}, exit code {e['exit']}: {e['message']}")
+for rank, e in sorted(errors.items()):
+    if rank not in failed:  # exited with its error before torchrun listed it (e.g. a config error)
+        failed[rank] = (None, False)
 if not failed:
     print("launch.sh: torchrun named no failed rank (it may have stopped before starting the ranks, or was"
           " interrupted); see its output above.")
@@ -274,8 +331,10 @@ if not by_rank:
     print(f"launch.sh: {topo_path} was not written (the run stopped before building its topology); roles below"
           " follow the design's layout: local ranks [0, P/2) train, [P/2, P) run the engine.")
 print("launch.sh: failed ranks:")
-for rank, (m, is_root) in sorted(failed.items(), key=lambda kv: not kv[1][1]):
-    local = int(m["local"])
+for rank, (m, _) in sorted(failed.items(), key=lambda kv: kv[0] != root):
+    is_root = rank == root
+    e = errors.get(rank)
+    local = int(m["local"]) if m else int(by_rank.get(rank, {}).get("local_rank", rank % nproc))
     rec = by_rank.get(rank)
     if rec:
         role = (f"{rec.get('role')}, pair rank {rec.get('pair')}, device {rec.get('device')}, "
@@ -286,9 +345,13 @@ for rank, (m, is_root) in sorted(failed.items(), key=lambda kv: not kv[1][1]):
         half = nproc // 2
         role = "trainer" if local < half else "engine"
         role += f", pair local rank {local + half if local < half else local - half}"
-    exit_desc = m["exit"] + (f" ({m['sig']})" if m["sig"] else "")
+    if m:
+        exit_desc, host = m["exit"] + (f" ({m['sig']})" if m["sig"] else ""), m["host"]
+    else:
+        exit_desc, host = str(e["exit"]), e["host"]
     mark = "  <- root cause (first to fail)" if is_root else ""
-    print(f"  rank {rank} (local {local}, host {m['host']}): {role}; exit code {exit_desc}{mark}")
+    cause = f"\n      {e['message']}" if e else ""
+    print(f"  rank {rank} (local {local}, host {host}): {role}; exit code {exit_desc}{mark}{cause}")
 PY
 }
 
@@ -304,12 +367,27 @@ info "SPECDRAFT_MPS=$SPECDRAFT_MPS"
 mkfifo "$WORK/stderr.fifo" || die "cannot create a fifo in $WORK; set TMPDIR to a local directory"
 tee "$WORK/torchrun.stderr" <"$WORK/stderr.fifo" >&2 &
 TEE_PID=$!
+# A stop record left by an earlier launch in this directory is not this launch's.
+rm -f "$RUN_DIR/stopped.json"
 # In the background so a SIGTERM reaches our trap (and is forwarded) while torchrun runs.
 "${CMD[@]}" 2>"$WORK/stderr.fifo" &
 TORCHRUN_PID=$!
-wait "$TORCHRUN_PID"
-RC=$?
+while :; do
+  wait "$TORCHRUN_PID"
+  RC=$?
+  # wait also returns when a trap ran; only a reaped torchrun ends the loop.
+  kill -0 "$TORCHRUN_PID" 2>/dev/null || break
+done
 TORCHRUN_PID=""
 stop_tee
+if [[ -s $RUN_DIR/stopped.json ]]; then
+  # The trainers checkpointed after a signal (to this script, to torchrun or to any rank).
+  report_stop
+  exit "$EXIT_STOPPED"
+fi
 if (( RC != 0 )); then report_failure "$RC"; fi
+if [[ -n $GOT_SIGNAL ]]; then
+  info "stopped on $GOT_SIGNAL before the trainers wrote a checkpoint for it"
+  (( RC == 0 )) && RC=$SIGNAL_CODE
+fi
 exit "$RC"

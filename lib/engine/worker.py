@@ -99,7 +99,8 @@ class EngineStepper:
 
 
 def run_engine(ctx: RunContext) -> None:
-    from lib.handoff import make_sender
+    from lib.handoff import HandoffClosed, make_sender
+    from lib.launch.stopping import stop_requested
     from lib.eval.online import EngineEvalService, eval_enabled
     from lib.launch.topology import enter_loop_timeouts
 
@@ -122,6 +123,9 @@ def run_engine(ctx: RunContext) -> None:
             slot = sender.acquire()
             t = time.perf_counter()
             header, tensors = stepper.produce(slot)
+            # A stop asked of this engine reaches its trainer with the next payload; the trainers agree
+            # on it and close the handoff after their checkpoint, which ends this loop below.
+            header["stop"] = stop_requested()
             sender.send(tensors, header)
             busy += time.perf_counter() - t
             if ctx.is_engine_leader and (i + 1) % (cfg.train.log_every * cfg.train.grad_accum) == 0:
@@ -129,5 +133,10 @@ def run_engine(ctx: RunContext) -> None:
                          1e3 * busy / (i + 1))
         if evals is not None:
             evals.drain()
+    except HandoffClosed:
+        # The trainer closed before taking every micro-batch: it stopped on a signal after its checkpoint
+        # (or failed, and torchrun names it). Either way nothing is left for this engine to produce.
+        log.info("the trainer closed the handoff early (stop on %s): engine stops",
+                 stop_requested() or "a trainer's signal")
     finally:
         sender.close()

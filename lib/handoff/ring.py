@@ -123,7 +123,16 @@ class Sender:
         self._layout.write(views, payload, num_rows)
         slot = self._acquired
         self._store.after_write(slot)
-        self._channel.send({"kind": "data", "slot": slot, "header": header}, timeout_s=self._timeout_s)
+        try:
+            self._channel.send({"kind": "data", "slot": slot, "header": header}, timeout_s=self._timeout_s)
+        except PeerError:
+            # A receiver that closed on purpose (a stop after its checkpoint) said so before its socket
+            # went away; report that, not a death.
+            while self._channel.readable():
+                message, _ = self._channel.recv(self._timeout_s, waiting_for="the trainer's last message")
+                if message.get("kind") != "credit":
+                    _raise_for(message, self.peer, "a free slot (a credit)")
+            raise
         self._acquired = None
 
     def close(self) -> None:
