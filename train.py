@@ -16,6 +16,7 @@ import traceback
 import torch
 
 from lib.config import ConfigError, Device, LaunchShape, compose, resolve, validate
+from lib.config_check import prepare_run_dir
 from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, startup_barrier  # noqa: E501
 from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E501
 
@@ -105,6 +106,10 @@ def main(overrides: list[str]) -> int:
         groups = build_groups(topo, info, cfg.run.startup_timeout_s)
         cfg = agree_run_dir(cfg, groups)
         ctx = RunContext(cfg, topo, info, groups, cfg.run.dir)
+        if rank == 0:
+            # Before the all-gather below: no rank writes into the run dir until it is cleared.
+            for line in prepare_run_dir(cfg):
+                log.info("%s", line)
         records = gather_topology(groups, info)
         if rank == 0:
             write_run_files(ctx, records)

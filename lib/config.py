@@ -172,6 +172,10 @@ class RunConfig:
     loop_timeout_s: int = 120
     dry_run: bool = False
     stop_after_steps: int = 0  # >0: stop this job after that many steps (checkpointed), e.g. for time-limited allocations
+    # true: remove the run files already in `dir` (config.yaml, metrics, checkpoints, exports) before
+    # starting; without it (or checkpoint.resume=true) a directory that holds a run is refused
+    overwrite: bool = False
+    record_samples: bool = False  # true: each trainer appends the sample indices it consumed to samples/rank-R.jsonl
 
 
 @dataclass

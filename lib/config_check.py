@@ -11,9 +11,15 @@ launcher can stop before it starts MPS or torchrun.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
+import json
 import os
 import re
+import shutil
 import sys
+import time
+from typing import Any, Optional
 
 from lib.config import (
     CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement,
@@ -55,6 +61,7 @@ def validate_config(cfg: Config, shape: LaunchShape) -> None:
     _check_choices(cfg, shape)
     _check_paths(cfg)
     _check_launch_fit(cfg, shape)
+    _check_run_dir(cfg)
 
 
 def _check_fractions(cfg: Config) -> None:
@@ -158,6 +165,146 @@ def _check_launch_fit(cfg: Config, shape: LaunchShape) -> None:
         # Online evaluation decodes on pair 0's engine with a whole, unsplit target.
         _fail("eval.every", cfg.eval.every, f"online evaluation needs engine.tp=1 (got engine.tp={cfg.engine.tp}); "
               "set eval.every=0 and evaluate the export afterwards with eval.py, or use engine.tp=1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory: one run per directory
+# ---------------------------------------------------------------------------------------------
+
+# What a run writes into run.dir (train.py, lib/trainer, the draft exports); run.overwrite=true removes
+# exactly these, so nothing else in the directory (let alone outside it) is ever deleted.
+RUN_FILES = ("config.yaml", "topology.json", "metrics.jsonl", "summary.json", "resumes.jsonl", "vocab_map.safetensors",
+             "loss.png", "accuracy.png", "accept_len.png")
+RUN_DIRS = ("checkpoints", "samples", "dry_run")
+RUN_DIR_PREFIXES = ("draft",)  # draft/, draft_speculators/: the exports
+# Keys that change the draft's shape or the data order: a resume must keep them, or the checkpoint
+# would not load, or samples would be skipped or repeated. Every other key may change on resume.
+RESUME_MUST_MATCH = (
+    "target.name", "draft.name", "draft.draft_vocab_size", "draft.intermediate_size", "draft.num_attention_heads",
+    "draft.num_key_value_heads", "draft.init_from", "train.ttt_length", "train.seed", "data.path",
+    "data.heldout_path", "data.heldout_size", "data.template", "data.max_length", "data.overlong",
+)
+_PATH_KEYS = {"data.path", "data.heldout_path", "draft.init_from"}
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Keys whose change on resume says nothing about the run (the launch asks for the resume itself).
+_NOT_A_CHANGE = {"checkpoint.resume", "run.overwrite"}
+
+
+def held_run(run_dir: str) -> list[str]:
+    """What in `run_dir` shows it already holds a run (config.yaml, metrics, checkpoints); [] if nothing."""
+    found = [f for f in ("config.yaml", "metrics.jsonl") if os.path.isfile(os.path.join(run_dir, f))]
+    ckpt = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpt) and os.listdir(ckpt):
+        found.append("checkpoints/")
+    return found
+
+
+def newest_checkpoint_name(run_dir: str) -> Optional[str]:
+    """checkpoints/step-N of the highest complete step (meta.json written last), or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    steps = [int(m.group(1)) for name in (os.listdir(root) if os.path.isdir(root) else [])
+             if (m := _STEP_DIR.match(name)) and os.path.isfile(os.path.join(root, name, "meta.json"))]
+    return f"checkpoints/step-{max(steps)}" if steps else None
+
+
+def saved_config(run_dir: str) -> Optional[dict]:
+    """The resolved config a previous run recorded in run_dir/config.yaml, as plain data, or None."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(run_dir, "config.yaml")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if os.path.isfile(path) else None
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(tree):
+        tree = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, enum.Enum):
+        tree = tree.name
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str):
+        return os.path.abspath(old) == os.path.abspath(new)
+    return old == new
+
+
+def config_changes(cfg: Config, saved: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, this launch's value)} for every key that differs from the saved config."""
+    old, new = _flat(saved), _flat(cfg)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k not in _NOT_A_CHANGE and not _same(k, old.get(k), new.get(k))}
+
+
+def _check_run_dir(cfg: Config) -> None:
+    """One run per directory: continue it only with checkpoint.resume=true (keeping the keys that shape
+    the draft or order the data), or remove it first with run.overwrite=true; never mix two runs."""
+    if cfg.run.overwrite and cfg.checkpoint.resume:
+        _fail("run.overwrite", True, "removes the run that checkpoint.resume=true would continue; drop one of them")
+    if cfg.run.dir == "auto":
+        return
+    run_dir = os.path.abspath(cfg.run.dir)
+    found = held_run(run_dir)
+    if not found or cfg.run.overwrite:
+        return
+    newest = newest_checkpoint_name(run_dir)
+    if not cfg.checkpoint.resume:
+        _fail("run.dir", run_dir, f"already holds a run ({', '.join(found)}; newest checkpoint: "
+              f"{newest or 'none'}); continue it with checkpoint.resume=true, remove it first with "
+              "run.overwrite=true, or pass another run.dir")
+    saved = saved_config(run_dir)
+    if saved is None:
+        return
+    changed = config_changes(cfg, saved)
+    for key in RESUME_MUST_MATCH:
+        if key in changed:
+            old, new = changed[key]
+            _fail(key, new, f"the run in {run_dir} was made with {key}={old!r}, which shapes the draft or orders "
+                  f"the data, so a resume must keep it: set {key}={old!r}, or start a new run (another run.dir, "
+                  "or run.overwrite=true without checkpoint.resume)")
+
+
+def clear_run_dir(run_dir: str) -> list[str]:
+    """run.overwrite=true: remove the previous run's files (RUN_FILES, RUN_DIRS, the draft* exports) from
+    run_dir and nothing else; a symbolic link among them is unlinked, never followed. Returns the names."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name)
+        is_dir = os.path.isdir(path) and not os.path.islink(path)
+        if not (name in RUN_FILES or name in RUN_DIRS or (name.startswith(RUN_DIR_PREFIXES) and is_dir)):
+            continue
+        if is_dir:
+            shutil.rmtree(path)  # removes links inside the tree without following them
+        else:
+            os.unlink(path)
+        removed.append(name)
+    return removed
+
+
+def prepare_run_dir(cfg: Config) -> list[str]:
+    """Run once (rank 0) after validation, before the run writes anything: clear the directory under
+    run.overwrite=true, or, under checkpoint.resume=true, record what changed since the saved config in
+    resumes.jsonl. Returns lines for the log."""
+    run_dir = cfg.run.dir
+    if cfg.run.overwrite:
+        removed = clear_run_dir(run_dir)
+        return [f"run.overwrite=true: removed the previous run's {', '.join(removed)} from {run_dir}"] if removed else []
+    saved = saved_config(run_dir) if cfg.checkpoint.resume else None
+    if saved is None:
+        return []
+    changed = config_changes(cfg, saved)
+    with open(os.path.join(run_dir, "resumes.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume_from": newest_checkpoint_name(run_dir),
+                            "changed": {k: list(v) for k, v in changed.items()}}, default=str) + "\n")
+    if not changed:
+        return ["resuming with the saved config unchanged"]
+    return ["resuming with changed keys (recorded in resumes.jsonl): "
+            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())]
 
 
 # ---------------------------------------------------------------------------------------------

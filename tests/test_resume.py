@@ -1,13 +1,18 @@
-"""Exact resume: k steps + restart + k steps equals 2k uninterrupted steps (fp32, CPU, real torchrun)."""
+"""Resume (fp32, CPU, real torchrun): k steps + restart + k steps equals 2k uninterrupted steps; a resume
+on another number of pairs trains every sample once and continues loss and schedule; a used run dir is
+refused unless resumed or overwritten."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import torchrun
+from lib.data.packing import epoch_order
+from lib.trainer.loop import lr_lambda
+from tests.helpers import REPO, cpu_env, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +57,77 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:]
     assert "no complete checkpoint" in res.stdout
     assert [r["step"] for r in _rows(str(tmp_path))] == [1]
+
+
+RESHARD = ["train.max_steps=6", "engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",
+           "train.warmup_steps=2", "run.record_samples=true", "run.stop_after_steps=2"]
+
+
+def _consumed(run_dir):
+    """Every sample index the pairs consumed across all runs into run_dir (samples/rank-R.jsonl)."""
+    ids = []
+    for name in sorted(os.listdir(os.path.join(run_dir, "samples"))):
+        with open(os.path.join(run_dir, "samples", name)) as f:
+            for row in map(json.loads, f):
+                ids += row["ids"] + row["refused"]
+    return ids
+
+
+def test_resume_on_another_number_of_pairs(tmp_path):
+    """2 pairs for 2 steps, resume on 1 pair for 2, then on 2 again: DCP reshards the draft and its
+    optimizer, the data continues from the global position, the schedule continues."""
+    run = str(tmp_path / "run")
+    for nproc, extra, said in ((4, [], None), (2, ["checkpoint.resume=true"], "with 1 pair(s) instead of 2"),
+                               (4, ["checkpoint.resume=true"], "with 2 pair(s) instead of 1")):
+        res = torchrun(nproc, [*RESHARD, f"run.dir={run}", *extra])
+        assert res.returncode == 0, res.stdout[-3000:]
+        assert said is None or said in res.stdout, res.stdout[-3000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+    ids = _consumed(run)
+    with open(os.path.join(run, "checkpoints", "step-6", "meta.json")) as f:
+        meta = json.load(f)
+    position = meta["data_position"]
+    assert position["epoch"] == 0 and position["index"] == len(ids)
+    assert len(set(ids)) == len(ids), "a sample was trained on twice"
+    # Nothing skipped: together the runs consumed exactly the start of epoch 0's fixed order.
+    assert sorted(ids) == sorted(epoch_order(position["num_samples"], 0, 0)[:len(ids)].tolist())
+    assert rows[-1]["samples_seen"] == len(ids)
+
+    # No jump: the first step of each resumed run (0-based 2 and 4) goes on from where the last run
+    # stopped (fp32 on CPU, so these numbers are deterministic), far below the untrained step-1 loss.
+    losses = [r["loss"] for r in rows]
+    first_drop = losses[0] - losses[1]
+    for resumed in (2, 4):
+        assert losses[resumed] < losses[resumed - 1] + 0.5 * first_drop, losses
+    # The learning-rate schedule continued across both resumes (data=tiny: lr 1e-3, min_lr_ratio 0.1).
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_lambda(s + 1, 2, 6, 0.1) for s in range(6)], rel=1e-9)
+
+
+def test_a_reused_run_dir_is_refused_before_any_work_and_overwrite_replaces_the_run(tmp_path):
+    """The issue's scenario: a second launch into a used run dir without checkpoint.resume=true."""
+    run = str(tmp_path / "run")
+    small = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.warmup_steps=0"]
+    res = torchrun(2, [*small, "train.max_steps=2", "checkpoint.every=1", f"run.dir={run}"])
+    assert res.returncode == 0, res.stdout[-3000:]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        before = f.read()
+
+    # launch.sh checks once and exits 2 before torchrun starts; a bare torchrun fails on every rank.
+    done = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "device=cpu", f"run.dir={run}", *small,
+                           "train.max_steps=1"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "already holds a run" in done.stderr and "newest checkpoint: checkpoints/step-2" in done.stderr
+    assert "launch.sh: run dir" not in done.stderr  # the line it prints when it starts the ranks
+    res = torchrun(2, [*small, "train.max_steps=1", f"run.dir={run}"])
+    assert res.returncode != 0 and "config error: run.dir=" in res.stdout, res.stdout[-3000:]
+    assert "resolved config" not in res.stdout  # failed in validation, before groups or any model
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        assert f.read() == before
+
+    res = torchrun(2, [*small, "train.max_steps=1", f"run.dir={run}", "run.overwrite=true"])
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "run.overwrite=true: removed the previous run's" in res.stdout
+    assert [r["step"] for r in _rows(run)] == [1]
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step-1"]

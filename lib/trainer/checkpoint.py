@@ -1,7 +1,9 @@
 """Resumable checkpoints on the trainer group (torch.distributed.checkpoint), written atomically.
 
 Layout: checkpoints/step-N/ holds the DCP shards (model + optimizer), one `rank-R.pt` per trainer
-with what is private to its pair (data position, RNG), and `meta.json`, written last. A directory
+with what is private to its pair (data position, RNG), and `meta.json`, written last. meta.json also
+holds the global data position (lib/data/packing.py), so a run resumes on another number of pairs:
+DCP reshards model and optimizer, and the new pairs continue the data stream from that position. A directory
 is complete only when it carries meta.json and has its final name: it is written as step-N.tmp and
 renamed by the leader after every trainer finished, so a crash mid-write is never picked up.
 """
@@ -60,18 +62,18 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    group: dist.ProcessGroup) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restores model and optimizer in place; returns (meta, this rank's private state)."""
+                    group: dist.ProcessGroup) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Restores model and optimizer in place (resharded by DCP when the trainer count changed); returns
+    (meta, this rank's private state), the private state None when the checkpoint had another count."""
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    world = dist.get_world_size(group)
-    if meta["world"] != world:
-        raise RuntimeError(f"checkpoint {path} was written by {meta['world']} trainers but this run has {world}; "
-                           "resume with the same number of pairs (the data position is per pair)")
+    same_world = meta["world"] == dist.get_world_size(group)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path, process_group=group)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if not same_world:
+        return meta, None
     private = torch.load(os.path.join(path, f"rank-{dist.get_rank(group)}.pt"), weights_only=False)
     return meta, private
 

@@ -6,6 +6,7 @@ is, its loss, metrics and export formats come from the run's DraftStrategy (lib/
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from lib.config import Placement
 from lib.drafts.base import DraftBundle, DraftStrategy, get_strategy
+from lib.data.packing import position_key
 from lib.launch.sharding import full_model_state
 from lib.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
@@ -110,12 +112,35 @@ def resume(ctx: RunContext, bundle: DraftBundle, optimizer, schedule) -> tuple[i
             log.info("checkpoint.resume=true but no complete checkpoint in %s: starting fresh", ctx.run_dir)
         return fresh
     meta, private = load_checkpoint(path, bundle.model, optimizer, ctx.groups.trainer_gloo)
-    schedule.load_state_dict(meta["schedule"])
-    torch.set_rng_state(private["rng"])
-    if ctx.is_trainer_leader:
-        log.info("resumed from %s at step %d", path, meta["step"])
+    schedule.load_state_dict(meta["schedule"])  # the learning-rate schedule continues at meta["step"]
+    if private is not None:
+        # Same number of pairs: each pair continues exactly as it was (bit-identical to no restart).
+        torch.set_rng_state(private["rng"])
+        loader_state = private["loader_state"]
+        if ctx.is_trainer_leader:
+            log.info("resumed from %s at step %d", path, meta["step"])
+    else:
+        loader_state = resharded_data_position(ctx, path, meta)
     # Checkpoints from before a counter existed resume it at 0.
-    return meta["step"], private["loader_state"], {**fresh_counters(), **meta["counters"]}
+    return meta["step"], loader_state, {**fresh_counters(), **meta["counters"]}
+
+
+def resharded_data_position(ctx: RunContext, path: str, meta: dict) -> dict:
+    """The global data position for a resume on another number of pairs (DCP resharded the model)."""
+    pairs = dist.get_world_size(ctx.groups.trainer_gloo)
+    position = meta.get("data_position")
+    if position is None:
+        raise RuntimeError(f"checkpoint {path} was written by {meta['world']} pairs before checkpoints held a "
+                           f"global data position; resume it with {meta['world']} pairs")
+    if ctx.is_trainer_leader:
+        log.info("resumed from %s at step %d with %d pair(s) instead of %d: model and optimizer resharded, data "
+                 "continues at sample %d of epoch %d's order", path, meta["step"], pairs, meta["world"],
+                 position["index"], position["epoch"])
+        if not meta.get("data_positions_agree", True):
+            log.warning("the %d pairs of %s stood at different data positions (an engine replaced a batch it refused "
+                        "whole); continuing from the earliest, so up to one batch per such pair repeats",
+                        meta["world"], path)
+    return position
 
 
 def fresh_counters() -> dict[str, int]:
@@ -146,6 +171,8 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
     cfg, device, group = ctx.cfg, ctx.device, ctx.groups.trainer
     t0 = time.perf_counter()
     micro, wait_s = receive_micro_batches(source, cfg.train.grad_accum, device)
+    if cfg.run.record_samples:
+        record_samples(ctx, [h for h, _ in micro])
     # The loss normaliser is global (summed over trainers), so 1 trainer and N trainers with the same
     # global batch produce the same gradient.
     contexts, counts = strategy.prepare(bundle, [t for _, t in micro])
@@ -178,6 +205,16 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
     return row, micro[-1][0].get("loader_state")
 
 
+def record_samples(ctx: RunContext, headers: list[dict]) -> None:
+    """run.record_samples: append the dataset indices this pair consumed (trained on, or refused by the
+    engine) to <run.dir>/samples/rank-R.jsonl, to audit that resumes train every sample once."""
+    out = os.path.join(ctx.run_dir, "samples")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"rank-{dist.get_rank(ctx.groups.trainer_gloo)}.jsonl"), "a") as f:
+        for h in headers:
+            f.write(json.dumps({"ids": h["sample_ids"], "refused": h.get("skipped_sample_ids", [])}) + "\n")
+
+
 def receive_micro_batches(source: PayloadSource, n: int, device: torch.device) -> tuple[list, float]:
     """n payloads with their sample boundaries attached; returns them and the time spent waiting."""
     t = time.perf_counter()
@@ -203,8 +240,15 @@ def exported_dirs(run_dir: str) -> list[str]:
 def checkpoint(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, optimizer, schedule, step: int,
                loader_state, counters) -> None:
     cfg = ctx.cfg
+    # Every pair's position, to save the global one: they agree at a step boundary (lib/data/packing.py).
+    positions = [None] * dist.get_world_size(ctx.groups.trainer_gloo)
+    dist.all_gather_object(positions, loader_state, group=ctx.groups.trainer_gloo)
+    known = [p for p in positions if p is not None]
+    data_position = min(known, key=position_key) if known else None
+    agree = all(position_key(p) == position_key(data_position) for p in known)
     save_checkpoint(ctx.run_dir, step, bundle.model, optimizer,
-                    meta={"schedule": schedule.state_dict(), "counters": counters},
+                    meta={"schedule": schedule.state_dict(), "counters": counters, "data_position": data_position,
+                          "data_positions_agree": agree},
                     private={"loader_state": loader_state, "rng": torch.get_rng_state()},
                     group=ctx.groups.trainer_gloo, keep=cfg.checkpoint.keep)
     state = full_model_state(bundle.model)
