@@ -174,7 +174,7 @@ def _check_launch_fit(cfg: Config, shape: LaunchShape) -> None:
 # What a run writes into run.dir (train.py, lib/trainer, the draft exports); run.overwrite=true removes
 # exactly these, so nothing else in the directory (let alone outside it) is ever deleted.
 RUN_FILES = ("config.yaml", "topology.json", "metrics.jsonl", "summary.json", "resumes.jsonl", "vocab_map.safetensors",
-             "loss.png", "accuracy.png", "accept_len.png")
+             "loss.png", "accuracy.png", "accept_len.png", "stopped.json")  # stopped.json: lib/launch/stopping.py
 RUN_DIRS = ("checkpoints", "samples", "dry_run")
 RUN_DIR_PREFIXES = ("draft",)  # draft/, draft_speculators/: the exports
 # Keys that change the draft's shape or the data order: a resume must keep them, or the checkpoint
