@@ -17,6 +17,7 @@ import torch
 
 from lib.config import ConfigError, Device, LaunchShape, compose, resolve, validate
 from lib.config_check import prepare_run_dir
+from lib.launch.stopping import install_stop_handlers, record_error
 from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, startup_barrier  # noqa: E501
 from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E501
 
@@ -29,7 +30,7 @@ def visible_gpus() -> int:
 def write_run_files(ctx: RunContext, records: list[dict]) -> None:
     from omegaconf import OmegaConf
 
-    os.makedirs(ctx.run_dir, exist_ok=True)
+    os.makedirs(ctx.run_dir, mode=0o700, exist_ok=True)  # user-only: checkpoints are loaded back
     with open(os.path.join(ctx.run_dir, "topology.json"), "w") as f:
         json.dump({"world_size": ctx.topo.world_size, "nnodes": ctx.topo.nnodes,
                    "nproc_per_node": ctx.topo.nproc_per_node, "placement": ctx.topo.placement.value,
@@ -83,6 +84,8 @@ def dispatch(ctx: RunContext) -> None:
 def main(overrides: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     log = setup_logging(f"[rank {rank}]")
+    # SIGTERM/SIGINT from here on: finish the step in flight, checkpoint, exit 0 (lib/launch/stopping.py).
+    install_stop_handlers()
     try:
         cfg = compose(overrides)
         gpus = visible_gpus()
@@ -92,6 +95,7 @@ def main(overrides: list[str]) -> int:
     except ConfigError as exc:
         if claim_config_report():
             log.error("config error: %s", exc)
+        record_error(exc, rank, "config", 2)
         return 2
     use_cuda = cfg.device == Device.cuda
     topo = Topology(shape.nnodes, shape.nproc_per_node, cfg.placement.name, use_cuda, cfg.engine.tp)
@@ -130,6 +134,8 @@ def main(overrides: list[str]) -> int:
             log.error("interrupted")
         else:
             log.error("rank %d (%s) failed: %s\n%s", rank, info.role.value, exc, traceback.format_exc())
+        # torchrun's error file for this rank: launch.sh's summary reads the root cause from it.
+        record_error(exc, rank, info.role.value, 1)
         return 1
     finally:
         destroy(groups)

@@ -145,6 +145,9 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
+    # Non-finite gradient norms skip the update on all trainers; this many in a row stop the run with an
+    # error naming the step (0: never stop)
+    max_consecutive_skips: int = 10
     # None: fuse the draft step's elementwise work with torch.compile on GPU (32B shape: 488 -> 456 ms per
     # step on an H200), not on CPU where compiling costs more than it saves (lib/drafts/eagle3/fused.py)
     compile: Optional[bool] = None
@@ -172,6 +175,9 @@ class RunConfig:
     loop_timeout_s: int = 120
     dry_run: bool = False
     stop_after_steps: int = 0  # >0: stop this job after that many steps (checkpointed), e.g. for time-limited allocations
+    # A checkpoint save (periodic, final, or after SIGTERM) that takes longer ends the process with an error:
+    # a hung save must not outlive the scheduler's grace period (launch.sh gives torchrun this + 10 s)
+    save_timeout_s: int = 120
     # true: remove the run files already in `dir` (config.yaml, metrics, checkpoints, exports) before
     # starting; without it (or checkpoint.resume=true) a directory that holds a run is refused
     overwrite: bool = False

@@ -83,13 +83,15 @@ def _check_ranges(cfg: Config) -> None:
         "train.grad_accum": cfg.train.grad_accum, "draft.draft_vocab_size": cfg.draft.draft_vocab_size,
         "data.max_length": cfg.data.max_length, "train.log_every": cfg.train.log_every,
         "run.loop_timeout_s": cfg.run.loop_timeout_s, "run.startup_timeout_s": cfg.run.startup_timeout_s,
+        "run.save_timeout_s": cfg.run.save_timeout_s,
     }
     for key, value in positive.items():
         if value < 1:
             _fail(key, value, "must be >= 1")
     for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every": cfg.checkpoint.every,
                        "eval.every": cfg.eval.every, "train.warmup_steps": cfg.train.warmup_steps,
-                       "run.stop_after_steps": cfg.run.stop_after_steps}.items():
+                       "run.stop_after_steps": cfg.run.stop_after_steps,
+                       "train.max_consecutive_skips": cfg.train.max_consecutive_skips}.items():
         if value < 0:
             _fail(key, value, "must be >= 0")
     if cfg.train.lr <= 0:

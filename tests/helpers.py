@@ -35,3 +35,23 @@ def torchrun(nproc: int, overrides: list[str], timeout: float = 300, nnodes: int
         return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def launch(overrides: list[str], env_extra: dict[str, str] | None = None):
+    """Start launch.sh (CPU) in its own session; returns the Popen (stdout and stderr merged)."""
+    env = cpu_env()
+    env.pop("CUDA_VISIBLE_DEVICES")
+    env.update(env_extra or {})
+    return subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def metric_rows(run_dir: str) -> list[dict]:
+    """The training rows of run_dir/metrics.jsonl (evaluation rows left out)."""
+    import json
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in (json.loads(x) for x in f if x.strip()) if "loss" in r]

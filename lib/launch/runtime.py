@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -74,7 +75,8 @@ class RunContext:
         if self.info.pair is None:
             return "self"
         peer = self.topo.rank_info(self.info.pair)
-        return f"{peer.role.value} rank {peer.rank}"
+        # A pair always shares a node (lib/launch/topology.py), so the peer's host is this one.
+        return f"{peer.role.value} rank {peer.rank} on host {socket.gethostname()}"
 
 
 class _RankFormatter(logging.Formatter):

@@ -9,6 +9,7 @@ renamed by the leader after every trainer finished, so a crash mid-write is neve
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -19,6 +20,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from lib.launch.stopping import fault_pause_in_save
+
+
+class _WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP's default planner unpickles the non-tensor entries (optimizer param groups) with
+    weights_only=False; a checkpoint must never be able to run code, so they pass weights_only=True first."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)  # raises on anything but tensors and plain data
+        checked = io.BytesIO()
+        torch.save(obj, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -50,6 +65,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=group)
     torch.save(private, os.path.join(tmp, f"rank-{dist.get_rank(group)}.pt"))
+    fault_pause_in_save(step)  # test-only: a kill lands here, between the shards and meta.json
     dist.barrier(group=group)
     if leader:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -70,11 +86,12 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     same_world = meta["world"] == dist.get_world_size(group)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path, process_group=group)
+    dcp.load(state, checkpoint_id=path, process_group=group, planner=_WeightsOnlyLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if not same_world:
         return meta, None
-    private = torch.load(os.path.join(path, f"rank-{dist.get_rank(group)}.pt"), weights_only=False)
+    # weights_only: the file holds tensors and plain data (RNG state, data position), never code to run.
+    private = torch.load(os.path.join(path, f"rank-{dist.get_rank(group)}.pt"), weights_only=True)
     return meta, private
 
 

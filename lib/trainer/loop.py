@@ -24,6 +24,7 @@ from lib.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
 from lib.eval.online import TrainerEvaluator, eval_enabled
 from lib.launch.runtime import RunContext, peak_memory
+from lib.launch.stopping import deadline, fault_nan_steps, fault_pause_in_save, stop_requested, write_stop_record
 from lib.launch.topology import enter_loop_timeouts
 
 log = logging.getLogger("specdraft.trainer")
@@ -67,14 +68,17 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
         evaluator = TrainerEvaluator(ctx, strategy, bundle.config_dict(), getattr(source, "backend", None))
     enter_loop_timeouts(ctx.groups, cfg.run.loop_timeout_s)
     metrics = MetricsWriter(ctx.run_dir, ctx.is_trainer_leader)
+    stopped_by, consecutive_skips = None, 0
     try:
         for step in range(start_step, end_step):
             for row in evaluator.maybe_evaluate(step, bundle.model) if evaluator else []:
                 metrics.write(row)
             try:
-                row, loader_state = train_step(ctx, strategy, bundle, optimizer, source, counters)
+                row, loader_state = train_step(ctx, strategy, bundle, optimizer, source, counters, step + 1)
             except torch.OutOfMemoryError as e:
                 raise RuntimeError(out_of_memory_hint(ctx, step + 1)) from e
+            # Every trainer holds the same flag (it was summed in the step's all-reduce), so all stop here.
+            stopped_by = row.pop("stop_signal")
             schedule.step()
             row.update(step=step + 1, lr=schedule.get_last_lr()[0], **counters)
             metrics.write(row)
@@ -82,15 +86,24 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
                 headline = "".join(f" {k} {row[k]:.3f}" for k in strategy.headline_metrics if k in row)
                 log.info("step %d loss %.4f%s grad_norm %.3g %.0f tok/s handoff %.2f ms", step + 1, row["loss"],
                          headline, row["grad_norm"], row["tokens_per_s"], row["handoff_ms"])
-            if step + 1 == end_step or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                checkpoint(ctx, strategy, bundle, optimizer, schedule, step + 1, loader_state, counters)
-        if evaluator is not None:
+            consecutive_skips = 0 if math.isfinite(row["grad_norm"]) else consecutive_skips + 1
+            check_skips(cfg.train.max_consecutive_skips, consecutive_skips, step + 1, start_step)
+            periodic = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0
+            if step + 1 == end_step or periodic or stopped_by:
+                bounded_checkpoint(ctx, strategy, bundle, optimizer, schedule, step + 1, loader_state, counters)
+            if stopped_by:
+                stop_here(ctx, stopped_by, step + 1)
+                break
+        if evaluator is not None and not stopped_by:
             for row in evaluator.maybe_evaluate(end_step, bundle.model) + evaluator.finish():
                 metrics.write(row)
     finally:
         metrics.close()
         source.close()
-    if ctx.is_trainer_leader:
+    if ctx.is_trainer_leader and stopped_by:
+        write_summary(ctx.run_dir, {"skipped_steps": counters["skipped_steps"],
+                                    "skipped_samples": counters["skipped_samples"]})
+    elif ctx.is_trainer_leader:
         plot_curves(ctx.run_dir)
         summary = write_summary(ctx.run_dir, {"skipped_steps": counters["skipped_steps"],
                                               "skipped_samples": counters["skipped_samples"]})
@@ -143,6 +156,24 @@ def resharded_data_position(ctx: RunContext, path: str, meta: dict) -> dict:
     return position
 
 
+def check_skips(limit: int, consecutive: int, step: int, start_step: int) -> None:
+    """train.max_consecutive_skips: a run whose gradients stay non-finite is broken, not unlucky."""
+    if limit and consecutive >= limit:
+        raise RuntimeError(f"step {step}: {consecutive} consecutive steps (from step {step - consecutive + 1}) had a "
+                           f"non-finite gradient norm and were skipped on all trainers (train.max_consecutive_skips="
+                           f"{limit}); the last checkpoint before step {step - consecutive + 1} is the one to resume "
+                           "from, after lowering train.lr or checking the data")
+
+
+def stop_here(ctx: RunContext, signal_name: str, step: int) -> None:
+    """After a signal: the checkpoint at `step` is written; tell the launch where the run stopped."""
+    if ctx.is_trainer_leader:
+        path = os.path.join(ctx.run_dir, "checkpoints", f"step-{step}")
+        write_stop_record(ctx.run_dir, step, path, signal_name)
+        log.warning("%s: stopped after step %d with a checkpoint in %s; resume with checkpoint.resume=true",
+                    signal_name, step, path)
+
+
 def fresh_counters() -> dict[str, int]:
     """samples_seen: trained on; skipped_steps: non-finite gradient; skipped_samples: refused by the engine."""
     return {"samples_seen": 0, "skipped_steps": 0, "skipped_samples": 0}
@@ -167,7 +198,9 @@ def out_of_memory_hint(ctx: RunContext, step: int) -> str:
 
 
 def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, optimizer: torch.optim.Optimizer,
-               source: PayloadSource, counters: dict[str, int]) -> tuple[dict[str, Any], Optional[dict]]:
+               source: PayloadSource, counters: dict[str, int], step: int = 0) -> tuple[dict[str, Any], Optional[dict]]:
+    """One optimizer step (`step`, 1-based). row["stop_signal"]: a signal name when any trainer, or any
+    trainer's engine (payload header "stop"), was asked to stop; the same on every trainer."""
     cfg, device, group = ctx.cfg, ctx.device, ctx.groups.trainer
     t0 = time.perf_counter()
     micro, wait_s = receive_micro_batches(source, cfg.train.grad_accum, device)
@@ -184,6 +217,8 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
         loss.backward()
         source.release()
         stats = sums if stats is None else stats + sums
+    if step in fault_nan_steps(dist.get_rank(group)):
+        next(p for p in bundle.trainable_params() if p.grad is not None).grad.view(-1)[0] = float("nan")
     grad_norm, applied = apply_update(bundle, optimizer, cfg.train.grad_clip)
     if not applied:
         counters["skipped_steps"] += 1
@@ -192,8 +227,12 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
     tokens = torch.tensor([sum(h["num_rows"] for h, _ in micro), sum(len(h["sample_ids"]) for h, _ in micro),
                            sum(len(h.get("skipped_sample_ids", ())) for h, _ in micro)],
                           dtype=torch.float32, device=device)
-    reduced = torch.cat([stats.to(device=device, dtype=torch.float32), tokens])
+    signal_name = stop_requested() or next((h["stop"] for h, _ in micro if h.get("stop")), None)
+    flag = torch.tensor([1.0 if signal_name else 0.0], device=device)
+    reduced = torch.cat([stats.to(device=device, dtype=torch.float32), tokens, flag])
     dist.all_reduce(reduced, group=group)
+    stop = bool(reduced[-1].item() > 0)
+    reduced = reduced[:-1]
     counters["samples_seen"] += int(reduced[-2].item())
     counters["skipped_samples"] += int(reduced[-1].item())
     step_time = time.perf_counter() - t0
@@ -202,6 +241,7 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
                samples_per_s=float(reduced[-2]) / step_time, handoff_ms=wait_s * 1e3,
                peak_alloc_bytes=peak_memory(device),
                engine_peak_alloc_bytes=max(h.get("engine_peak_alloc_bytes", 0) for h, _ in micro))
+    row["stop_signal"] = (signal_name or "SIGTERM (another rank's)") if stop else None
     return row, micro[-1][0].get("loader_state")
 
 
@@ -235,6 +275,15 @@ def exported_dirs(run_dir: str) -> list[str]:
     """The run's final exports (draft/, and any other format directories beside it)."""
     return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir)) if d.startswith("draft")
             and os.path.isdir(os.path.join(run_dir, d))] if os.path.isdir(run_dir) else []
+
+
+def bounded_checkpoint(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, optimizer, schedule,
+                       step: int, loader_state, counters) -> None:
+    """checkpoint(), ended with an error if it outlasts run.save_timeout_s (a hung save after SIGTERM
+    would otherwise run into the scheduler's SIGKILL)."""
+    with deadline(ctx.cfg.run.save_timeout_s, f"the checkpoint save at step {step}", ctx.info.rank,
+                  ctx.info.role.value):
+        checkpoint(ctx, strategy, bundle, optimizer, schedule, step, loader_state, counters)
 
 
 def checkpoint(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, optimizer, schedule, step: int,

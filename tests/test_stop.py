@@ -1,0 +1,167 @@
+"""Preemption: SIGTERM stops the run at a checkpoint of the step in flight and the resume is exact; a kill
+inside a checkpoint write leaves the previous checkpoint usable; a hung save is ended by its bound.
+
+Real launch.sh / torchrun processes on CPU (docs/reliability.md quotes the times these measure).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from lib.trainer.checkpoint import latest_checkpoint
+from tests.helpers import REPO, cpu_env, launch, metric_rows, torchrun
+
+pytestmark = pytest.mark.integration
+
+TINY = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",
+        "train.warmup_steps=2"]
+EXIT_STOPPED = 75
+
+
+def _wait_rows(run_dir: str, proc: subprocess.Popen, n: int, deadline_s: float = 240) -> None:
+    end = time.time() + deadline_s
+    while time.time() < end:
+        if proc.poll() is not None:
+            pytest.fail(f"job ended before {n} steps:\n{proc.stdout.read()[-4000:]}")
+        if len(metric_rows(run_dir)) >= n:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"fewer than {n} steps within {deadline_s}s")
+
+
+def _ranks(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "topology.json")) as f:
+        return json.load(f)["ranks"]
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_to_launch_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_path):
+    steps = 10
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    res = torchrun(2, [*TINY, f"train.max_steps={steps}", f"run.dir={full}"])
+    assert res.returncode == 0, res.stdout[-3000:]
+
+    proc = launch([*TINY, f"train.max_steps={steps}", f"run.dir={split}"])
+    _wait_rows(split, proc, 2)
+    ranks = _ranks(split)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc, 60)
+    elapsed = time.time() - sent
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]
+    with open(os.path.join(split, "stopped.json")) as f:
+        record = json.load(f)
+    stopped_at = record["step"]
+    assert record["signal"] == "SIGTERM" and 2 <= stopped_at < steps, record
+    # The checkpoint is the step in flight: every trained step is kept, none after it was started.
+    assert latest_checkpoint(split).endswith(f"step-{stopped_at}")
+    assert [r["step"] for r in metric_rows(split)] == list(range(1, stopped_at + 1))
+    assert not [r["pid"] for r in ranks if _alive(r["pid"])]
+    print(f"SIGTERM to launch.sh: stopped at step {stopped_at}, exit {proc.returncode} after {elapsed:.1f}s")
+
+    resume_line = next(line for line in out.splitlines() if "resume with: " in line)
+    resume = shlex.split(resume_line.split("resume with: ", 1)[1])
+    assert resume[-2:] == [f"run.dir={split}", "checkpoint.resume=true"], resume
+    env = cpu_env()
+    env.pop("CUDA_VISIBLE_DEVICES")
+    res = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert f"resumed from {split}/checkpoints/step-{stopped_at} at step {stopped_at}" in res.stdout
+
+    a, b = metric_rows(full), metric_rows(split)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == ra["loss"], (ra["step"], ra["loss"], rb["loss"])
+        assert rb["samples_seen"] == ra["samples_seen"]  # the data position continued exactly
+        assert rb["lr"] == ra["lr"]
+    wa = load_file(os.path.join(full, "draft", "model.safetensors"))
+    wb = load_file(os.path.join(split, "draft", "model.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+@pytest.mark.parametrize("target", ["engine", "torchrun"])
+def test_sigterm_to_one_rank_or_to_torchrun_stops_the_job_at_a_checkpoint(tmp_path, target):
+    run_dir = str(tmp_path / "run")
+    proc = launch([*TINY, "train.max_steps=100000", f"run.dir={run_dir}"])
+    _wait_rows(run_dir, proc, 2)
+    ranks = _ranks(run_dir)
+    if target == "torchrun":
+        pid = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "torch.distributed.run"], capture_output=True,
+                                 text=True).stdout.split()[0])
+    else:
+        pid = next(r["pid"] for r in ranks if r["role"] == target)
+    sent = time.time()
+    os.kill(pid, signal.SIGTERM)
+    out = _finish(proc, 60)
+    elapsed = time.time() - sent
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]
+    with open(os.path.join(run_dir, "stopped.json")) as f:
+        stopped_at = json.load(f)["step"]
+    assert latest_checkpoint(run_dir).endswith(f"step-{stopped_at}")
+    assert "resume with: " in out
+    assert not [r["pid"] for r in ranks if _alive(r["pid"])]
+    print(f"SIGTERM to {target}: stopped at step {stopped_at}, exit {proc.returncode} after {elapsed:.1f}s")
+
+
+def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    run_dir, marker = str(tmp_path / "run"), str(tmp_path / "saving")
+    proc = launch([*TINY, "train.max_steps=100000", "checkpoint.every=2", f"run.dir={run_dir}"],
+                  {"SPECDRAFT_TEST_SAVE_PAUSE": "4:120", "SPECDRAFT_TEST_SAVE_MARKER": marker})
+    end = time.time() + 240
+    while not os.path.exists(marker) and time.time() < end and proc.poll() is None:
+        time.sleep(0.2)
+    assert os.path.exists(marker), proc.stdout.read()[-3000:] if proc.poll() is not None else "no save of step 4"
+    with open(marker) as f:
+        trainer_pid = int(f.read().split()[0])
+    os.kill(trainer_pid, signal.SIGKILL)  # inside save_checkpoint: shards of step 4 written, no meta.json
+    out = _finish(proc, 60)
+    assert proc.returncode not in (0, EXIT_STOPPED), out[-3000:]
+    ckpts = os.path.join(run_dir, "checkpoints")
+    assert os.path.isdir(os.path.join(ckpts, "step-4.tmp"))  # the half-written one is there ...
+    assert not os.path.exists(os.path.join(ckpts, "step-4.tmp", "meta.json"))
+    assert latest_checkpoint(run_dir) == os.path.join(ckpts, "step-2")  # ... and ignored
+
+    res = torchrun(2, [*TINY, "train.max_steps=3", f"run.dir={run_dir}", "checkpoint.resume=true"])
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert f"resumed from {ckpts}/step-2 at step 2" in res.stdout
+    assert metric_rows(run_dir)[-1]["step"] == 3
+
+
+def test_a_hung_save_ends_within_its_bound_and_names_the_cause(tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = launch([*TINY, "train.max_steps=1", "run.save_timeout_s=3", f"run.dir={run_dir}"],
+                  {"SPECDRAFT_TEST_SAVE_PAUSE": "1:600"})
+    _wait_rows(run_dir, proc, 1)
+    seen = time.time()
+    out = _finish(proc, 90)
+    elapsed = time.time() - seen
+    assert proc.returncode == 1, out[-3000:]
+    # launch.sh's summary comes from the rank's error file: rank, role, host, exit code and the message.
+    assert ("launch.sh: root cause: rank 0 (trainer) on host " in out and ", exit code 1: TimeoutError: the "
+            "checkpoint save at step 1 did not finish within run.save_timeout_s=3" in out), out[-3000:]
+    assert elapsed < 3 + 20, f"{elapsed:.0f}s from the step to the exit"
+    assert latest_checkpoint(run_dir) is None
+    print(f"hung save: exit {proc.returncode} {elapsed:.1f}s after the step (bound 3 s)")
