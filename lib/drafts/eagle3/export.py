@@ -72,14 +72,10 @@ def _expected_tensors(config: Eagle3DraftConfig) -> dict[str, tuple[tuple[int, .
     return {name: (tuple(t.shape), t.dtype) for name, t in reference.state_dict().items()}
 
 
-def export_draft(state_dict: Mapping[str, torch.Tensor], config: Eagle3DraftConfig, out_dir: str,
-                 dtype: torch.dtype = torch.bfloat16) -> str:
-    """Write config.json + model.safetensors from a full (unsharded) draft state dict; returns out_dir.
-
-    Floating tensors are cast to `dtype`; d2t stays int64 and t2d bool. Files are written under
-    temporary names and renamed, so a reader never sees half an export.
-    """
-    from safetensors.torch import save_file
+def checked_tensors(state_dict: Mapping[str, torch.Tensor], config: Eagle3DraftConfig,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The draft's tensors by our names, checked against what `config` implies and cast for export
+    (floating tensors to `dtype`, d2t int64, t2d bool), on the CPU."""
     state = {name.removeprefix(_WRAPPER_PREFIX): t for name, t in state_dict.items()}
     expected = _expected_tensors(config)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -93,17 +89,36 @@ def export_draft(state_dict: Mapping[str, torch.Tensor], config: Eagle3DraftConf
             raise ValueError(f"draft tensor {name} has shape {tuple(t.shape)}, config implies {shape}: was the state "
                              f"dict gathered from all shards?")
         tensors[name] = (t.to(dtype) if kind.is_floating_point else t.to(kind)).to("cpu").contiguous()
-    if config.num_aux != SERVER_NUM_AUX:
-        warnings.warn(f"draft reads {config.num_aux} aux layers; sglang and vLLM EAGLE-3 drafts expect "
-                      f"{SERVER_NUM_AUX}, so this export only loads with load_draft")
+    return tensors
+
+
+def write_export(out_dir: str, tensors: dict[str, torch.Tensor], config_json: dict[str, Any]) -> str:
+    """model.safetensors + config.json under temporary names, then renamed: a reader never sees half
+    an export."""
+    from safetensors.torch import save_file
+
     os.makedirs(out_dir, exist_ok=True)
     weights, cfg_file = os.path.join(out_dir, WEIGHTS_FILE), os.path.join(out_dir, CONFIG_FILE)
     save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
     with open(cfg_file + ".tmp", "w") as f:
-        json.dump(draft_config_json(config, dtype), f, indent=2, sort_keys=True)
+        json.dump(config_json, f, indent=2, sort_keys=True)
     os.replace(weights + ".tmp", weights)
     os.replace(cfg_file + ".tmp", cfg_file)
     return out_dir
+
+
+def export_draft(state_dict: Mapping[str, torch.Tensor], config: Eagle3DraftConfig, out_dir: str,
+                 dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write config.json + model.safetensors from a full (unsharded) draft state dict; returns out_dir.
+
+    Floating tensors are cast to `dtype`; d2t stays int64 and t2d bool. Files are written under
+    temporary names and renamed, so a reader never sees half an export.
+    """
+    tensors = checked_tensors(state_dict, config, dtype)
+    if config.num_aux != SERVER_NUM_AUX:
+        warnings.warn(f"draft reads {config.num_aux} aux layers; sglang and vLLM EAGLE-3 drafts expect "
+                      f"{SERVER_NUM_AUX}, so this export only loads with load_draft")
+    return write_export(out_dir, tensors, draft_config_json(config, dtype))
 
 
 def config_from_export(data: dict[str, Any]) -> Eagle3DraftConfig:

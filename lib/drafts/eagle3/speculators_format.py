@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 # export.py owns the check of a draft state dict against the config; both formats share it.
-from lib.drafts.eagle3.export import _WRAPPER_PREFIX, _expected_tensors, draft_config_json
+from lib.drafts.eagle3.export import checked_tensors, draft_config_json, write_export
 from lib.drafts.eagle3.model import Eagle3DraftConfig
 
 CONFIG_FILE = "config.json"
@@ -115,27 +115,6 @@ def export_speculators(state: Mapping[str, torch.Tensor], config: Eagle3DraftCon
     `dtype`; d2t stays int64 and t2d bool. Files are written under temporary names and renamed,
     so a reader never sees half an export.
     """
-    from safetensors.torch import save_file
     cfg = speculators_config_json(config, dtype, verifier_path, speculative_tokens)
-    ours = {name.removeprefix(_WRAPPER_PREFIX): t for name, t in state.items()}
-    expected = _expected_tensors(config)
-    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"draft state dict does not match Eagle3Draft: missing {missing}, unexpected {unexpected}; "
-                       f"pass the full (gathered) state dict of the draft")
-    tensors = {}
-    for name, (shape, kind) in expected.items():
-        t = ours[name].detach()
-        if tuple(t.shape) != shape:
-            raise ValueError(f"draft tensor {name} has shape {tuple(t.shape)}, config implies {shape}: was the state "
-                             f"dict gathered from all shards?")
-        t = t.to(dtype) if kind.is_floating_point else t.to(kind)
-        tensors[speculators_name(name)] = t.to("cpu").contiguous()
-    os.makedirs(out_dir, exist_ok=True)
-    weights, cfg_file = os.path.join(out_dir, WEIGHTS_FILE), os.path.join(out_dir, CONFIG_FILE)
-    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-    with open(cfg_file + ".tmp", "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    os.replace(weights + ".tmp", weights)
-    os.replace(cfg_file + ".tmp", cfg_file)
-    return out_dir
+    tensors = {speculators_name(name): t for name, t in checked_tensors(state, config, dtype).items()}
+    return write_export(out_dir, tensors, cfg)
