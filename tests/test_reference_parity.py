@@ -36,44 +36,14 @@ from lib.drafts.eagle3.attention import TTTAttention
 from lib.drafts.eagle3.export import export_draft
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig, rope_inverse_frequencies
 from lib.drafts.eagle3.speculators_format import export_speculators
-from lib.drafts.eagle3.vocab import build_vocab_map
+from tests.eagle3_draws import LENGTHS, LLAMA3_ROPE, drawn_draft, packed_inputs
 
 pytestmark = pytest.mark.unit
 
 TTT_LENGTH = 4
-LENGTHS = (9, 13, 6)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8}
 RTOL, ATOL = 1e-5, 1e-4
 ROPES = [pytest.param(None, id="rope-default"), pytest.param(LLAMA3_ROPE, id="rope-llama3")]
 VERIFIER_LAYERS = 6
-
-
-def drawn_draft(rope_scaling, seed: int = 0) -> Eagle3Draft:
-    # target_hidden_size == hidden_size: speculators' model class sizes fc as n_aux * hidden_size.
-    cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=16, rms_norm_eps=1e-6, rope_theta=50.0, max_position_embeddings=64,
-                            vocab_size=50, draft_vocab_size=20, target_hidden_size=32, aux_layer_ids=[0, 2, 3],
-                            rope_scaling=rope_scaling)
-    draft = Eagle3Draft(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in draft.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            # Norm gains around one, matrices large enough that attention is far from uniform.
-            param.copy_(1.0 + 0.3 * noise if name.endswith("norm.weight") else 0.3 * noise)
-        draft.set_vocab_map(*build_vocab_map(torch.rand(cfg.vocab_size, generator=gen), cfg.draft_vocab_size))
-    return draft.eval()
-
-
-def packed_inputs(cfg: Eagle3DraftConfig, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(LENGTHS)
-    ids = torch.randint(0, cfg.vocab_size, (total,), generator=gen)
-    aux = torch.randn(total, cfg.fc_in_features, generator=gen)
-    positions = torch.cat([torch.arange(n) for n in LENGTHS])
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    return ids, aux, positions, cu
 
 
 def compared_rows(cu: torch.Tensor) -> list[torch.Tensor]:
@@ -147,7 +117,7 @@ def specforge_logits(model, ids, aux, positions, cu) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("rope_scaling", ROPES)
 def test_specforge_matches_our_unroll(specforge_eagle3, rope_scaling, tmp_path):
-    draft = drawn_draft(rope_scaling)
+    draft = drawn_draft(rope_scaling, target_hidden_size=32)
     export_draft(draft.state_dict(), draft.config, str(tmp_path / "draft"), dtype=torch.float32)
     model = load_specforge(str(tmp_path / "draft"))
     # The rotary frequencies it read from our config.json are ours (llama3 scaling included).
@@ -207,7 +177,7 @@ def speculators_logits(model, ids, aux, positions, cu) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("rope_scaling", ROPES)
 def test_speculators_matches_our_unroll(speculators_eagle3, rope_scaling, tmp_path):
-    draft = drawn_draft(rope_scaling)
+    draft = drawn_draft(rope_scaling, target_hidden_size=32)
     verifier = tiny_verifier(tmp_path / "target", draft.config)
     out = export_speculators(draft.state_dict(), draft.config, str(tmp_path / "draft_speculators"), torch.float32,
                              verifier)
@@ -224,7 +194,7 @@ def test_speculators_matches_our_unroll(speculators_eagle3, rope_scaling, tmp_pa
 
 def test_speculators_config_round_trips_through_their_schema(speculators_eagle3, tmp_path):
     """Their pydantic config accepts ours and writes back the fields vLLM reads, unchanged."""
-    draft = drawn_draft(None)
+    draft = drawn_draft(None, target_hidden_size=32)
     out = export_speculators(draft.state_dict(), draft.config, str(tmp_path / "s"), torch.bfloat16, None,
                              speculative_tokens=5)
     config = speculators_eagle3.Eagle3SpeculatorConfig.from_pretrained(out)

@@ -15,40 +15,13 @@ import pytest
 import torch
 
 from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention
-from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.model import Eagle3Draft
 from lib.drafts.eagle3.drafter import HoleKVCache, draft_step
+from tests.eagle3_draws import LLAMA3_ROPE, drawn_draft, packed_inputs
 
 pytestmark = pytest.mark.unit
 
 TTT_LENGTH = 4
-LENGTHS = (9, 13, 6)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8}
-
-
-def drawn_draft(rope_scaling, seed: int = 0) -> Eagle3Draft:
-    cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=16, rms_norm_eps=1e-6, rope_theta=50.0, max_position_embeddings=64,
-                            vocab_size=50, draft_vocab_size=20, target_hidden_size=24, aux_layer_ids=[0, 2, 3],
-                            rope_scaling=rope_scaling)
-    draft = Eagle3Draft(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in draft.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            # Norm gains around one, matrices large enough that attention is far from uniform.
-            param.copy_(1.0 + 0.3 * noise if name.endswith("norm.weight") else 0.3 * noise)
-    return draft
-
-
-def packed_inputs(cfg: Eagle3DraftConfig, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(LENGTHS)
-    ids = torch.randint(0, cfg.vocab_size, (total,), generator=gen)
-    aux = torch.randn(total, cfg.fc_in_features, generator=gen)
-    positions = torch.cat([torch.arange(n) for n in LENGTHS])
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    return ids, aux, positions, cu
 
 
 def training_logits(draft: Eagle3Draft, ids, aux, positions, cu) -> list[torch.Tensor]:

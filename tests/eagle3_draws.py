@@ -1,0 +1,43 @@
+"""A drawn EAGLE-3 draft and a packed batch for it, shared by the tests that hold training to a served
+chain (test_train_serve_consistency) and to the reference implementations (test_reference_parity).
+
+Every parameter is drawn (norm gains around one too), so a term two code paths treat differently
+cannot hide behind a weight of exactly one or zero.
+"""
+from __future__ import annotations
+
+import torch
+
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.vocab import build_vocab_map
+
+LENGTHS = (9, 13, 6)  # samples of one packed batch
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+
+
+def drawn_draft(rope_scaling, target_hidden_size: int = 24, seed: int = 0) -> Eagle3Draft:
+    cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, rms_norm_eps=1e-6, rope_theta=50.0, max_position_embeddings=64,
+                            vocab_size=50, draft_vocab_size=20, target_hidden_size=target_hidden_size,
+                            aux_layer_ids=[0, 2, 3], rope_scaling=rope_scaling)
+    draft = Eagle3Draft(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in draft.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            # Matrices large enough that attention is far from uniform.
+            param.copy_(1.0 + 0.3 * noise if name.endswith("norm.weight") else 0.3 * noise)
+        draft.set_vocab_map(*build_vocab_map(torch.rand(cfg.vocab_size, generator=gen), cfg.draft_vocab_size))
+    return draft.eval()
+
+
+def packed_inputs(cfg: Eagle3DraftConfig, seed: int = 1):
+    """(input_ids, aux_hidden, position_ids, cu_seqlens) of a batch packing LENGTHS."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(LENGTHS)
+    ids = torch.randint(0, cfg.vocab_size, (total,), generator=gen)
+    aux = torch.randn(total, cfg.fc_in_features, generator=gen)
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, aux, positions, cu
