@@ -168,6 +168,28 @@ class EvalConfig:
     max_new_tokens: int = 64
 
 
+class WandbMode(str, enum.Enum):
+    online = "online"
+    offline = "offline"  # no network needed: the run lands in run.dir/wandb; `wandb sync` uploads it later
+
+
+@dataclass
+class WandbConfig:
+    project: Optional[str] = None  # None: no W&B run; a name: log every metrics.jsonl row there (needs `wandb`)
+    entity: Optional[str] = None  # team or user; None: the logged-in default
+    name: Optional[str] = None  # None: the run directory's name
+    mode: WandbMode = WandbMode.online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MetricsConfig:
+    """Where the rows of metrics.jsonl also go, from the trainer leader only (metrics.jsonl and the PNGs stay)."""
+
+    tensorboard: bool = False  # event files under run.dir/tensorboard (written with tensorboardX)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 @dataclass
 class RunConfig:
     dir: str = "auto"  # auto: outputs/<time>, chosen by rank 0 when the launcher set none
@@ -196,6 +218,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     device: Device = Device.auto
     mps: MpsMode = MpsMode.auto
     train_frac: float = 0.45

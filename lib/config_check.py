@@ -24,7 +24,7 @@ from typing import Any, Optional
 from lib.config import (
     CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement,
     ProcessLayout,
-    TargetDtype, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
+    TargetDtype, WandbMode, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
 )
 
 
@@ -62,6 +62,7 @@ def validate_config(cfg: Config, shape: LaunchShape) -> None:
     _check_paths(cfg)
     _check_launch_fit(cfg, shape)
     _check_run_dir(cfg)
+    _check_metrics(cfg)
 
 
 def _check_fractions(cfg: Config) -> None:
@@ -169,6 +170,24 @@ def _check_launch_fit(cfg: Config, shape: LaunchShape) -> None:
               "set eval.every=0 and evaluate the export afterwards with eval.py, or use engine.tp=1")
 
 
+def _check_metrics(cfg: Config) -> None:
+    """The metric sinks' packages are optional: a sink asked for must be importable before the run starts."""
+    import importlib.util
+
+    m = cfg.metrics
+    _as_enum("metrics.wandb.mode", m.wandb.mode, WandbMode)
+    if m.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        _fail("metrics.tensorboard", True, "needs the tensorboardX package (pip install -r requirements.txt, or "
+              "pip install tensorboardX); or set metrics.tensorboard=false")
+    if m.wandb.project is not None:
+        if not str(m.wandb.project).strip() or "/" in str(m.wandb.project):
+            _fail("metrics.wandb.project", m.wandb.project, "must be a W&B project name without '/' (put the team "
+                  "in metrics.wandb.entity), or null for no W&B run")
+        if importlib.util.find_spec("wandb") is None:
+            _fail("metrics.wandb.project", m.wandb.project, "needs the wandb package (pip install wandb); or set "
+                  "metrics.wandb.project=null")
+
+
 # ---------------------------------------------------------------------------------------------
 # The run directory: one run per directory
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +195,9 @@ def _check_launch_fit(cfg: Config, shape: LaunchShape) -> None:
 # What a run writes into run.dir (train.py, lib/trainer, the draft exports); run.overwrite=true removes
 # exactly these, so nothing else in the directory (let alone outside it) is ever deleted.
 RUN_FILES = ("config.yaml", "topology.json", "metrics.jsonl", "summary.json", "resumes.jsonl", "vocab_map.safetensors",
-             "loss.png", "accuracy.png", "accept_len.png", "stopped.json")  # stopped.json: lib/launch/stopping.py
-RUN_DIRS = ("checkpoints", "samples", "dry_run")
+             "loss.png", "accuracy.png", "accept_len.png", "stopped.json",  # stopped.json: lib/launch/stopping.py
+             "wandb_run_id")  # lib/trainer/metric_sinks.py
+RUN_DIRS = ("checkpoints", "samples", "dry_run", "tensorboard", "wandb")
 RUN_DIR_PREFIXES = ("draft",)  # draft/, draft_speculators/: the exports
 # Keys that change the draft's shape or the data order: a resume must keep them, or the checkpoint
 # would not load, or samples would be skipped or repeated. Every other key may change on resume.

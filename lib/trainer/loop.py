@@ -21,6 +21,7 @@ from lib.drafts.base import DraftBundle, DraftStrategy, get_strategy
 from lib.data.packing import position_key
 from lib.launch.sharding import full_model_state
 from lib.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lib.trainer.metric_sinks import config_dict
 from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
 from lib.eval.online import TrainerEvaluator, eval_enabled
 from lib.launch.runtime import RunContext, peak_memory
@@ -67,7 +68,8 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
     if eval_enabled(ctx):
         evaluator = TrainerEvaluator(ctx, strategy, bundle.config_dict(), getattr(source, "backend", None))
     enter_loop_timeouts(ctx.groups, cfg.run.loop_timeout_s)
-    metrics = MetricsWriter(ctx.run_dir, ctx.is_trainer_leader)
+    metrics = MetricsWriter(ctx.run_dir, ctx.is_trainer_leader, cfg.metrics, start_step,
+                            config_dict(cfg) if ctx.is_trainer_leader else None)
     stopped_by, consecutive_skips = None, 0
     try:
         for step in range(start_step, end_step):

@@ -6,23 +6,37 @@ import math
 import os
 from typing import Any, Optional
 
+from lib.config import MetricsConfig
+from lib.trainer.metric_sinks import open_sinks, scalars_of
+
 
 class MetricsWriter:
-    """Appends one JSON object per line; a resumed run appends to the same file."""
+    """Appends one JSON object per line; a resumed run appends to the same file. The same rows go to the
+    sinks of `sinks` (TensorBoard, W&B; lib/trainer/metric_sinks.py). Only the writer built with
+    enabled=True (the trainer leader) opens any file or dashboard run."""
 
-    def __init__(self, run_dir: str, enabled: bool):
+    def __init__(self, run_dir: str, enabled: bool, sinks: Optional[MetricsConfig] = None, start_step: int = 0,
+                 run_config: Optional[dict[str, Any]] = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled
         self._file = open(self.path, "a", buffering=1) if enabled else None
+        self._sinks = open_sinks(run_dir, sinks, start_step, run_config) if enabled else []
 
     def write(self, row: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        if self._sinks and "step" in row:
+            scalars = scalars_of(row)
+            for sink in self._sinks:
+                sink.write(int(row["step"]), scalars)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
