@@ -1,6 +1,7 @@
 """The target model as speculative decoding drives it: verify forwards with one-shot aux capture."""
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
 from functools import partial
@@ -83,19 +84,40 @@ class TargetRunner:
                 aux_layers: Sequence[int] = ()):
         """ids/positions [B, S], visible [B, S, L] -> (greedy next token at each row [B, S],
         aux states [B, S, n_aux*H] or None, the grown cache)."""
+        hidden, aux, cache = self._run(ids, positions, visible, cache, aux_layers)
+        return F.linear(hidden, self.lm_head).argmax(-1), aux, cache
+
+    def last_logits(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+                    cache: Any) -> tuple[torch.Tensor, Any]:
+        """As forward, but the float32 logits of each row's last slot [B, V] (for sampling), and the cache."""
+        hidden, _, cache = self._run(ids, positions, visible, cache, ())
+        return F.linear(hidden[:, -1], self.lm_head).float(), cache
+
+    def _run(self, ids, positions, visible, cache, aux_layers):
         captured: dict[int, torch.Tensor] = {}
         hooks = [self.base.layers[i].register_forward_hook(partial(_keep_output, captured, i)) for i in set(aux_layers)]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         try:
             out = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
-                            past_key_values=cache, use_cache=True)
+                            use_cache=True, **{_cache_kwarg(self.base): cache})
         finally:
             for hook in hooks:
                 hook.remove()
-        greedy = F.linear(out.last_hidden_state, self.lm_head).argmax(-1)
         aux = torch.cat([captured[i] for i in aux_layers], dim=-1) if aux_layers else None
-        return greedy, aux, out.past_key_values
+        return out.last_hidden_state, aux, _output_cache(out)
+
+
+def _cache_kwarg(base: nn.Module) -> str:
+    """The KV-cache argument of the model's forward: `cache` since transformers renamed it (the old
+    `past_key_values` then warns with a FutureWarning on every call), `past_key_values` before (5.17)."""
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    # The output field was renamed with the argument; reading the old name warns once on new versions.
+    fields = getattr(out, "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values
 
 
 def _keep_output(store: dict, index: int, module: nn.Module, args, output) -> None:
