@@ -1,0 +1,209 @@
+"""tools/regenerate.py: the target answers every conversation (tiny target, and a loopback OpenAI-compatible
+server), lines keep their format, settings are recorded, and a second run skips what is done."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from lib.config import TINY_DATA_DIR, TINY_TARGET_DIR
+from tests.helpers import REPO, TORCHRUN, cpu_env
+from tools import regenerate
+from tools.regenerate import RegenError, main
+
+pytestmark = pytest.mark.unit
+
+SHAREGPT = {"id": "sg", "conversations": [{"from": "human", "value": "Spell 'cat' backwards."},
+                                          {"from": "gpt", "value": "tac"}, {"from": "human", "value": "Add 2 and 3."}]}
+
+
+def write_input(path, n: int = 7) -> list[dict]:
+    with open(os.path.join(TINY_DATA_DIR, "heldout.jsonl")) as f:
+        objs = [json.loads(x) for x in f.read().splitlines()[:n]]
+    objs += [SHAREGPT]
+    with open(path, "w") as f:
+        for obj in objs:
+            f.write(json.dumps(obj) + "\n")
+        f.write('{"text": "pre-formatted, nothing to answer"}\n')
+    return objs
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+@pytest.mark.integration
+def test_tiny_target_round_trip_sharded_then_resumed(tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    objs = write_input(src)
+    args = [os.path.join(REPO, "tools", "regenerate.py"), "--target", TINY_TARGET_DIR, "--input", str(src),
+            "--output", str(out), "--max-new-tokens", "24", "--batch-size", "3", "--device", "cpu"]
+    # Two ranks answer the first 5 pending lines between them, then stop: parts stay, no output yet.
+    first = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=2", *args, "--max-lines", "5"], cwd=REPO,
+                           env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not out.exists() and (tmp_path / "out.jsonl.part-0").exists() and (tmp_path / "out.jsonl.part-1").exists()
+    parted = {json.loads(x)["line"]: x for p in ("part-0", "part-1") for x in open(tmp_path / f"out.jsonl.{p}")}
+    assert sorted(parted) == [0, 1, 2, 3, 4]
+    # One process finishes the rest; the lines answered before are kept, not answered again.
+    second = subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "5 already answered" in second.stderr
+    lines = read_jsonl(out)
+    assert [o["regenerated"]["source_line"] for o in lines] == list(range(1, len(objs) + 1))
+    assert [json.dumps(o) for o in lines[:5]] == [json.dumps(json.loads(parted[i])["out"]) for i in range(5)]
+    for before, after in zip(objs, lines):
+        assert after["id"] == before["id"] and after.get("tasks") == before.get("tasks")
+        assert after["regenerated"]["temperature"] == 0.0 and after["regenerated"]["max_new_tokens"] == 24
+        roles = [t.get("role", t.get("from")) for t in after["conversations"]]
+        assert roles[-1] in ("assistant", "gpt")
+    sg = lines[-1]["conversations"]
+    assert [t["from"] for t in sg] == ["human", "gpt", "human", "gpt"]  # ShareGPT stays ShareGPT, answer appended
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert report["skipped_lines"] == {str(len(objs) + 1): "no_conversations"} and report["answered"] == len(objs)
+    assert not list(tmp_path.glob("out.jsonl.part-*"))
+    # Greedy answers are the target's own greedy decoding of the same prompt.
+    check_greedy(lines[0])
+    # A third run has nothing left to do and leaves the output as it was.
+    before = out.read_text()
+    third = subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert third.returncode == 0 and "0 for this process" in third.stderr and out.read_text() == before
+
+
+def check_greedy(line: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lib.eval.spec_decode import greedy_decode
+    from lib.eval.target import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(TINY_TARGET_DIR)
+    model = AutoModelForCausalLM.from_pretrained(TINY_TARGET_DIR, dtype=torch.float32)
+    messages = line["conversations"][:-1]
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    stops = stop_token_ids(tok, TINY_TARGET_DIR)
+    (ids,) = greedy_decode(model, [prompt], 24, stops)
+    ids = ids[:-1] if ids and ids[-1] in stops else ids
+    assert tok.decode(ids, skip_special_tokens=False) == line["conversations"][-1]["content"]
+
+
+class FakeServer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 that answers with the last user message reversed."""
+
+    bodies: list[dict] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, obj: dict, code: int = 200) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send({"object": "list", "data": [{"id": "loopback-model", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeServer.bodies.append(body)
+        text = body["messages"][-1]["content"][::-1]
+        self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}], "usage": {"completion_tokens": len(text)}})
+
+
+@pytest.fixture
+def server():
+    FakeServer.bodies = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeServer)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_server_path_against_a_loopback_server(tmp_path, server, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    objs = write_input(src, n=4)
+    args = ["--server", server, "--input", str(src), "--output", str(out), "--temperature", "0.7", "--top-p", "0.9",
+            "--max-new-tokens", "64", "--batch-size", "2", "--chat-template-kwargs", '{"enable_thinking": false}']
+    assert main(args + ["--max-lines", "2"]) == 0
+    assert not out.exists()
+    sent = len(FakeServer.bodies)
+    assert main(args) == 0
+    lines = read_jsonl(out)
+    assert len(lines) == len(objs)
+    # Every request carried the settings; every assistant turn is the server's answer to the turns before it.
+    assert {b["model"] for b in FakeServer.bodies} == {"loopback-model"}
+    assert all(b["temperature"] == 0.7 and b["top_p"] == 0.9 and b["max_tokens"] == 64 for b in FakeServer.bodies)
+    assert all(b["chat_template_kwargs"] == {"enable_thinking": False} for b in FakeServer.bodies)
+    for line in lines:
+        turns = line["conversations"]
+        key = "content" if "content" in turns[0] else "value"
+        for i, t in enumerate(turns):
+            if t.get("role", t.get("from")) in ("assistant", "gpt"):
+                asked = [u for u in turns[:i] if u.get("role", u.get("from")) in ("user", "human")][-1]
+                assert t[key] == asked[key][::-1]
+        assert line["regenerated"]["model"] == "loopback-model" and line["regenerated"]["top_p"] == 0.9
+    answers = sum(len(r["regenerated"]["finish"]) for r in lines)
+    assert len(FakeServer.bodies) == answers  # the second run asked only for the lines the first left
+    assert sent < answers
+    # Done: a third run sends nothing; other sampling settings are refused, naming them.
+    assert main(args) == 0 and len(FakeServer.bodies) == answers
+    with pytest.raises(RegenError, match=r"temperature: 0.7 there, 1.0 now"):
+        regenerate.read_done(regenerate.parse_args([*args[:-6], "--temperature", "1.0", "--model", "loopback-model"]))
+
+
+def test_a_torn_part_line_is_answered_again(tmp_path):
+    part = tmp_path / "out.jsonl.part-0"
+    part.write_text(json.dumps({"line": 0, "skipped": "malformed_json"}) + "\n" + '{"line": 1, "out": {"conv')
+    src = tmp_path / "in.jsonl"
+    src.write_text("x\n")
+    cfg = regenerate.parse_args(["--server", "http://127.0.0.1:9", "--input", str(src), "--output",
+                                 str(tmp_path / "out.jsonl")])
+    done, skipped = regenerate.read_done(cfg)
+    assert done == {} and skipped == {0: "malformed_json"}
+    writer = regenerate.PartWriter(str(part))
+    writer.skipped(1, "no_user_turn")
+    writer.close()
+    assert [json.loads(x)["line"] for x in part.read_text().splitlines()] == [0, 1]
+
+
+def test_settings_are_checked():
+    with pytest.raises(RegenError, match="exactly one"):
+        regenerate.parse_args(["--input", __file__, "--output", "/tmp/x.jsonl"])
+    from lib.eval.sampling import SamplingError
+    with pytest.raises(SamplingError, match=r"top_p=0.0: must be in \(0, 1\]"):
+        regenerate.parse_args(["--server", "http://127.0.0.1:9", "--input", __file__, "--output", "/tmp/x.jsonl",
+                               "--top-p", "0"])
+
+
+def test_nucleus_sampling_with_a_tiny_top_p_is_greedy():
+    from transformers import AutoModelForCausalLM
+
+    from lib.eval.sampling import SamplingConfig, sample_batch
+    from lib.eval.spec_decode import greedy_decode
+    from lib.eval.target import TargetRunner
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_TARGET_DIR, dtype=torch.float32)
+    runner = TargetRunner.from_causal_lm(model)
+    prompts = [[5, 9, 3, 7, 11], [4, 8], [6, 6, 6]]
+    want = greedy_decode(runner, prompts, 12)
+    got = sample_batch(runner, prompts, [12, 5, 12], [], SamplingConfig(temperature=1.0, top_p=1e-6),
+                       torch.Generator().manual_seed(0))
+    assert [g.tokens for g in got] == [want[0], want[1][:5], want[2]]
+    assert [g.finish for g in got] == ["length"] * 3

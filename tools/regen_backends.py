@@ -1,0 +1,138 @@
+"""Who answers for tools/regenerate.py: the target's checkpoint in this process, or a server by URL.
+
+Both take a list of conversations (role/content messages ending with the turn to answer) and return,
+per conversation, (answer text, finish reason "stop"|"length"), or None when the prompt alone does
+not fit --max-length (the conversation then ends there).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+Answer = Optional[tuple[str, str]]
+
+
+class LocalTarget:
+    """The checkpoint on this process's GPU (LOCAL_RANK) or the CPU, decoding a batch with a KV cache."""
+
+    def __init__(self, cfg: Any, rank: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from lib.eval.target import TargetRunner, stop_token_ids
+
+        cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        if cfg.device == "cuda" and not cuda:
+            raise RuntimeError("--device=cuda: no GPU is visible; use --device=cpu or auto")
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+        dtype = torch.bfloat16 if cuda else torch.float32  # no fast bf16 matmuls on CPU
+        model = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype, attn_implementation="sdpa")
+        self.runner = TargetRunner.from_causal_lm(model.to(self.device).eval())
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.target)
+        self.stop_ids = stop_token_ids(self.tokenizer, cfg.target)
+        self.cfg = cfg
+        self.new_tokens, self.seconds = 0, 0.0
+
+    def answer(self, conversations: list[list[dict]], seed: int) -> list[Answer]:
+        import torch
+
+        from lib.eval.sampling import sample_batch
+
+        prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True,
+                                                      **self.cfg.chat_template_kwargs) for m in conversations]
+        # The template writes every special token itself (BOS included where the model has one).
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        budgets = [min(self.cfg.sampling.max_new_tokens, self.cfg.max_length - len(p)) for p in ids]
+        fits = [i for i, b in enumerate(budgets) if b >= 1]
+        out: list[Answer] = [None] * len(ids)
+        if not fits:
+            return out
+        generator = torch.Generator(self.device).manual_seed(seed)
+        start = time.perf_counter()
+        results = sample_batch(self.runner, [ids[i] for i in fits], [budgets[i] for i in fits], self.stop_ids,
+                               self.cfg.sampling, generator)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        for i, r in zip(fits, results):
+            self.new_tokens += len(r.tokens)
+            out[i] = (self.tokenizer.decode(r.tokens, skip_special_tokens=False), r.finish)
+        return out
+
+    def stats(self) -> str:
+        return f"{self.new_tokens} new tokens in {self.seconds:.1f} s ({self.new_tokens / max(self.seconds, 1e-9):.0f} tokens/s)"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class ServerTarget:
+    """POST /v1/chat/completions, up to batch_size requests in flight; each retried twice on a
+    connection error or a 5xx answer, and bounded by --timeout-s."""
+
+    RETRIES = 3
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.base = cfg.server.rstrip("/")
+        if self.base.endswith("/v1"):
+            self.base = self.base[:-3]
+        self.model = cfg.model or self._first_model()
+        self.requests, self.new_tokens, self.seconds = 0, 0, 0.0
+
+    def _call(self, path: str, body: Optional[dict] = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, headers={"Content-Type": "application/json"})
+        for attempt in range(self.RETRIES):
+            try:
+                with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:300]
+                if e.code < 500 or attempt == self.RETRIES - 1:
+                    raise ServerError(f"{self.base}{path}: HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.RETRIES - 1:
+                    raise ServerError(f"{self.base}{path}: {e}; is the server up (--server)?") from None
+            time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _first_model(self) -> str:
+        models = self._call("/v1/models").get("data") or []
+        if not models:
+            raise ServerError(f"{self.base}/v1/models lists no model; pass --model")
+        return models[0]["id"]
+
+    def _one(self, messages: list[dict], seed: int) -> Answer:
+        s = self.cfg.sampling
+        body = {"model": self.model, "messages": messages, "max_tokens": s.max_new_tokens,
+                "temperature": s.temperature, "top_p": s.top_p, "seed": seed}
+        if self.cfg.chat_template_kwargs:
+            body["chat_template_kwargs"] = self.cfg.chat_template_kwargs  # sglang and vLLM both take it
+        try:
+            reply = self._call("/v1/chat/completions", body)
+        except ServerError as e:
+            if "HTTP 400" in str(e) and ("context" in str(e).lower() or "length" in str(e).lower()):
+                return None  # the prompt does not fit the server's context
+            raise
+        choice = reply["choices"][0]
+        self.requests += 1
+        self.new_tokens += int((reply.get("usage") or {}).get("completion_tokens", 0))
+        return choice["message"].get("content") or "", "length" if choice.get("finish_reason") == "length" else "stop"
+
+    def answer(self, conversations: list[list[dict]], seed: int) -> list[Answer]:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(self.cfg.batch_size, len(conversations))) as pool:
+            out = list(pool.map(lambda a: self._one(*a), [(m, seed + i) for i, m in enumerate(conversations)]))
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def stats(self) -> str:
+        return (f"{self.requests} requests to {self.base} ({self.model}), {self.new_tokens} new tokens in "
+                f"{self.seconds:.1f} s")

@@ -1,0 +1,352 @@
+"""Answer every conversation of a JSON Lines data set with the target's own responses.
+
+    # the built-in path: the target's checkpoint, batched decoding with a KV cache, one shard per process
+    torchrun --standalone --nproc_per_node=8 tools/regenerate.py --target /models/Qwen3-8B \\
+        --input sharegpt.jsonl --output regen.jsonl --max-new-tokens 2048 --temperature 0.7 --top-p 0.95
+    python tools/regenerate.py --target assets/tiny_target --input in.jsonl --output out.jsonl   # one process
+    # an OpenAI-compatible server the user already runs (sglang, vLLM), by URL
+    python tools/regenerate.py --server http://127.0.0.1:30000 --model Qwen/Qwen3-8B --input ... --output ...
+
+Every assistant turn is replaced, in order, by the target's answer to the conversation so far (with
+the earlier answers already replaced); a conversation that ends with a user turn gets an answer
+appended. Lines keep their format (role/content or ShareGPT from/value) and their other keys, and
+gain "regenerated": the sampling settings, the source line and each answer's finish reason.
+
+Resumable: each process appends finished lines to OUTPUT.part-<rank> as it goes; a later run skips
+every line already in OUTPUT or a part file (whatever the number of processes) and refuses other
+sampling settings. When all lines are done, rank 0 merges the parts into OUTPUT in input order.
+Lines that cannot be answered (malformed, pre-formatted text, prompt longer than --max-length) are
+left out and counted in OUTPUT.report.json.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib.data.datasets import SHAREGPT_ROLES  # noqa: E402
+from lib.eval.sampling import SamplingConfig, SamplingError  # noqa: E402
+from tools.regen_backends import LocalTarget, ServerTarget  # noqa: E402
+
+
+class RegenError(ValueError):
+    """A setting or a file is wrong; the message names it, its value and the fix."""
+
+
+@dataclass(frozen=True)
+class RegenConfig:
+    input: str
+    output: str
+    sampling: SamplingConfig
+    target: Optional[str] = None  # local HF checkpoint directory
+    server: Optional[str] = None  # base URL of an OpenAI-compatible server
+    model: Optional[str] = None  # the model name the server serves (default: its first)
+    batch_size: int = 32  # conversations decoded together (built-in path) or requests in flight (server)
+    max_length: int = 8192  # prompt + answer tokens (built-in path); longer prompts end the conversation there
+    max_lines: int = 0  # >0: answer at most this many pending lines in this run (a trial, or a time budget)
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false} for Qwen3
+    device: str = "auto"
+    timeout_s: float = 600.0  # one server request
+
+    def __post_init__(self) -> None:
+        if (self.target is None) == (self.server is None):
+            raise RegenError("--target/--server: give exactly one (a local checkpoint directory, or the URL of "
+                             "an OpenAI-compatible server such as sglang or vLLM)")
+        if self.target is not None and not os.path.isfile(os.path.join(self.target, "config.json")):
+            raise RegenError(f"--target={self.target!r}: no config.json there; point it at a local HF checkpoint")
+        if self.server is not None and not self.server.startswith(("http://", "https://")):
+            raise RegenError(f"--server={self.server!r}: must be a URL, e.g. http://127.0.0.1:30000")
+        if not os.path.isfile(self.input):
+            raise RegenError(f"--input={self.input!r}: file not found; point it at a JSON Lines data set")
+        if os.path.abspath(self.input) == os.path.abspath(self.output):
+            raise RegenError(f"--output={self.output!r}: must differ from --input")
+        for key, value in (("batch_size", self.batch_size), ("max_length", self.max_length)):
+            if value < 1:
+                raise RegenError(f"--{key.replace('_', '-')}={value}: must be >= 1")
+        if self.max_lines < 0:
+            raise RegenError(f"--max-lines={self.max_lines}: must be >= 0 (0: all)")
+
+    def record(self) -> dict:
+        """What shapes the answers: a resumed run must match it."""
+        # The model by name: the server's (main() asks it when --model is not given) or the checkpoint
+        # directory's, so a resume from another working directory or mount still matches.
+        model = self.model if self.server else os.path.basename(os.path.normpath(self.target))
+        return {**self.sampling.record(), "model": model,
+                "chat_template_kwargs": self.chat_template_kwargs}
+
+
+# ---- lines in, lines out ----
+
+@dataclass
+class Conversation:
+    line: int  # 0-based input line
+    obj: dict  # the input line's object
+    sharegpt: bool
+    messages: list[dict]  # role/content, normalised
+    answers: list[str] = field(default_factory=list)
+    finish: list[str] = field(default_factory=list)
+    turn: int = 0  # next message index to look at
+    history: list[dict] = field(default_factory=list)  # messages with the answers so far
+
+    def next_prompt(self) -> Optional[list[dict]]:
+        """The messages to answer next, or None when the conversation is done."""
+        while self.turn < len(self.messages):
+            m = self.messages[self.turn]
+            if m["role"] == "assistant" and self.history:
+                return self.history
+            if m["role"] != "assistant":
+                self.history.append(m)
+            self.turn += 1
+        if self.history and self.history[-1]["role"] == "user" and self.turn == len(self.messages):
+            self.turn += 1  # the answer to a final user turn is appended
+            return self.history
+        return None
+
+    def answer(self, text: str, finish: str) -> None:
+        self.answers.append(text)
+        self.finish.append(finish)
+        self.history = self.history + [{"role": "assistant", "content": text}]
+        self.turn += 1
+
+    def stop_here(self) -> None:
+        self.turn = len(self.messages) + 1
+
+    def result(self, settings: dict) -> dict:
+        turns, answers = [], iter(self.answers)
+        key_role, key_text = ("from", "value") if self.sharegpt else ("role", "content")
+        assistant = "gpt" if self.sharegpt else "assistant"
+        seen_user = False
+        for original in self.obj["conversations"]:
+            seen_user = seen_user or _role(original) == "user"
+            if _role(original) == "assistant" and not seen_user:
+                continue  # an answer to nothing: next_prompt() skipped it too
+            if _role(original) == "assistant":
+                text = next(answers, None)
+                if text is None:
+                    break
+                turns.append({**original, key_text: text})
+            else:
+                turns.append(original)
+        turns += [{key_role: assistant, key_text: text} for text in answers]
+        # A conversation cut by --max-length ends at its last answer.
+        while turns and _role(turns[-1]) != "assistant":
+            turns.pop()
+        return {**self.obj, "conversations": turns,
+                "regenerated": {**settings, "source_line": self.line + 1, "finish": self.finish}}
+
+
+def _role(turn: dict) -> Optional[str]:
+    return turn.get("role") if "role" in turn else SHAREGPT_ROLES.get(turn.get("from"))
+
+
+def parse(line_no: int, text: str) -> Conversation | str:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return "malformed_json"
+    if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list) or not obj["conversations"]:
+        return "no_conversations"  # pre-formatted {"text"} lines have no turns to answer
+    messages, sharegpt = [], False
+    for turn in obj["conversations"]:
+        if not isinstance(turn, dict):
+            return "malformed_turn"
+        sharegpt = sharegpt or "from" in turn
+        role, content = _role(turn), turn.get("content", turn.get("value"))
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            return "malformed_turn"
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "user" for m in messages):
+        return "no_user_turn"
+    return Conversation(line_no, obj, sharegpt, messages)
+
+
+# ---- resume: part files and the merged output ----
+
+def part_path(output: str, rank: int) -> str:
+    return f"{output}.part-{rank}"
+
+
+def read_done(cfg: RegenConfig) -> tuple[dict[int, dict], dict[int, str]]:
+    """(answered lines by 0-based input line, skipped lines with their reason) from OUTPUT, its report
+    and every part file; a torn last line of a part (a killed run) is ignored and answered again."""
+    done: dict[int, dict] = {}
+    skipped: dict[int, str] = {}
+    if os.path.exists(cfg.output):
+        with open(cfg.output) as f:
+            for text in f:
+                obj = json.loads(text)
+                done[obj["regenerated"]["source_line"] - 1] = obj
+    report = cfg.output + ".report.json"
+    if os.path.exists(report):
+        with open(report) as f:
+            skipped.update({int(k) - 1: v for k, v in json.load(f)["skipped_lines"].items()})
+    for path in glob.glob(glob.escape(cfg.output) + ".part-*"):
+        with open(path) as f:
+            for text in f:
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError:
+                    continue
+                if "skipped" in rec:
+                    skipped[rec["line"]] = rec["skipped"]
+                else:
+                    done[rec["line"]] = rec["out"]
+    want = cfg.record()
+    for obj in list(done.values())[:1]:
+        have = {k: obj["regenerated"].get(k) for k in want}
+        changed = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        if changed:
+            raise RegenError(f"{cfg.output} holds lines answered with other settings ("
+                             + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+                             + "); use the same settings to resume, or another --output")
+    return done, skipped
+
+
+class PartWriter:
+    """Appends this process's finished lines, one flushed JSON line each, after cutting a torn tail."""
+
+    def __init__(self, path: str):
+        if os.path.exists(path):
+            with open(path, "rb+") as f:
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+        self._file = open(path, "a", buffering=1)
+
+    def answered(self, line: int, obj: dict) -> None:
+        self._file.write(json.dumps({"line": line, "out": obj}, ensure_ascii=False) + "\n")
+
+    def skipped(self, line: int, reason: str) -> None:
+        self._file.write(json.dumps({"line": line, "skipped": reason}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def merge(cfg: RegenConfig, total_lines: int) -> dict:
+    """All lines done: OUTPUT in input order (written whole, then renamed), the report, parts removed."""
+    done, skipped = read_done(cfg)
+    missing = [i + 1 for i in range(total_lines) if i not in done and i not in skipped]
+    report = {"input": cfg.input, "lines": total_lines, "answered": len(done), "skipped": len(skipped),
+              "skipped_lines": {str(i + 1): r for i, r in sorted(skipped.items())}, "settings": cfg.record(),
+              "missing": missing[:20]}
+    if missing:
+        return report  # a --max-lines run: the parts stay for the next run
+    tmp = cfg.output + ".tmp"
+    with open(tmp, "w") as f:
+        for i in sorted(done):
+            f.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+    with open(cfg.output + ".report.json", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, cfg.output)
+    for path in glob.glob(glob.escape(cfg.output) + ".part-*"):
+        os.unlink(path)
+    return report
+
+
+# ---- the run ----
+
+def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversation], writer: PartWriter) -> int:
+    """Answer `conversations` in groups of batch_size, turn by turn; returns the number of answers."""
+    settings, answers = cfg.record(), 0
+    for start in range(0, len(conversations), cfg.batch_size):
+        group = conversations[start:start + cfg.batch_size]
+        while True:
+            pending = [(c, p) for c in group for p in [c.next_prompt()] if p is not None]
+            if not pending:
+                break
+            results = backend.answer([p for _, p in pending], seed=cfg.sampling.seed + pending[0][0].line)
+            for (conv, _), result in zip(pending, results):
+                if result is None:  # the prompt alone reaches --max-length
+                    conv.stop_here()
+                else:
+                    conv.answer(*result)
+                    answers += 1
+        for conv in group:
+            if conv.answers:
+                writer.answered(conv.line, conv.result(settings))
+            else:
+                writer.skipped(conv.line, "prompt_too_long")
+    return answers
+
+
+def parse_args(argv: list[str]) -> RegenConfig:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--target", help="local HF checkpoint directory (the built-in path)")
+    ap.add_argument("--server", help="base URL of an OpenAI-compatible server (sglang, vLLM)")
+    ap.add_argument("--model", help="model name on the server (default: the first it lists)")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=8192)
+    ap.add_argument("--max-lines", type=int, default=0)
+    ap.add_argument("--chat-template-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"enable_thinking": false}\'')
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--timeout-s", type=float, default=600.0)
+    a = ap.parse_args(argv)
+    sampling = SamplingConfig(a.temperature, a.top_p, a.max_new_tokens, a.seed)
+    return RegenConfig(a.input, a.output, sampling, a.target, a.server, a.model, a.batch_size, a.max_length,
+                       a.max_lines, a.chat_template_kwargs, a.device, a.timeout_s)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = parse_args(argv)
+    except (RegenError, SamplingError) as e:
+        print(f"regenerate: {e}", file=sys.stderr)
+        return 2
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")  # only to agree on the end: the decoding needs no collective
+    backend = None
+    if cfg.server:
+        backend = ServerTarget(cfg)  # asks the server for its model name when --model is not given
+        cfg = replace(cfg, model=backend.model)
+        backend.cfg = cfg
+    with open(cfg.input) as f:
+        lines = f.read().splitlines()
+    done, skipped = read_done(cfg)
+    todo = [i for i in range(len(lines)) if i not in done and i not in skipped]
+    if cfg.max_lines:
+        todo = todo[:cfg.max_lines]
+    mine = todo[rank::world]
+    writer = PartWriter(part_path(cfg.output, rank))
+    conversations = []
+    for i in mine:
+        parsed = parse(i, lines[i])
+        if isinstance(parsed, str):
+            writer.skipped(i, parsed)
+        else:
+            conversations.append(parsed)
+    print(f"regenerate[{rank}/{world}]: {len(lines)} lines, {len(done)} already answered, {len(skipped)} skipped, "
+          f"{len(mine)} for this process", file=sys.stderr)
+    if conversations:
+        backend = backend or LocalTarget(cfg, rank)
+        answers = answer_lines(cfg, backend, conversations, writer)
+        print(f"regenerate[{rank}/{world}]: {answers} answers, {backend.stats()}", file=sys.stderr)
+    writer.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        report = merge(cfg, len(lines))
+        where = cfg.output if not report["missing"] else f"{cfg.output}.part-* (run again to go on)"
+        print(f"regenerate: {report['answered']}/{report['lines']} lines answered, {report['skipped']} skipped -> "
+              f"{where}", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
