@@ -67,3 +67,60 @@ def test_sigkill_of_one_rank_ends_the_job_with_its_role_named(tmp_path, victim_r
     time.sleep(1)
     survivors = [r["pid"] for r in ranks if _alive(r["pid"])]
     assert not survivors, f"processes left running: {survivors}"
+
+
+# After a rank fails torchrun SIGTERMs the others and SIGKILLs, 30 s later, one that did not exit: a
+# stopped (or hung) process cannot act on SIGTERM (torch 2.13's fixed grace on this path).
+SHUTDOWN_S = 30
+
+
+@pytest.mark.parametrize("victim_role", ["engine", "trainer"])
+def test_a_stalled_peer_is_named_within_the_loop_timeout_and_nothing_is_left(tmp_path, victim_role):
+    """SIGSTOP: alive but silent. Its partner's handoff gives up after run.loop_timeout_s naming it."""
+    from tests.helpers import launch
+
+    run_dir, loop_timeout = str(tmp_path / "run"), 8
+    proc = launch([f"run.dir={run_dir}", "train.max_steps=100000", "engine.token_budget=256", "data.max_length=256",
+                   "eval.every=0", f"run.loop_timeout_s={loop_timeout}", "run.save_timeout_s=5"])
+    try:
+        ranks = _wait_for_training(run_dir, proc, 240)
+        victim = next(r for r in ranks if r["role"] == victim_role)
+        os.kill(victim["pid"], signal.SIGSTOP)
+        stopped_at = time.time()
+        out, _ = proc.communicate(timeout=loop_timeout + SHUTDOWN_S + 40)
+        elapsed = time.time() - stopped_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode not in (0, 75), out[-3000:]
+    # The partner's error (from its error file) names the silent rank, its role and its host.
+    assert f"{victim_role} rank {victim['rank']} on host {victim['host']} sent nothing within {loop_timeout} s" in out, \
+        out[-3000:]
+    assert "launch.sh: root cause: rank" in out, out[-3000:]
+    assert elapsed < loop_timeout + SHUTDOWN_S + 20, f"{elapsed:.0f}s from the stall to the exit"
+    time.sleep(1)
+    assert not [r["pid"] for r in ranks if _alive(r["pid"])]
+    print(f"stalled {victim_role}: exit {proc.returncode} after {elapsed:.1f}s (loop timeout {loop_timeout}s)")
+
+
+def test_non_finite_gradients_skip_on_all_trainers_and_too_many_stop_the_run(tmp_path):
+    """Trainer 1 of 2 gets NaN gradients at steps 2, 4 and 5; with max_consecutive_skips=2 step 5 ends the run."""
+    from tests.helpers import launch, metric_rows
+
+    run_dir = str(tmp_path / "run")
+    proc = launch([f"run.dir={run_dir}", "train.max_steps=8", "engine.token_budget=256", "data.max_length=256",
+                   "eval.every=0", "train.log_every=1", "train.max_consecutive_skips=2"],
+                  {"NPROC": "4", "SPECDRAFT_TEST_NAN_GRAD": "1@2,4,5"})
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out[-3000:]
+    rows = {r["step"]: r for r in metric_rows(run_dir)}
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    # One global norm: both trainers saw NaN and skipped together; metrics.jsonl counts every skip.
+    assert [rows[s]["skipped_steps"] for s in range(1, 6)] == [0, 1, 1, 2, 3]
+    assert [rows[s]["grad_norm"] != rows[s]["grad_norm"] for s in range(1, 6)] == [False, True, False, True, True]
+    assert ("launch.sh: root cause: rank " in out and "(trainer) on host " in out
+            and "exit code 1: RuntimeError: step 5: 2 consecutive steps (from step 4)" in out), out[-3000:]

@@ -138,5 +138,8 @@ def run_engine(ctx: RunContext) -> None:
         # (or failed, and torchrun names it). Either way nothing is left for this engine to produce.
         log.info("the trainer closed the handoff early (stop on %s): engine stops",
                  stop_requested() or "a trainer's signal")
+    except BaseException:
+        sender.close(wait=False)  # failing: a stalled trainer must not hold this exit for another timeout
+        raise
     finally:
         sender.close()

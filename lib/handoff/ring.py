@@ -135,13 +135,14 @@ class Sender:
             raise
         self._acquired = None
 
-    def close(self) -> None:
-        """Tell the receiver to finish, wait (up to timeout_s) until it dropped its mappings, then free."""
+    def close(self, wait: bool = True) -> None:
+        """Tell the receiver to finish, wait (up to timeout_s) until it dropped its mappings, then free.
+        wait=False (this side or the peer failed): free at once; a silent peer must not delay the exit."""
         if self._closed:
             return
         self._closed = True
         try:
-            if not self._channel.closed:
+            if wait and not self._channel.closed:
                 self._channel.send({"kind": "close"}, timeout_s=self._timeout_s)
                 while True:
                     message, _ = self._channel.recv(self._timeout_s, waiting_for="the trainer to close")

@@ -220,7 +220,10 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
         source.release()
         stats = sums if stats is None else stats + sums
     if step in fault_nan_steps(dist.get_rank(group)):
-        next(p for p in bundle.trainable_params() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        # Test-only: one element of this trainer's own gradient shard (FSDP grads are DTensors).
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in bundle.trainable_params())
+                 if g is not None]
+        next(g for g in local if g.numel()).view(-1)[0] = float("nan")
     grad_norm, applied = apply_update(bundle, optimizer, cfg.train.grad_clip)
     if not applied:
         counters["skipped_steps"] += 1
