@@ -124,9 +124,36 @@ def test_wandb_offline_run_gets_the_rows(tmp_path):
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     runs = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
     assert runs, os.listdir(tmp_path / "wandb")
-    files = glob.glob(os.path.join(runs[0], "*.wandb"))
-    assert files and os.path.getsize(files[0]) > 0
+    (path,) = glob.glob(os.path.join(runs[0], "*.wandb"))
+    history = wandb_history(path)
+    assert [h["_step"] for h in history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history[:3]] == pytest.approx([2.0, 1.0, 2.0 / 3])
+    assert history[2]["acc_0"] == pytest.approx(0.3) and "loss" not in history[3]  # NaN left out
     del wandb
+
+
+def wandb_history(path: str) -> list[dict]:
+    """The history rows of an offline W&B run file: a 7-byte file header, then LevelDB-log records (32 KiB
+    blocks; each chunk: crc32c, length, type 1 full / 2 first / 3 middle / 4 last) holding Record protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    assert blob[:4] == b":W&B"
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(blob):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", blob[pos:pos + 7])
+        pending += blob[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    return rows
 
 
 @pytest.mark.integration
