@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 import uuid
 from typing import Any, Optional, Protocol
 
@@ -42,11 +43,12 @@ class TensorBoardSink:
 
         # purge_step: TensorBoard hides the older files' events at or after the resumed step, so the
         # steps trained again after a restart from a checkpoint are not drawn twice.
-        # The suffix: event files are named by the second and the host, and a second writer in the same
-        # second (a quick resume) would overwrite the first file.
+        # The suffix: event files are named by the second and the host, so a second writer in the same
+        # second (a quick resume) would overwrite the first file; nanoseconds keep the names apart and
+        # in time order, which is the order TensorBoard reads them in (the purge must come last).
         self._writer = SummaryWriter(logdir=os.path.join(run_dir, TENSORBOARD_DIR), flush_secs=10,
                                      purge_step=start_step if start_step > 0 else None,
-                                     filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+                                     filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
@@ -72,9 +74,15 @@ class WandbSink:
             run_id = uuid.uuid4().hex[:12]
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
-        self._run = wandb.init(project=w.project, entity=w.entity, name=w.name or os.path.basename(run_dir),
-                               mode=mode.value, dir=run_dir, id=run_id, resume="allow", tags=list(w.tags) or None,
-                               config=run_config, settings=wandb.Settings(silent=True, console="off"))
+        try:
+            self._run = wandb.init(project=w.project, entity=w.entity, name=w.name or os.path.basename(run_dir),
+                                   mode=mode.value, dir=run_dir, id=run_id, resume="allow",
+                                   tags=list(w.tags) or None, config=run_config,
+                                   settings=wandb.Settings(silent=True, console="off"))
+        except Exception as e:  # wandb raises its own types (no API key, no network, ...)
+            raise RuntimeError(f"metrics.wandb.project={w.project!r}: W&B did not start ({e}); log in with "
+                               "`wandb login`, or set metrics.wandb.mode=offline (no network needed; "
+                               "`wandb sync` later), or metrics.wandb.project=null") from e
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         # W&B refuses steps that go back (a resume replays those after the checkpoint): drop them.
