@@ -189,9 +189,17 @@ fi
 # torchrun signals its ranks on SIGTERM and kills them --shutdown-timeout later: give the save its
 # whole bound (run.save_timeout_s) plus 10 s for the step in flight. --log-dir puts each rank's error file
 # (TORCHELASTIC_ERROR_FILE) where the failure summary below reads it.
+# torchrun has --shutdown-timeout from torch 2.12 on; older ones kill their ranks 30 s after the signal
+# (its fixed default), which still covers the default save bound. Found without importing torch.
+SHUTDOWN=()
+TORCHRUN_SRC=$("$PYTHON" -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])' \
+               2>/dev/null)/distributed/run.py
+if grep -q -- '--shutdown-timeout' "$TORCHRUN_SRC" 2>/dev/null; then
+  SHUTDOWN=(--shutdown-timeout "$(( SAVE_TIMEOUT_S + 10 ))")
+fi
 build_cmd() {
   CMD=("$PYTHON" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node="$NPROC_EFFECTIVE"
-       --shutdown-timeout "$(( SAVE_TIMEOUT_S + 10 ))" --log-dir "$1"
+       "${SHUTDOWN[@]}" --log-dir "$1"
        "$ENTRY" "${EXTRA[@]}" "${OVERRIDES[@]}")
 }
 build_cmd "${TMPDIR:-/tmp}/specdraft-launch.XXXXXX/elastic"  # the real directory is made at run time
