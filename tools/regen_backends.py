@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 Answer = Optional[tuple[str, str]]
@@ -73,8 +73,8 @@ class ServerError(RuntimeError):
 
 
 class ServerTarget:
-    """POST /v1/chat/completions, up to batch_size requests in flight; each retried twice on a
-    connection error or a 5xx answer, and bounded by --timeout-s."""
+    """POST /v1/chat/completions (tools/regenerate.py keeps up to batch_size in flight); each request is
+    retried twice on a connection error or a 5xx answer, and bounded by --timeout-s."""
 
     RETRIES = 3
 
@@ -84,7 +84,9 @@ class ServerTarget:
         if self.base.endswith("/v1"):
             self.base = self.base[:-3]
         self.model = cfg.model or self._first_model()
-        self.requests, self.new_tokens, self.seconds = 0, 0, 0.0
+        self.requests, self.new_tokens = 0, 0
+        self._start: Optional[float] = None
+        self._lock = threading.Lock()  # the counters, from many threads
 
     def _call(self, path: str, body: Optional[dict] = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
@@ -122,17 +124,18 @@ class ServerTarget:
                 return None  # the prompt does not fit the server's context
             raise
         choice = reply["choices"][0]
-        self.requests += 1
-        self.new_tokens += int((reply.get("usage") or {}).get("completion_tokens", 0))
+        with self._lock:
+            self.requests += 1
+            self.new_tokens += int((reply.get("usage") or {}).get("completion_tokens", 0))
         return choice["message"].get("content") or "", "length" if choice.get("finish_reason") == "length" else "stop"
 
-    def answer(self, conversations: list[list[dict]], seed: int) -> list[Answer]:
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(self.cfg.batch_size, len(conversations))) as pool:
-            out = list(pool.map(lambda a: self._one(*a), [(m, seed + i) for i, m in enumerate(conversations)]))
-        self.seconds += time.perf_counter() - start
-        return out
+    def answer_one(self, messages: list[dict], seed: int) -> Answer:
+        """One request (called from up to batch_size threads at once)."""
+        if self._start is None:
+            self._start = time.perf_counter()
+        return self._one(messages, seed)
 
     def stats(self) -> str:
+        seconds = time.perf_counter() - self._start if self._start is not None else 0.0
         return (f"{self.requests} requests to {self.base} ({self.model}), {self.new_tokens} new tokens in "
-                f"{self.seconds:.1f} s")
+                f"{seconds:.1f} s ({self.new_tokens / max(seconds, 1e-9):.0f} tokens/s)")

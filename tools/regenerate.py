@@ -25,6 +25,8 @@ import glob
 import json
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -252,26 +254,51 @@ def merge(cfg: RegenConfig, total_lines: int) -> dict:
 # ---- the run ----
 
 def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversation], writer: PartWriter) -> int:
-    """Answer `conversations` in groups of batch_size, turn by turn; returns the number of answers."""
+    """Answer every conversation, turn by turn; returns the number of answers.
+
+    Built-in path: groups of batch_size conversations of similar length (less padding) decode together,
+    one turn of each per batch. Server path: batch_size conversations in flight, each going through its
+    turns on its own, so a long answer holds up only its own conversation (the server batches).
+    """
     settings, answers = cfg.record(), 0
-    for start in range(0, len(conversations), cfg.batch_size):
-        group = conversations[start:start + cfg.batch_size]
+
+    def finish(conv: Conversation) -> None:
+        if conv.answers:
+            writer.answered(conv.line, conv.result(settings))
+        else:
+            writer.skipped(conv.line, "prompt_too_long")
+
+    def take(conv: Conversation, result) -> int:
+        if result is None:  # the prompt alone reaches --max-length (or the server's context)
+            conv.stop_here()
+            return 0
+        conv.answer(*result)
+        return 1
+
+    if hasattr(backend, "answer_one"):
+        lock = threading.Lock()
+
+        def one(conv: Conversation) -> int:
+            count = 0
+            while (prompt := conv.next_prompt()) is not None:
+                count += take(conv, backend.answer_one(prompt, cfg.sampling.seed + conv.line + count))
+            with lock:
+                finish(conv)
+            return count
+
+        with ThreadPoolExecutor(max_workers=min(cfg.batch_size, len(conversations))) as pool:
+            return sum(pool.map(one, conversations))
+    ordered = sorted(conversations, key=lambda c: sum(len(m["content"]) for m in c.messages))
+    for start in range(0, len(ordered), cfg.batch_size):
+        group = ordered[start:start + cfg.batch_size]
         while True:
             pending = [(c, p) for c in group for p in [c.next_prompt()] if p is not None]
             if not pending:
                 break
             results = backend.answer([p for _, p in pending], seed=cfg.sampling.seed + pending[0][0].line)
-            for (conv, _), result in zip(pending, results):
-                if result is None:  # the prompt alone reaches --max-length
-                    conv.stop_here()
-                else:
-                    conv.answer(*result)
-                    answers += 1
+            answers += sum(take(conv, result) for (conv, _), result in zip(pending, results))
         for conv in group:
-            if conv.answers:
-                writer.answered(conv.line, conv.result(settings))
-            else:
-                writer.skipped(conv.line, "prompt_too_long")
+            finish(conv)
     return answers
 
 
