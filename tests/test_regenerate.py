@@ -192,18 +192,34 @@ def test_settings_are_checked():
                                "--top-p", "0"])
 
 
-def test_nucleus_sampling_with_a_tiny_top_p_is_greedy():
+@pytest.mark.parametrize("max_batch", [1, 2, 8])
+def test_continuous_batching_decodes_each_row_as_alone(max_batch):
+    """Rows join a running batch as others finish (different prompt lengths, budgets and stop tokens);
+    every row's greedy output equals greedy_decode of its prompt alone. A tiny top_p is greedy too."""
     from transformers import AutoModelForCausalLM
 
-    from lib.eval.sampling import SamplingConfig, sample_batch
+    from lib.eval.sampling import SamplingConfig, sample_stream
     from lib.eval.spec_decode import greedy_decode
     from lib.eval.target import TargetRunner
 
     model = AutoModelForCausalLM.from_pretrained(TINY_TARGET_DIR, dtype=torch.float32)
     runner = TargetRunner.from_causal_lm(model)
-    prompts = [[5, 9, 3, 7, 11], [4, 8], [6, 6, 6]]
-    want = greedy_decode(runner, prompts, 12)
-    got = sample_batch(runner, prompts, [12, 5, 12], [], SamplingConfig(temperature=1.0, top_p=1e-6),
-                       torch.Generator().manual_seed(0))
-    assert [g.tokens for g in got] == [want[0], want[1][:5], want[2]]
-    assert [g.finish for g in got] == ["length"] * 3
+    prompts = [[5, 9, 3, 7, 11], [4, 8], [6, 6, 6], [12, 40, 41, 42, 43, 44, 45, 46], [7], [3, 3, 9, 27]]
+    budgets = [12, 5, 20, 3, 16, 9]
+    want = greedy_decode(runner, prompts, max(budgets))
+    stop = want[2][6]  # a token the third row emits: it ends there ("stop"), other rows may too
+    pending = [(i, p, b) for i, (p, b) in enumerate(zip(prompts, budgets))]
+
+    def feed(n):
+        taken = pending[:n]
+        del pending[:n]
+        return taken
+
+    for cfg in (SamplingConfig(), SamplingConfig(temperature=1.0, top_p=1e-6)):
+        pending[:] = [(i, p, b) for i, (p, b) in enumerate(zip(prompts, budgets))]
+        got = dict(sample_stream(runner, feed, [stop], cfg, max_batch, torch.Generator().manual_seed(0)))
+        for i, w in enumerate(want):
+            w = w[:budgets[i]]
+            expect = w[:w.index(stop)] if stop in w else w
+            assert got[i].tokens == expect, (i, got[i].tokens, expect)
+            assert got[i].finish == ("stop" if stop in w else "length")

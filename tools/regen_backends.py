@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 Answer = Optional[tuple[str, str]]
 
@@ -38,31 +38,30 @@ class LocalTarget:
         self.cfg = cfg
         self.new_tokens, self.seconds = 0, 0.0
 
-    def answer(self, conversations: list[list[dict]], seed: int) -> list[Answer]:
+    def request(self, messages: list[dict]) -> Optional[tuple[list[int], int]]:
+        """(prompt ids, budget of new tokens), or None when the prompt alone reaches --max-length."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **self.cfg.chat_template_kwargs)
+        # The template writes every special token itself (BOS included where the model has one).
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        budget = min(self.cfg.sampling.max_new_tokens, self.cfg.max_length - len(ids))
+        return (ids, budget) if budget >= 1 else None
+
+    def stream(self, feed: Callable[[int], list[tuple[Any, list[int], int]]], seed: int) -> Iterator[tuple[Any, Answer]]:
+        """Continuous batching over what feed() hands out (lib/eval/sampling.py): up to --batch-size rows."""
         import torch
 
-        from lib.eval.sampling import sample_batch
+        from lib.eval.sampling import sample_stream
 
-        prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True,
-                                                      **self.cfg.chat_template_kwargs) for m in conversations]
-        # The template writes every special token itself (BOS included where the model has one).
-        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        budgets = [min(self.cfg.sampling.max_new_tokens, self.cfg.max_length - len(p)) for p in ids]
-        fits = [i for i, b in enumerate(budgets) if b >= 1]
-        out: list[Answer] = [None] * len(ids)
-        if not fits:
-            return out
         generator = torch.Generator(self.device).manual_seed(seed)
         start = time.perf_counter()
-        results = sample_batch(self.runner, [ids[i] for i in fits], [budgets[i] for i in fits], self.stop_ids,
-                               self.cfg.sampling, generator)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - start
-        for i, r in zip(fits, results):
-            self.new_tokens += len(r.tokens)
-            out[i] = (self.tokenizer.decode(r.tokens, skip_special_tokens=False), r.finish)
-        return out
+        try:
+            for key, generated in sample_stream(self.runner, feed, self.stop_ids, self.cfg.sampling,
+                                                self.cfg.batch_size, generator):
+                self.new_tokens += len(generated.tokens)
+                yield key, (self.tokenizer.decode(generated.tokens, skip_special_tokens=False), generated.finish)
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def stats(self) -> str:
         return f"{self.new_tokens} new tokens in {self.seconds:.1f} s ({self.new_tokens / max(self.seconds, 1e-9):.0f} tokens/s)"

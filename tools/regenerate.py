@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
@@ -256,8 +257,8 @@ def merge(cfg: RegenConfig, total_lines: int) -> dict:
 def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversation], writer: PartWriter) -> int:
     """Answer every conversation, turn by turn; returns the number of answers.
 
-    Built-in path: groups of batch_size conversations of similar length (less padding) decode together,
-    one turn of each per batch. Server path: batch_size conversations in flight, each going through its
+    Built-in path: continuous batching of up to batch_size rows, a conversation's next turn joining as
+    soon as its answer is done. Server path: batch_size conversations in flight, each going through its
     turns on its own, so a long answer holds up only its own conversation (the server batches).
     """
     settings, answers = cfg.record(), 0
@@ -288,17 +289,28 @@ def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversatio
 
         with ThreadPoolExecutor(max_workers=min(cfg.batch_size, len(conversations))) as pool:
             return sum(pool.map(one, conversations))
-    ordered = sorted(conversations, key=lambda c: sum(len(m["content"]) for m in c.messages))
-    for start in range(0, len(ordered), cfg.batch_size):
-        group = ordered[start:start + cfg.batch_size]
-        while True:
-            pending = [(c, p) for c in group for p in [c.next_prompt()] if p is not None]
-            if not pending:
-                break
-            results = backend.answer([p for _, p in pending], seed=cfg.sampling.seed + pending[0][0].line)
-            answers += sum(take(conv, result) for (conv, _), result in zip(pending, results))
-        for conv in group:
-            finish(conv)
+    queue = deque(conversations)
+
+    def feed(n: int) -> list:
+        """Up to n prompts: the next turn of conversations that got an answer first, then new ones."""
+        out = []
+        while queue and len(out) < n:
+            conv = queue.popleft()
+            prompt = conv.next_prompt()
+            if prompt is None:
+                finish(conv)
+                continue
+            request = backend.request(prompt)
+            if request is None:
+                take(conv, None)
+                queue.appendleft(conv)  # to be finished with the turns it has
+                continue
+            out.append((conv, *request))
+        return out
+
+    for conv, result in backend.stream(feed, seed=cfg.sampling.seed + conversations[0].line):
+        answers += take(conv, result)
+        queue.appendleft(conv)
     return answers
 
 

@@ -2,12 +2,15 @@
 
 Rows are left-padded so every row's newest token sits in the last slot; padding is hidden by the
 explicit [B, S, L] mask and positions follow each row's own tokens, so a row decodes as it would
-alone. Finished rows leave the batch (the cache keeps only the live rows).
+alone. Finished rows leave the batch (the cache keeps only the live rows). sample_stream() also
+refills the batch as rows finish (continuous batching): new prompts are prefilled on their own and
+joined to the running cache, left-padded to a common width, and the leading slots no live row sees
+any more are cut, so the cache stays as wide as the longest live row.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -59,42 +62,115 @@ class Generated:
     finish: str  # "stop" (a stop token) or "length" (the budget)
 
 
-def sample_batch(runner: TargetRunner, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
-                 stop_ids: Sequence[int], cfg: SamplingConfig,
-                 generator: Optional[torch.Generator] = None) -> list[Generated]:
-    """Decode each prompt up to its own budget of new tokens (or a stop token), all rows in one batch."""
-    device, n = runner.device, len(prompts)
+Request = tuple[Any, Sequence[int], int]  # (caller's key, prompt ids, budget of new tokens >= 1)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+class _Batch:
+    """The live rows: a transformers DynamicCache (per layer keys/values [B, H, L, D]), the valid slots
+    [B, L], each row's next position, its (row, caller's key), and the logits of its next token [B, V]."""
+
+    def __init__(self, cache: Any, valid: torch.Tensor, next_position: torch.Tensor, keys: list,
+                 logits: torch.Tensor):
+        self.cache, self.valid, self.next_position, self.keys, self.logits = cache, valid, next_position, keys, logits
+
+    def join(self, other: "_Batch") -> None:
+        width = max(self.valid.shape[1], other.valid.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+        self.valid = torch.cat([_left_pad(self.valid, width, 1), _left_pad(other.valid, width, 1)])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.keys += other.keys
+
+    def keep(self, index: list[int]) -> None:
+        at = torch.tensor(index, device=self.valid.device)
+        self.cache.batch_select_indices(at)
+        self.valid, self.next_position, self.logits = self.valid[at], self.next_position[at], self.logits[at]
+        self.keys = [self.keys[i] for i in index]
+        # Cut the leading slots no live row sees (they belonged to rows that left).
+        first = int(self.valid.any(0).long().argmax())
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.valid = self.valid[:, first:]
+
+
+def sample_stream(runner: TargetRunner, feed: Callable[[int], list[Request]], stop_ids: Sequence[int],
+                  cfg: SamplingConfig, max_batch: int,
+                  generator: Optional[torch.Generator] = None) -> Iterator[tuple[Any, Generated]]:
+    """Decode requests with up to max_batch rows live, refilling from feed(n) (up to n new requests,
+    [] when none are ready now) as rows finish; yields (key, Generated) as each row ends. The caller
+    may feed more requests after a yield (the next turn of a conversation)."""
+    stops = set(int(t) for t in stop_ids)
+    device = runner.device
+    batch: Optional[_Batch] = None
+    outputs: dict[int, tuple[Generated, int]] = {}  # row -> (output so far, budget)
+    serial = 0
+    with runner.decoding():
+        while True:
+            live = 0 if batch is None else len(batch.keys)
+            # Refill in chunks (each refill is a prefill forward), or whenever the batch ran dry.
+            if live == 0 or max_batch - live >= max(1, max_batch // 8):
+                new = feed(max_batch - live)
+                if new:
+                    rows = list(range(serial, serial + len(new)))
+                    serial += len(new)
+                    for row, (_, _, budget) in zip(rows, new):
+                        outputs[row] = (Generated([], "length"), budget)
+                    fresh = _prefill(runner, [list(r[1]) for r in new], [(row, r[0]) for row, r in zip(rows, new)],
+                                     device)
+                    if batch is None:
+                        batch = fresh
+                    else:
+                        batch.join(fresh)
+            if batch is None:
+                return
+            tokens = pick_tokens(batch.logits, cfg, generator)
+            keep, finished = [], []
+            for i, ((row, key), token) in enumerate(zip(batch.keys, tokens.tolist())):
+                out, budget = outputs[row]
+                if token in stops:
+                    out.finish = "stop"
+                else:
+                    out.tokens.append(token)
+                    if len(out.tokens) < budget:
+                        keep.append(i)
+                        continue
+                del outputs[row]
+                finished.append((key, out))
+            if not keep:
+                batch = None
+            elif len(keep) < len(batch.keys):
+                batch.keep(keep)
+                tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            if batch is not None:
+                batch.valid = torch.cat([batch.valid, torch.ones(len(keep), 1, dtype=torch.bool, device=device)], 1)
+                batch.logits, batch.cache = runner.last_logits(tokens[:, None], batch.next_position[:, None],
+                                                               visible_keys(batch.valid, 1), batch.cache)
+                batch.next_position = batch.next_position + 1
+            # Yield after the step: the caller's feed() for the next turn runs between steps.
+            yield from finished
+
+
+def _prefill(runner: TargetRunner, prompts: list[list[int]], keys: list, device: torch.device) -> _Batch:
+    """Left-padded prefill of new prompts, as a batch of their own."""
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(n, width, dtype=torch.long)
-    valid = torch.zeros(n, width, dtype=torch.bool)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
     for b, prompt in enumerate(prompts):
-        ids[b, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         valid[b, width - len(prompt):] = True
     ids, valid = ids.to(device), valid.to(device)
     positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-    stops = set(int(t) for t in stop_ids)
-    out = [Generated([], "length") for _ in prompts]
-    rows = list(range(n))
-    with runner.decoding():
-        logits, cache = runner.last_logits(ids, positions, visible_keys(valid, width), None)
-        next_position = positions[:, -1] + 1
-        while True:
-            tokens = pick_tokens(logits, cfg, generator)
-            live = []
-            for i, (r, token) in enumerate(zip(rows, tokens.tolist())):
-                if token in stops:
-                    out[r].finish = "stop"
-                    continue
-                out[r].tokens.append(token)
-                if len(out[r].tokens) < budgets[r]:
-                    live.append(i)
-            if not live:
-                return out
-            if len(live) < len(rows):
-                index = torch.tensor(live, device=device)
-                cache.batch_select_indices(index)
-                valid, next_position, tokens = valid[index], next_position[index], tokens[index]
-                rows = [rows[i] for i in live]
-            valid = torch.cat([valid, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], 1)
-            logits, cache = runner.last_logits(tokens[:, None], next_position[:, None], visible_keys(valid, 1), cache)
-            next_position = next_position + 1
+    logits, cache = runner.last_logits(ids, positions, visible_keys(valid, width), None)
+    return _Batch(cache, valid, positions[:, -1] + 1, keys, logits)
