@@ -29,6 +29,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -346,7 +347,9 @@ def main(argv: list[str]) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch.distributed as dist
-        dist.init_process_group("gloo")  # only to agree on the end: the decoding needs no collective
+        # Only to agree on the end (the decoding needs no collective). Shards finish hours apart on a
+        # large data set, so the barrier gets a long timeout; torchrun ends every rank if one fails.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
     backend = None
     if cfg.server:
         backend = ServerTarget(cfg)  # asks the server for its model name when --model is not given
