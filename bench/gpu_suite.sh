@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
-#   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 soak curves
+#   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -29,6 +29,14 @@ for p in "$@"; do case $p in
   e2e1) part e2e1 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/e2e1" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
   e2e2) part e2e2 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite two_gpu --out-dir "$WORK/e2e2" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
   e2e4) part e2e4 "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite four_gpu --out-dir "$WORK/e2e4" --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ${E2E_EXTRA:-} ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  # Long contexts: one sample of L tokens per step (L = token budget), trainer step and engine capture,
+  # peak memory against the 0.45 shares of the GPU (docs/benchmarks.md, "Long contexts").
+  longctx) for L in ${LONGCTX_LENGTHS:-8192 16384 32768}; do
+      part "trainer_$L" 240 python3 bench/trainer.py --out "$WORK/trainer_$L.json" --tokens "$L" --min-len "$L" \
+        --max-len "$L" --steps 3 --warmup 1
+      part "engine_$L" 240 python3 bench/engine.py --out "$WORK/engine_$L.json" --tokens "$L" --min-len "$L" \
+        --max-len "$L" --steps 2 --warmup 1 --paths varlen
+    done ;;
   soak) part soak 590 python3 bench/e2e.py --suite soak --out-dir "$WORK/soak" --steps 1000 --skip 20 ;;
   curves) part curves 590 python3 bench/e2e.py --suite curves --out-dir "$WORK/curves" --steps 200 --skip 20 ;;
   *) echo "unknown part $p" ;;
