@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -255,6 +256,8 @@ def merge(cfg: RegenConfig, total_lines: int) -> dict:
 
 # ---- the run ----
 
+PROGRESS_EVERY_S = 60.0  # a progress line per process at most this often
+
 def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversation], writer: PartWriter) -> int:
     """Answer every conversation, turn by turn; returns the number of answers.
 
@@ -263,12 +266,18 @@ def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversatio
     turns on its own, so a long answer holds up only its own conversation (the server batches).
     """
     settings, answers = cfg.record(), 0
+    progress = {"done": 0, "shown": time.monotonic()}
 
     def finish(conv: Conversation) -> None:
         if conv.answers:
             writer.answered(conv.line, conv.result(settings))
         else:
             writer.skipped(conv.line, "prompt_too_long")
+        progress["done"] += 1
+        if time.monotonic() - progress["shown"] >= PROGRESS_EVERY_S:
+            progress["shown"] = time.monotonic()
+            print(f"regenerate[{os.environ.get('RANK', '0')}]: {progress['done']}/{len(conversations)} "
+                  f"conversations, {backend.stats()}", file=sys.stderr, flush=True)
 
     def take(conv: Conversation, result) -> int:
         if result is None:  # the prompt alone reaches --max-length (or the server's context)
