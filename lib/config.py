@@ -56,6 +56,13 @@ class AttnImpl(str, enum.Enum):
     eager = "eager"
 
 
+class MoeImpl(str, enum.Enum):
+    auto = "auto"  # grouped (lib/engine/moe.py); dense targets ignore it
+    grouped = "grouped"  # the engine's own: one sort per layer, torch._grouped_mm, compiled with the layer
+    hf = "hf"  # transformers' experts implementation (its grouped_mm where it can dispatch)
+    eager = "eager"  # transformers' per-expert loop: the reference
+
+
 class TargetDtype(str, enum.Enum):
     auto = "auto"  # bfloat16 on GPU, float32 on CPU (resolve())
     bfloat16 = "bfloat16"
@@ -126,6 +133,7 @@ class EngineConfig:
     token_budget: int = 8192  # tokens per packed batch
     compile: Optional[bool] = None  # None: torch.compile the target layers on GPU (~30% faster), not on CPU
     attn_impl: AttnImpl = AttnImpl.auto
+    moe_impl: MoeImpl = MoeImpl.auto  # how MoE targets run their experts (lib/engine/moe.py)
 
 
 @dataclass
@@ -393,6 +401,7 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
     cuda = device == Device.cuda
     engine = replace(cfg.engine, backend=_as_enum("engine.backend", cfg.engine.backend, Backend),
                      attn_impl=resolve_attn_impl(cfg.engine.attn_impl, device.value, dtype),
+                     moe_impl=_as_enum("engine.moe_impl", cfg.engine.moe_impl, MoeImpl),
                      compile=cuda if cfg.engine.compile is None else cfg.engine.compile)
     # train.compile: fuse the draft step on GPU; on CPU compiling costs more than it saves.
     train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile)

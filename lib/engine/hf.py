@@ -14,6 +14,7 @@ into the caller's handoff views, so no layer's output is kept beyond the hook an
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -36,9 +37,11 @@ from lib.engine.base import (
     check_batch_structure,
     find_sample_problems,
 )
+from lib.engine.moe import install_moe_impl
 from lib.engine.tp import TensorParallel
 from lib.target.shape import resolve_dtype
 
+log = logging.getLogger("specdraft.engine")
 ATTN_IMPLS = tuple(a.value for a in AttnImpl)
 _VARLEN_NAME = "engine_varlen"
 _HF_ATTN_NAMES = {"varlen": _VARLEN_NAME, "sdpa": "sdpa", "eager": "eager"}
@@ -72,6 +75,20 @@ def _varlen_flash_attention(
 
 
 AttentionInterface.register(_VARLEN_NAME, _varlen_flash_attention)
+
+
+def attention_for_target(config, impl: str) -> str:
+    """The attention the target can run: gpt-oss's sinks exist only in transformers' eager attention.
+
+    Its sdpa is unsupported and the engine's varlen kernel has no sinks yet, so gpt-oss targets fall
+    back to eager with the packed block-diagonal (and sliding-window) masks: exact, but O(T^2) memory
+    per layer; its GPU cost is not measured yet (docs/engine.md, MoE targets).
+    """
+    if getattr(config, "model_type", None) != "gpt_oss" or impl == "eager":
+        return impl
+    log.warning("engine.attn_impl=%s: gpt-oss attention sinks run only in the eager attention; the engine "
+                "falls back to engine.attn_impl=eager (block-diagonal masks, O(T^2) memory per layer)", impl)
+    return "eager"
 
 
 def resolve_attn_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -134,10 +151,10 @@ def load_base_model(target: TargetConfig, dtype: torch.dtype, device: torch.devi
                 "models laid out like Llama/Qwen (model.embed_tokens, model.layers, model.norm)"
             )
     layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
+    if not layer_types <= {"full_attention", "sliding_attention"}:
         raise ValueError(
-            f"target layer types {sorted(layer_types)} are not supported by the hf engine (only full attention); "
-            "pick a target without sliding-window/linear-attention layers"
+            f"target layer types {sorted(layer_types)} are not supported by the hf engine (full and sliding-window "
+            "attention only); pick a target without linear-attention/chunked layers"
         )
     model.eval().requires_grad_(False)
     return model.to(device)
@@ -203,6 +220,7 @@ class HFBackend:
         self.device = device
         self.dtype = resolve_dtype(target.dtype, device)
         self.attn_impl = resolve_attn_impl(engine.attn_impl, device, self.dtype)
+        self.attn_impl = attention_for_target(build_target_config(target), self.attn_impl)
         if engine.token_budget < 1:
             raise ValueError(f"engine.token_budget={engine.token_budget} must be >= 1")
         self.token_budget = engine.token_budget
@@ -222,9 +240,15 @@ class HFBackend:
         self.plan = plan if plan is not None else default_capture_plan(target, config)
         self.plan.check_target(self.num_layers, self.hidden_size)
         self.aux_layers = list(self.plan.layers)
+        layer_types = getattr(config, "layer_types", None) or []
+        # Sliding-window layers (gpt-oss) get their own packed mask; None keeps one mask for all layers.
+        self._sliding_window = int(config.sliding_window) if "sliding_attention" in layer_types else None
         if tp is not None:
             tp.shard(model.layers, config)
             model.to(device)
+        self.moe_impl = install_moe_impl(model.layers, engine.moe_impl)
+        if self.moe_impl is not None:
+            log.info("engine: MoE target, experts run with engine.moe_impl=%s", self.moe_impl.value)
         self._tp = tp
         self._model = model
         self._aux = AuxWriter(model.layers, self.aux_layers, self.hidden_size)
@@ -295,11 +319,21 @@ class HFBackend:
         doc = torch.repeat_interleave(torch.arange(len(inputs.lengths), dtype=torch.int32), lengths).to(self.device)
         idx = torch.arange(n, device=self.device)
         allowed = (doc[:, None] == doc[None, :]) & (idx[:, None] >= idx[None, :])
+        if self._sliding_window is None:
+            return {"attention_mask": self._mask_for_impl(allowed)}
+        # transformers' sliding window: a query sees itself and the window-1 tokens before it.
+        window = allowed & (idx[:, None] - idx[None, :] < self._sliding_window)
+        return {"attention_mask": {"full_attention": self._mask_for_impl(allowed),
+                                   "sliding_attention": self._mask_for_impl(window)}}
+
+    def _mask_for_impl(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[T, T] allowed pairs -> the [1, 1, T, T] mask sdpa (bool) or eager (additive) takes."""
         if self.attn_impl == "sdpa":
-            return {"attention_mask": allowed[None, None]}
+            return allowed[None, None]
+        n = allowed.shape[0]
         additive = torch.zeros(n, n, dtype=self.dtype, device=self.device)
         additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return {"attention_mask": additive[None, None]}
+        return additive[None, None]
 
     def _compile(self, layers: nn.ModuleList) -> None:
         """Compile per decoder layer (one graph shared by all layers), keeping the capture hooks eager.

@@ -1,0 +1,182 @@
+"""Mixture-of-experts targets in the hf engine: the grouped expert path and the experts' TP shards.
+
+transformers keeps each MoE layer's experts as 3-D weights ([experts, out, in] or transposed) and
+routes with a per-layer router. The engine's grouped path (engine.moe_impl=grouped, the default)
+replaces only the experts' forward: the T*k routed (token, expert) pairs are sorted by expert ONCE per
+layer, each expert's tokens then run as one group of a grouped GEMM (torch._grouped_mm: a single kernel
+on Hopper, a reference implementation on CPU) and the weighted outputs are scattered back with one
+index_add. Every shape in it depends only on T (no per-expert token counts leave the device), so a
+compiled decoder layer keeps the whole MoE block in its graph. The router is left as transformers
+runs it, so routing decisions are the reference's own.
+
+Two weight layouts are known (anything else keeps transformers' experts and is logged):
+- qwen3_moe-like: gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I], SiLU, no biases;
+- gpt_oss: gate_up_proj [E, H, 2I] (gate and up interleaved), down_proj [E, I, H], biases on both,
+  and its clamped SwiGLU (the module's own _apply_gate is called, so the activation is the reference's).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lib.config import MoeImpl
+
+log = logging.getLogger("specdraft.engine")
+
+
+class ExpertsLayout(enum.Enum):
+    concatenated = "concatenated"  # qwen3_moe-like: x @ W^T, gate|up stacked on the output rows
+    interleaved = "interleaved"  # gpt_oss: x @ W + b, gate/up alternating columns
+
+
+@dataclass(frozen=True)
+class ExpertsInfo:
+    """One experts module's layout, validated against its weights' shapes at construction."""
+
+    layout: ExpertsLayout
+    num_experts: int
+    hidden: int
+    intermediate: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_experts, self.hidden, self.intermediate) < 1:
+            raise ValueError(f"experts module with num_experts={self.num_experts}, hidden={self.hidden}, "
+                             f"intermediate={self.intermediate}: all must be >= 1")
+
+
+def experts_info(experts: nn.Module) -> Optional[ExpertsInfo]:
+    """The layout of a transformers experts module, or None when it is not one the engine knows."""
+    gate_up = getattr(experts, "gate_up_proj", None)
+    down = getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3):
+        return None
+    e = gate_up.shape[0]
+    if hasattr(experts, "gate_up_proj_bias") and hasattr(experts, "_apply_gate"):
+        h, two_i = gate_up.shape[1], gate_up.shape[2]
+        if tuple(down.shape) != (e, two_i // 2, h):
+            return None
+        return ExpertsInfo(ExpertsLayout.interleaved, e, h, two_i // 2)
+    if hasattr(experts, "act_fn") and not hasattr(experts, "gate_up_proj_bias"):
+        two_i, h = gate_up.shape[1], gate_up.shape[2]
+        if tuple(down.shape) != (e, h, two_i // 2):
+            return None
+        return ExpertsInfo(ExpertsLayout.concatenated, e, h, two_i // 2)
+    return None
+
+
+def moe_experts(layers: nn.ModuleList) -> list[nn.Module]:
+    """Every experts module under the decoder layers (one per MoE layer; dense layers have none)."""
+    return [m for layer in layers for name, m in layer.named_modules() if name.endswith("experts")
+            and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)]
+
+
+def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x in expert-contiguous groups (ends at offs) times each group's w[e] ([in, out])."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        # The CUDA grouped kernel is bf16-only: fp32/fp16 GPU runs (tests) take one matmul per expert.
+        ends = offs.tolist()
+        starts = [0] + ends[:-1]
+        return torch.cat([x[s:t] @ w[e] for e, (s, t) in enumerate(zip(starts, ends))])
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def grouped_experts_forward(
+    experts: nn.Module, info: ExpertsInfo, hidden: torch.Tensor, top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """[T, H] hidden states, [T, k] routed experts and weights -> [T, H], as the experts module computes."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    # Stable, so each expert's rows stay in token order (the reference's summation order too).
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    counts = torch.zeros(info.num_experts, dtype=torch.int64, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    x = hidden[token]
+    if info.layout is ExpertsLayout.concatenated:
+        gate, up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        y = _grouped_matmul(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offs)
+    else:
+        sorted_expert = flat[order]
+        gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
+        y = _grouped_matmul(experts._apply_gate(gate_up), experts.down_proj, offs)
+        y = y + experts.down_proj_bias[sorted_expert]
+    y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, token, y.to(hidden.dtype))
+    return out
+
+
+def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str) -> Optional[MoeImpl]:
+    """Run the target's experts with `impl` (auto = grouped). Returns what runs, or None for a dense target."""
+    try:
+        impl = MoeImpl(impl)
+    except ValueError:
+        raise ValueError(f"engine.moe_impl={impl!r} is not an MoE implementation; use one of "
+                         f"{', '.join(m.value for m in MoeImpl)}") from None
+    modules = moe_experts(layers)
+    if not modules:
+        return None
+    if impl in (MoeImpl.hf, MoeImpl.eager):
+        # transformers' own experts: its default (grouped_mm where it can dispatch) or its per-expert loop.
+        name = "grouped_mm" if impl is MoeImpl.hf else "eager"
+        for m in modules:
+            m.config._experts_implementation = name
+        return impl
+    for m in modules:
+        info = experts_info(m)
+        if info is None:
+            log.warning("engine.moe_impl=%s: experts module %s has a weight layout the grouped path does not "
+                        "know; it keeps transformers' experts implementation", impl.value, type(m).__name__)
+            return MoeImpl.hf
+    for m in modules:
+        m.forward = partial(grouped_experts_forward, m, experts_info(m))
+    return MoeImpl.grouped
+
+
+def shard_experts(experts: nn.Module, rank: int, size: int) -> None:
+    """Keep this TP rank's slice of every expert's intermediate features (column- then row-parallel).
+
+    The router stays replicated, so every rank routes identically; the MoE block's output is then a
+    partial sum that the MLP all-reduce completes, exactly as for a dense MLP. The down-projection
+    bias (gpt-oss) is added once, by rank 0.
+    """
+    info = experts_info(experts)
+    if info is None:
+        raise ValueError(f"engine.tp={size}: target experts {type(experts).__name__} have a weight layout engine TP "
+                         "does not know (qwen3_moe- and gpt_oss-style experts only); use engine.tp=1")
+    n, i = info.intermediate // size, info.intermediate
+    lo, hi = rank * n, (rank + 1) * n
+
+    def keep(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.contiguous().clone(), requires_grad=False)
+
+    if info.layout is ExpertsLayout.concatenated:
+        gate_up = experts.gate_up_proj.data
+        experts.gate_up_proj = keep(torch.cat([gate_up[:, lo:hi], gate_up[:, i + lo:i + hi]], dim=1))
+        experts.down_proj = keep(experts.down_proj.data[:, :, lo:hi])
+        experts.intermediate_dim = n
+    else:
+        # Interleaved gate/up pairs of intermediate features lo..hi are the contiguous columns 2lo..2hi.
+        experts.gate_up_proj = keep(experts.gate_up_proj.data[:, :, 2 * lo:2 * hi])
+        experts.gate_up_proj_bias = keep(experts.gate_up_proj_bias.data[:, 2 * lo:2 * hi])
+        experts.down_proj = keep(experts.down_proj.data[:, lo:hi, :])
+        if rank != 0:
+            experts.down_proj_bias = keep(torch.zeros_like(experts.down_proj_bias.data))
+        experts.intermediate_size = n
+
+
+def moe_intermediate_size(config) -> Optional[int]:
+    """The per-expert intermediate width TP must divide, or None for a dense target."""
+    if getattr(config, "moe_intermediate_size", None) and getattr(config, "num_experts", 0):
+        return int(config.moe_intermediate_size)
+    if getattr(config, "num_local_experts", 0) and getattr(config, "model_type", "") == "gpt_oss":
+        return int(config.intermediate_size)
+    return None

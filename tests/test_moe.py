@@ -1,0 +1,168 @@
+"""MoE targets in the hf engine (CPU, fp32): the tiny Qwen3-MoE and gpt-oss targets of conf/target.
+
+Real transformers models built from conf/target/tiny_moe.yaml and tiny_gpt_oss.yaml, saved and loaded
+as the engine loads a checkpoint. The reference is transformers' own forward, each sample alone, with
+its eager attention (gpt-oss: sinks, sliding-window layers) and its per-expert loop.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lib.config import EngineConfig, MoeImpl, TargetConfig
+from lib.data.batch import PackedBatch
+from lib.engine import make_backend
+from lib.engine.moe import grouped_experts_forward, experts_info, moe_experts
+
+pytestmark = pytest.mark.unit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAMILIES = ("tiny_moe", "tiny_gpt_oss")
+# Longer than the tiny gpt-oss sliding window (8), so windowed and full layers really differ.
+LENGTHS = (7, 30, 1, 19, 40)
+CPU = torch.device("cpu")
+
+
+def shape_of(name: str) -> dict:
+    return yaml.safe_load((ROOT / "conf" / "target" / f"{name}.yaml").read_text())["hf_config"]
+
+
+def build(name: str, experts: str = "eager"):
+    cfg = shape_of(name)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", experts_implementation=experts)
+    # Larger weights than the default init so errors are not hidden by tiny activations; sinks of O(1)
+    # so that they change the attention noticeably.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("sinks"):
+                p.normal_(0, 1.0)
+            elif p.dim() >= 2 or pname.endswith("bias"):
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    paths = {}
+    for name in FAMILIES:
+        path = tmp_path_factory.mktemp(name)
+        build(name).save_pretrained(path)
+        paths[name] = str(path)
+    return paths
+
+
+def random_batch(lengths, vocab, seed=0) -> PackedBatch:
+    g = torch.Generator().manual_seed(seed)
+    samples = [(torch.randint(0, vocab, (n,), generator=g).tolist(), [True] * n) for n in lengths]
+    return PackedBatch.from_samples(samples, list(range(len(lengths))))
+
+
+def reference(path: str, batch: PackedBatch, aux_layers: list[int]):
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                 experts_implementation="eager").eval()
+    aux, final = [], []
+    cu = batch.cu_seqlens.tolist()
+    with torch.no_grad():
+        for i in range(len(cu) - 1):
+            out = model(batch.input_ids[None, cu[i]:cu[i + 1]], output_hidden_states=True)
+            aux.append(torch.cat([out.hidden_states[layer + 1][0] for layer in aux_layers], dim=-1))
+            final.append(out.hidden_states[-1][0])
+    return torch.cat(aux), torch.cat(final)
+
+
+def assert_close(got, ref, tol=1e-5):
+    scale = ref.abs().max().item()
+    assert scale > 0.1  # meaningful only on non-trivial activations
+    err = (got - ref).abs().max().item()
+    assert err <= tol * max(1.0, scale), f"max error {err:.3g} over scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("moe_impl", ["grouped", "eager"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_packed_capture_equals_reference_forward(checkpoints, name, moe_impl):
+    backend = make_backend("hf")
+    backend.load(TargetConfig(path=checkpoints[name]), EngineConfig(token_budget=128, moe_impl=moe_impl), CPU, None)
+    assert backend.moe_impl is MoeImpl(moe_impl)
+    batch = random_batch(LENGTHS, backend.vocab_size, seed=1)
+    got = backend.capture(batch)
+    ref_aux, ref_final = reference(checkpoints[name], batch, backend.aux_layers)
+    assert_close(got["aux_hidden"], ref_aux)
+    assert_close(got["final_hidden"], ref_final)
+
+
+def test_gpt_oss_falls_back_to_eager_attention_with_a_warning(checkpoints, caplog):
+    with caplog.at_level("WARNING", logger="specdraft.engine"):
+        backend = make_backend("hf")
+        backend.load(TargetConfig(path=checkpoints["tiny_gpt_oss"]), EngineConfig(token_budget=64), CPU, None)
+    assert backend.attn_impl == "eager"
+    assert any("attention sinks" in r.getMessage() and "eager" in r.getMessage() for r in caplog.records)
+
+
+def test_sliding_window_layers_see_only_the_window(checkpoints):
+    """The capture of a sample longer than the window differs from full attention in every layer."""
+    backend = make_backend("hf")
+    backend.load(TargetConfig(path=checkpoints["tiny_gpt_oss"], aux_layers=[0, 1, 2]),
+                 EngineConfig(token_budget=64), CPU, None)
+    batch = random_batch((40,), backend.vocab_size, seed=2)
+    windowed = backend.capture(batch)["aux_hidden"]
+    backend._sliding_window = None  # every layer with the full causal mask
+    full = backend.capture(batch)["aux_hidden"]
+    window = 8
+    h = backend.hidden_size
+    # Within the first window both agree exactly; past it the sliding layer 0 already differs.
+    torch.testing.assert_close(windowed[:window], full[:window], rtol=0, atol=1e-6)
+    assert (windowed[window:, :h] - full[window:, :h]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tokens", [3, 50])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_grouped_experts_equal_the_reference_moe_block(name, tokens):
+    """Every MoE block of the tiny target: grouped path against transformers' per-expert loop, fp32.
+
+    3 tokens with top-2 of 8 experts leave most experts without tokens (empty groups)."""
+    model = build(name)
+    g = torch.Generator().manual_seed(tokens)
+    blocks = [layer.mlp for layer in model.model.layers]
+    assert len(moe_experts(model.model.layers)) == len(blocks) == 4
+    for block in blocks:
+        x = torch.randn(1, tokens, model.config.hidden_size, generator=g)
+        with torch.no_grad():
+            ref = block(x)
+            experts = moe_experts(torch.nn.ModuleList([block]))[0]
+            experts.forward = lambda h, i, w, m=experts: grouped_experts_forward(m, experts_info(m), h, i, w)
+            got = block(x)
+            del experts.forward
+        ref, got = (r[0] if isinstance(r, tuple) else r for r in (ref, got))
+        assert_close(got, ref)
+
+
+def test_dense_targets_are_left_alone():
+    dense = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+                 max_position_embeddings=128)
+    backend = make_backend("hf")
+    backend.load(TargetConfig(random_init=True, hf_config=dense), EngineConfig(token_budget=64), CPU, None)
+    assert backend.moe_impl is None and backend.attn_impl == "sdpa"
+
+
+def test_target_shapes_build_with_their_published_sizes():
+    """The conf/target MoE shapes build (on the meta device) with the parameter counts their names say."""
+    expected = {"qwen3_30b_a3b": 30.5e9, "qwen3_235b_a22b": 235.1e9, "gpt_oss_20b": 20.9e9, "gpt_oss_120b": 116.8e9}
+    for name, count in expected.items():
+        cfg = shape_of(name)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert abs(sum(p.numel() for p in model.parameters()) - count) < 0.01 * count, name
+
+
+def test_unknown_moe_impl_is_a_clear_error():
+    with pytest.raises(ValueError, match="moe"):
+        make_backend("hf").load(TargetConfig(random_init=True, hf_config=shape_of("tiny_moe")),
+                                EngineConfig(token_budget=64, moe_impl="megablocks"), CPU, None)
