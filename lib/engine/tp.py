@@ -17,6 +17,7 @@ from torch import nn
 
 from lib.data.batch import PackedBatch
 from lib.engine.base import EngineInputError, SampleProblem
+from lib.engine.moe import moe_experts, moe_intermediate_size, shard_experts
 
 
 def _shard_rows(linear: nn.Linear, rank: int, size: int) -> None:
@@ -61,16 +62,28 @@ class TensorParallel:
                         f"engine.tp={self.size}: target attention {type(attn).__name__} has no Linear `{name}`; "
                         "engine TP supports Llama/Qwen-style attention only (use engine.tp=1)"
                     )
-            for name in ("gate_proj", "up_proj", "down_proj"):
+            experts = moe_experts(nn.ModuleList([mlp]))
+            for name in ("gate_proj", "up_proj", "down_proj") if not experts else ():
                 if not isinstance(getattr(mlp, name, None), nn.Linear):
                     raise ValueError(
                         f"engine.tp={self.size}: target MLP {type(mlp).__name__} has no Linear `{name}`; "
                         "engine TP supports gated Llama/Qwen-style MLPs only (use engine.tp=1)"
                     )
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
                 _shard_rows(lin, self.rank, self.size)
-            for lin in (attn.o_proj, mlp.down_proj):
-                _shard_columns(lin, self.rank, self.size)
+            _shard_columns(attn.o_proj, self.rank, self.size)
+            sinks = getattr(attn, "sinks", None)
+            if isinstance(sinks, torch.Tensor):  # gpt-oss: one sink logit per query head, split with the heads
+                n = sinks.numel() // self.size
+                attn.sinks = nn.Parameter(sinks.data[self.rank * n:(self.rank + 1) * n].clone(), requires_grad=False)
+            if experts:
+                # MoE layer: the router stays whole on every rank, each expert is split like a dense MLP.
+                for module in experts:
+                    shard_experts(module, self.rank, self.size)
+            else:
+                _shard_rows(mlp.gate_proj, self.rank, self.size)
+                _shard_rows(mlp.up_proj, self.rank, self.size)
+                _shard_columns(mlp.down_proj, self.rank, self.size)
             # Hooks on the attention/MLP modules (not the inner Linears), so a compiled module forward
             # keeps the collective outside its graph.
             attn.register_forward_hook(self._all_reduce_attention)
@@ -81,7 +94,8 @@ class TensorParallel:
         return output
 
     def _all_reduce_mlp(self, module: nn.Module, args, output):
-        dist.all_reduce(output, group=self.group)
+        # gpt-oss's MoE block returns (hidden, router scores); the scores are replicated already.
+        dist.all_reduce(output[0] if isinstance(output, tuple) else output, group=self.group)
         return output
 
     def gather(
@@ -128,7 +142,8 @@ def tp_incompatibility(config, tp: int) -> Optional[str]:
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     for what, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
-                        ("intermediate_size", int(config.intermediate_size))):
+                        ("intermediate_size", int(config.intermediate_size)),
+                        ("moe_intermediate_size (per expert)", moe_intermediate_size(config) or tp)):
         if value % tp:
             return f"engine.tp={tp} does not divide the target's {what}={value}"
     return None

@@ -1,0 +1,98 @@
+"""Engine TP over MoE targets on CPU: 2 real processes over gloo capture what one engine captures.
+
+The tiny Qwen3-MoE and gpt-oss targets of conf/target (every layer an MoE layer; gpt-oss with sinks and
+sliding-window layers). Each member brings its own packed batch; the group forwards their
+concatenation with attention heads and every expert's intermediate features split across members.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from transformers import AutoConfig
+
+from lib.config import EngineConfig, TargetConfig
+from lib.data.batch import PackedBatch
+from lib.engine import make_backend
+from lib.engine.moe import experts_info, moe_experts
+from lib.engine.tp import tp_incompatibility
+
+pytestmark = pytest.mark.integration
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BUDGET = 96
+CPU = torch.device("cpu")
+
+
+def shape_of(name: str) -> dict:
+    return yaml.safe_load((ROOT / "conf" / "target" / f"{name}.yaml").read_text())["hf_config"]
+
+
+def batch_of(lengths, seed, first_id, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    samples = [(torch.randint(0, vocab, (n,), generator=g).tolist(), [True] * n) for n in lengths]
+    return PackedBatch.from_samples(samples, list(range(first_id, first_id + len(lengths))))
+
+
+MEMBER_BATCHES = [batch_of((7, 30, 1), seed=1, first_id=0), batch_of((19, 35), seed=2, first_id=10)]
+
+
+def _member(rank: int, world: int, store_path: str, ckpt: str, out_dir: str, moe_impl: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        group = dist.new_group(list(range(world)), backend="gloo", use_local_synchronization=True)
+        backend = make_backend("hf")
+        backend.load(TargetConfig(path=ckpt, dtype="float32"),
+                     EngineConfig(tp=world, token_budget=BUDGET, moe_impl=moe_impl), CPU, group)
+        states = backend.capture(MEMBER_BATCHES[rank])
+        info = experts_info(moe_experts(backend.model.layers)[0])
+        torch.save({"states": states, "intermediate": info.intermediate}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from tests.test_moe import FAMILIES, build  # the same scaled-weight tiny targets
+
+    paths = {}
+    for name in FAMILIES:
+        path = tmp_path_factory.mktemp(name + "_tp")
+        build(name).save_pretrained(path)
+        paths[name] = str(path)
+    return paths
+
+
+@pytest.mark.parametrize("name,moe_impl", [("tiny_moe", "grouped"), ("tiny_gpt_oss", "grouped"),
+                                           ("tiny_moe", "eager")])
+def test_tp2_equals_tp1_on_moe_targets(checkpoints, tmp_path, name, moe_impl):
+    ckpt = checkpoints[name]
+    mp.spawn(_member, args=(2, str(tmp_path / "store"), ckpt, str(tmp_path), moe_impl), nprocs=2, join=True)
+    single = make_backend("hf")
+    single.load(TargetConfig(path=ckpt, dtype="float32"), EngineConfig(token_budget=BUDGET, moe_impl=moe_impl),
+                CPU, None)
+    full_intermediate = experts_info(moe_experts(single.model.layers)[0]).intermediate
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert result["intermediate"] == full_intermediate // 2  # every expert really was split
+        expected = single.capture(MEMBER_BATCHES[rank])
+        for key in ("aux_hidden", "final_hidden"):
+            assert result["states"][key].shape == expected[key].shape
+            torch.testing.assert_close(result["states"][key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_tp_must_divide_the_expert_width():
+    shape = shape_of("tiny_moe")
+    config = AutoConfig.for_model(shape.pop("model_type"), **dict(shape, num_key_value_heads=4, moe_intermediate_size=30))
+    assert tp_incompatibility(config, 2) is None
+    reason = tp_incompatibility(config, 4)
+    assert reason is not None and "engine.tp=4" in reason and "moe_intermediate_size" in reason
