@@ -142,6 +142,24 @@ def test_grouped_experts_equal_the_reference_moe_block(name, tokens):
         assert_close(got, ref)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_grouped_moe_block_traces_as_one_graph(name):
+    """bf16 (the dtype torch._grouped_mm's compiled form takes): the whole MoE block, routing included,
+    is captured by dynamo without a graph break, for any token count (dynamic shapes)."""
+    from lib.engine.moe import install_moe_impl
+
+    model = build(name).to(torch.bfloat16)
+    install_moe_impl(model.model.layers, "grouped")
+    block = model.model.layers[0].mlp
+    compiled = torch.compile(block, fullgraph=True, backend="eager", dynamic=True)
+    for tokens in (37, 11):
+        x = torch.randn(1, tokens, model.config.hidden_size, dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref, got = block(x), compiled(x)
+        ref, got = (r[0] if isinstance(r, tuple) else r for r in (ref, got))
+        assert torch.equal(got, ref)
+
+
 def test_dense_targets_are_left_alone():
     dense = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
