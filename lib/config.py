@@ -80,6 +80,7 @@ class TargetDtype(str, enum.Enum):
 class DraftFamily(str, enum.Enum):
     # Each member is a DraftStrategy registered under lib/drafts/<name>/ (lib/drafts/base.py).
     eagle3 = "eagle3"
+    dflash = "dflash"  # block diffusion (lib/drafts/dflash/); knobs in draft.options (conf/draft/dflash.yaml)
 
 
 class Overlong(str, enum.Enum):
@@ -106,6 +107,7 @@ class DraftConfig:
     intermediate_size: Optional[int] = None  # default: the target's
     num_attention_heads: Optional[int] = None
     num_key_value_heads: Optional[int] = None
+    options: dict[str, Any] = field(default_factory=dict)  # family-specific knobs, checked by the family's strategy
 
 
 @dataclass

@@ -118,7 +118,7 @@ def test_bad_enum_value_is_one_line_naming_key_value_and_allowed(override, key, 
     ("engine", EngineConfig(backend="vllm"), "engine.backend='vllm'"),
     ("target", TargetConfig(path=compose([]).target.path, dtype="bf17"), "target.dtype='bf17'"),
     ("data", dataclasses.replace(compose([]).data, overlong="drop"), "data.overlong='drop'"),
-    ("draft", dataclasses.replace(compose([]).draft, name="dflash"), "draft.name='dflash'"),
+    ("draft", dataclasses.replace(compose([]).draft, name="medusa"), "draft.name='medusa'"),
 ])
 def test_configs_built_in_python_are_checked_too(field, value, key):
     cfg = dataclasses.replace(compose([]), **{field: value})

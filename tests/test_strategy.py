@@ -39,8 +39,8 @@ def test_registry_selects_eagle3_by_the_configs_draft_name():
 
 
 def test_unknown_strategy_is_a_config_error_naming_the_key_and_the_known_names():
-    with pytest.raises(ConfigError, match=r"draft.name='dflash' is not a known draft strategy; use one of .*eagle3"):
-        get_strategy("dflash")
+    with pytest.raises(ConfigError, match=r"draft.name='medusa' is not a known draft strategy; use one of .*eagle3"):
+        get_strategy("medusa")
 
 
 class _WideStrategy(DraftStrategy):

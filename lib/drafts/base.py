@@ -175,7 +175,7 @@ class DraftStrategy(ABC):
 
 _STRATEGIES: dict[str, DraftStrategy] = {}
 # Built-in families, imported on first use so that naming one never pulls in the others.
-_BUILTIN = {"eagle3": "lib.drafts.eagle3.strategy"}
+_BUILTIN = {"eagle3": "lib.drafts.eagle3.strategy", "dflash": "lib.drafts.dflash.strategy"}
 
 
 def register_strategy(cls: type[DraftStrategy]) -> type[DraftStrategy]:

@@ -1,0 +1,131 @@
+"""DFlash as a DraftStrategy (draft=dflash): capture one target layer per draft layer (no final hidden
+state: the labels are the data's own next tokens), train on random anchor blocks, export in the layout
+DFlash loaders read, and draft a whole block per forward in evaluation.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lib.config import Config
+from lib.drafts.base import CapturePlan, DraftStrategy, register_strategy
+from lib.drafts.dflash.mask import build_blocks, sample_anchors
+from lib.drafts.dflash.trainer import SUMS_PER_POSITION, DFlashBundle, DFlashOptions, default_target_layers
+
+log = logging.getLogger("specdraft.trainer")
+
+
+def dflash_target_layers(cfg: Config, options: DFlashOptions, num_layers: int) -> list[int]:
+    """target.aux_layers, or the recipe's spread of num_layers layers."""
+    if cfg.target.aux_layers is None:
+        return default_target_layers(num_layers, options.num_layers)
+    layers = [int(i) for i in cfg.target.aux_layers]
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if not layers or bad:
+        raise ValueError(f"target.aux_layers={list(cfg.target.aux_layers)} must be decoder layer indices in "
+                         f"[0, {num_layers - 1}]; fix or remove it")
+    return layers
+
+
+def summarize_sums(sums: torch.Tensor, decay: torch.Tensor) -> dict[str, float]:
+    """sums = [CE_j..., correct_j..., count_j...]; acc_j = accuracy of drafted index j (block position j+1)."""
+    n = decay.numel()
+    ce, correct, count = sums[:n], sums[n:2 * n], sums[2 * n:3 * n]
+    denom = count.clamp_min(1)
+    row: dict[str, float] = {"loss": float((decay * ce).sum() / (decay * count).sum().clamp_min(1e-6))}
+    for j in range(n):
+        row[f"acc_{j}"] = float(correct[j] / denom[j])
+    # Expected accepted drafts under independence: sum of running products of the per-position accuracies.
+    run, expected = 1.0, 0.0
+    for j in range(n):
+        run *= row[f"acc_{j}"]
+        expected += run
+    row["sim_accept_len"] = 1.0 + expected
+    return row
+
+
+@register_strategy
+class DFlashStrategy(DraftStrategy):
+    name = "dflash"
+    headline_metrics = ("acc_0", "acc_3", "sim_accept_len")
+
+    @staticmethod
+    def options(cfg: Config) -> DFlashOptions:
+        return DFlashOptions.from_mapping(dict(cfg.draft.options or {}))
+
+    def capture_plan(self, hf_config: Any, cfg: Config) -> CapturePlan:
+        layers = dflash_target_layers(cfg, self.options(cfg), int(hf_config.num_hidden_layers))
+        return CapturePlan(tuple(layers), int(hf_config.hidden_size), final_hidden=False)
+
+    def build(self, ctx) -> DFlashBundle:
+        from lib.drafts.dflash.trainer import build_bundle
+        from lib.target.shape import load_hf_config
+
+        options = self.options(ctx.cfg)
+        plan = self.capture_plan(load_hf_config(ctx.cfg.target), ctx.cfg)
+        return build_bundle(ctx, options, list(plan.layers))
+
+    def prepare(self, bundle: DFlashBundle, micro: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list, torch.Tensor]:
+        c, opts = bundle.draft_config, bundle.options
+        blocks, norm = [], None
+        for batch in micro:
+            anchors = sample_anchors(batch["loss_mask"], batch["cu_seqlens"], c.block_size, opts.max_anchors,
+                                     bundle.generator)
+            b = build_blocks(batch["input_ids"], batch["loss_mask"], batch["position_ids"], batch["cu_seqlens"],
+                             anchors, c.block_size, c.mask_token_id)
+            valid = b.valid().view(-1, c.block_size)[:, 1:].float().sum(0)
+            weighted = (valid * opts.decay(valid.device)).sum()
+            norm = weighted if norm is None else norm + weighted
+            blocks.append(b)
+        return blocks, norm
+
+    def micro_loss(self, bundle: DFlashBundle, batch: Mapping[str, torch.Tensor], context: Any,
+                   normaliser: torch.Tensor, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return bundle.model(batch, context, normaliser, grad_scale=grad_scale)
+
+    def summarize(self, sums: torch.Tensor) -> dict[str, float]:
+        if sums.numel() % SUMS_PER_POSITION:
+            raise ValueError(f"DFlash metric sums have {sums.numel()} entries; expected {SUMS_PER_POSITION} per "
+                             f"drafted position")
+        n = sums.numel() // SUMS_PER_POSITION
+        return summarize_sums(sums.float().cpu(), DFlashOptions(block_size=n + 1).decay())
+
+    def export(self, bundle: DFlashBundle, state: Mapping[str, torch.Tensor], out_dir: str, dtype: torch.dtype,
+               verifier_path: Optional[str] = None) -> list[str]:
+        import os
+
+        from lib.drafts.dflash.export import export_draft
+
+        draft_state = {k.removeprefix("draft."): v for k, v in state.items()}
+        return [export_draft(draft_state, bundle.draft_config, os.path.join(out_dir, "draft"), dtype, verifier_path)]
+
+    def eval_weights(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The frozen embedding and lm_head are buffers outside the state: the evaluating side has its own.
+        return {k.removeprefix("draft."): v for k, v in state.items()}
+
+    def eval_model(self, config: dict[str, Any], target: nn.Module, device: torch.device,
+                   dtype: torch.dtype) -> nn.Module:
+        from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
+        from lib.target.weights import load_target_embedding
+
+        draft = DFlashDraft(DFlashConfig.from_dict(config)).to(device=device, dtype=dtype).eval()
+        # The lm_head is bound by the drafter's check_target from the evaluating runner.
+        draft.set_target_weights(load_target_embedding(target).to(device=device, dtype=dtype), None)
+        return draft
+
+    def load_export(self, directory: str, device: torch.device, dtype: torch.dtype, target: nn.Module) -> nn.Module:
+        from lib.drafts.dflash.export import load_draft
+        from lib.target.weights import load_target_embedding, load_target_lm_head
+
+        draft = load_draft(directory).to(device=device, dtype=dtype).eval()
+        draft.set_target_weights(load_target_embedding(target).to(device=device, dtype=dtype),
+                                 load_target_lm_head(target).to(device=device, dtype=dtype))
+        return draft
+
+    def drafter(self, model: nn.Module):
+        from lib.drafts.dflash.drafter import DFlashDrafter
+
+        return DFlashDrafter(model.eval())

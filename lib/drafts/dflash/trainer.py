@@ -1,0 +1,175 @@
+"""DFlash's trainer side: options, the loss module (the FSDP2 unit) and the bundle built for one run.
+
+loss = sum_j w_j * CE_j / sum_j w_j * count_j, where j is the drafted index (block position j+1),
+w_j = exp(-j / gamma) (earlier positions matter more: a rejection ends the accepted prefix), CE_j the
+summed cross-entropy against the data's next tokens over valid rows, and the denominator the global
+weighted count over all micro-batches and trainers (so 1 or N trainers give the same update).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.drafts.base import DraftBundle
+from lib.drafts.dflash.mask import Blocks, dense_attention, flex_attention_fn
+from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
+
+log = logging.getLogger("specdraft.trainer")
+SUMS_PER_POSITION = 3  # CE sum, correct argmax count, valid rows
+DEFAULT_DRAFT_LAYERS = 5
+
+
+@dataclass(frozen=True)
+class DFlashOptions:
+    """draft.options for draft=dflash (conf/draft/dflash.yaml)."""
+
+    block_size: int = 16
+    num_layers: int = DEFAULT_DRAFT_LAYERS
+    mask_token_id: Optional[int] = None
+    loss_gamma: Optional[float] = None
+    max_anchors: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"draft.options.block_size={self.block_size!r} must be an int >= 2, e.g. 16")
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"draft.options.num_layers={self.num_layers!r} must be an int >= 1, e.g. 5")
+        if self.loss_gamma is not None and not float(self.loss_gamma) > 0:
+            raise ValueError(f"draft.options.loss_gamma={self.loss_gamma!r} must be > 0 or null (recipe default)")
+        if self.max_anchors is not None and int(self.max_anchors) < 1:
+            raise ValueError(f"draft.options.max_anchors={self.max_anchors!r} must be >= 1 or null")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "DFlashOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"draft.options has unknown keys {unknown} for draft=dflash; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    @property
+    def gamma(self) -> float:
+        if self.loss_gamma is not None:
+            return float(self.loss_gamma)
+        return 7.0 if self.block_size == 16 else self.block_size / 2
+
+    def decay(self, device=None) -> torch.Tensor:
+        """[B-1] loss weight of each drafted index."""
+        return torch.exp(-torch.arange(self.block_size - 1, device=device, dtype=torch.float32) / self.gamma)
+
+
+def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """One captured layer per draft layer, spread evenly over [1, L-3] (the method's recipe: skip the
+    embedding-near first layer and the prediction-specialised last ones)."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, max(1, num_target_layers - 3)
+    return [int(round(start + i * (end - start) / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+
+
+def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Blocks, decay: torch.Tensor,
+               normaliser: torch.Tensor, use_flex: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, sums [3*(B-1)]) of one micro-batch's blocks."""
+    attn = flex_attention_fn(blocks) if use_flex else dense_attention(blocks)
+    hidden = draft(blocks.ids[None], blocks.positions[None], batch["aux_hidden"][None],
+                   batch["position_ids"][None], attn)[0]
+    b = blocks.block_size
+    drafted = (torch.arange(hidden.shape[0], device=hidden.device) % b) - 1  # -1 at the anchor
+    rows = blocks.valid().nonzero().flatten()
+    logits = draft.logits(hidden[rows]).float()
+    labels = blocks.labels[rows]
+    j = drafted[rows]
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    loss = (ce * decay[j]).sum() / normaliser.clamp_min(1e-6)
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == labels).float()
+        sums = torch.zeros(3, b - 1, device=hidden.device)
+        sums[0].index_add_(0, j, ce.detach())
+        sums[1].index_add_(0, j, correct)
+        sums[2].index_add_(0, j, torch.ones_like(correct))
+    return loss, sums.flatten()
+
+
+class DFlashModule(nn.Module):
+    """forward(batch, blocks, normaliser) = (loss, sums); the FSDP2 unit."""
+
+    def __init__(self, draft: DFlashDraft, options: DFlashOptions, use_flex: bool):
+        super().__init__()
+        self.draft = draft
+        self.options = options
+        self.use_flex = use_flex
+
+    def forward(self, batch, blocks: Blocks, normaliser: torch.Tensor, grad_scale: float = 1.0):
+        decay = self.options.decay(normaliser.device)
+        loss, sums = block_loss(self.draft, batch, blocks, decay, normaliser, self.use_flex)
+        return loss * grad_scale, sums
+
+
+@dataclass
+class DFlashBundle(DraftBundle):
+    draft_config: DFlashConfig
+    options: DFlashOptions
+    generator: torch.Generator  # anchor sampling; seeded per run
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.draft_config.to_dict()
+
+
+def draft_config_for(hf: Any, cfg, options: DFlashOptions, layers: list[int]) -> DFlashConfig:
+    hidden = int(hf.hidden_size)
+    heads = int(cfg.draft.num_attention_heads or hf.num_attention_heads)
+    kv = int(cfg.draft.num_key_value_heads or min(int(getattr(hf, "num_key_value_heads", None) or heads), heads))
+    params = getattr(hf, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", None)) if isinstance(params, dict) else None
+    theta = theta if theta is not None else getattr(hf, "rope_theta", 10000.0)
+    mask_id = options.mask_token_id
+    if mask_id is None:
+        pad = getattr(hf, "pad_token_id", None)
+        mask_id = int(pad) if pad is not None else int(hf.vocab_size) - 1
+    return DFlashConfig(
+        hidden_size=hidden, intermediate_size=int(cfg.draft.intermediate_size or hf.intermediate_size),
+        num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=int(getattr(hf, "head_dim", None) or hidden // heads), num_hidden_layers=options.num_layers,
+        rms_norm_eps=float(hf.rms_norm_eps), rope_theta=float(theta),
+        max_position_embeddings=int(hf.max_position_embeddings), vocab_size=int(hf.vocab_size),
+        target_hidden_size=hidden, num_target_layers=int(hf.num_hidden_layers), target_layer_ids=list(layers),
+        block_size=options.block_size, mask_token_id=mask_id)
+
+
+def build_bundle(ctx, options: DFlashOptions, layers: list[int]) -> DFlashBundle:
+    from lib.launch.sharding import shard
+    from lib.target.shape import load_hf_config
+    from lib.target.weights import load_target_embedding, load_target_lm_head
+
+    cfg, device = ctx.cfg, ctx.device
+    hf = load_hf_config(cfg.target)
+    draft_cfg = draft_config_for(hf, cfg, options, layers)
+    torch.manual_seed(cfg.train.seed)
+    draft = DFlashDraft(draft_cfg)
+    if cfg.draft.init_from is not None:
+        from lib.drafts.dflash.export import load_draft
+        draft.load_state_dict(load_draft(cfg.draft.init_from).state_dict())
+    source = cfg.target.path
+    if source is not None:
+        embedding, head = load_target_embedding(source), load_target_lm_head(source)
+    else:  # random-init target (benchmarks): any fixed weights are as faithful as the engine's
+        gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        embedding = torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02
+        head = torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02
+    draft.to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    draft.set_target_weights(embedding.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype))
+    module = DFlashModule(draft, options, use_flex=device.type == "cuda")
+    model = shard(module, ctx.groups.trainer, device)
+    generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * (1 + int(ctx.info.rank)))
+    if ctx.is_trainer_leader:
+        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        log.info("dflash draft: %d layers, block %d, target layers %s, mask id %d, %.1fM trainable parameters",
+                 draft_cfg.num_hidden_layers, draft_cfg.block_size, layers, draft_cfg.mask_token_id, params / 1e6)
+    return DFlashBundle(model, draft_config=draft_cfg, options=options, generator=generator)

@@ -1,0 +1,190 @@
+"""DFlash (draft=dflash): blocks and their mask, the dense reference against per-block attention and
+against flex attention (GPU), options and capture plan, export round trip, and block drafting in
+speculative decoding (output equal to greedy)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lib.config import Config, ConfigError, DraftConfig, TargetConfig, TINY_TARGET_DIR
+from lib.drafts.base import get_strategy
+from lib.drafts.dflash.mask import IGNORE, build_blocks, dense_attention, dense_mask, flex_attention_fn, sample_anchors
+from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
+from lib.drafts.dflash.strategy import DFlashStrategy
+from lib.drafts.dflash.trainer import DFlashOptions, block_loss, default_target_layers
+
+pytestmark = pytest.mark.unit
+MASK = 1
+
+
+def tiny_config(**over) -> DFlashConfig:
+    spec = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                num_hidden_layers=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
+                vocab_size=50, target_hidden_size=32, num_target_layers=6, target_layer_ids=[1, 3, 4],
+                block_size=4, mask_token_id=MASK)
+    spec.update(over)
+    return DFlashConfig(**spec)
+
+
+def tiny_draft(c: DFlashConfig, seed: int = 0) -> DFlashDraft:
+    torch.manual_seed(seed)
+    draft = DFlashDraft(c)
+    draft.set_target_weights(torch.randn(c.vocab_size, c.target_hidden_size),
+                             torch.randn(c.vocab_size, c.target_hidden_size) * 0.1)
+    return draft
+
+
+def packed(lengths=(9, 7), vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    ids = torch.randint(2, vocab, (tokens,), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    loss_mask = torch.ones(tokens, dtype=torch.bool)
+    loss_mask[:2] = False  # a prompt in the first sequence
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, loss_mask, positions, cu
+
+
+def test_blocks_put_the_anchor_first_mask_tokens_after_and_labels_inside_the_sequence():
+    ids, loss_mask, positions, cu = packed()
+    anchors = torch.tensor([1, 7, 9])
+    b = build_blocks(ids, loss_mask, positions, cu, anchors, 4, MASK)
+    assert b.ids.view(3, 4)[:, 0].tolist() == ids[anchors].tolist()
+    assert (b.ids.view(3, 4)[:, 1:] == MASK).all()
+    assert b.positions.view(3, 4).tolist() == [[1, 2, 3, 4], [7, 8, 9, 10], [0, 1, 2, 3]]
+    labels = b.labels.view(3, 4)
+    assert labels[0].tolist() == [IGNORE, *ids[2:5].tolist()]
+    assert labels[1].tolist() == [IGNORE, ids[8].item(), IGNORE, IGNORE]  # the sequence ends at 9
+    assert labels[2].tolist() == [IGNORE, *ids[10:13].tolist()]
+
+
+def test_anchors_are_sampled_where_the_next_token_has_a_loss_and_without_repeats():
+    ids, loss_mask, positions, cu = packed()
+    a = sample_anchors(loss_mask, cu, 4, None, torch.Generator().manual_seed(0))
+    assert a.numel() == 4 and a.unique().numel() == 4 and (a.sort().values == a).all()
+    assert not set(a.tolist()) & {0, 8, 15}  # next token without loss, or in another sequence
+    everything = sample_anchors(loss_mask, cu, 4, 100, torch.Generator().manual_seed(0))
+    assert everything.tolist() == [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14]
+
+
+def test_dense_mask_sees_the_own_sequence_before_the_anchor_and_the_whole_own_block():
+    ids, loss_mask, positions, cu = packed()
+    b = build_blocks(ids, loss_mask, positions, cu, torch.tensor([3, 11]), 4, MASK)
+    m = dense_mask(b)
+    assert m.shape == (8, 16 + 8)
+    for q in range(4):
+        assert m[q, :16].nonzero().flatten().tolist() == [0, 1, 2]
+        assert m[q, 16:].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    for q in range(4, 8):
+        assert m[q, :16].nonzero().flatten().tolist() == [9, 10]
+        assert m[q, 16:].nonzero().flatten().tolist() == [4, 5, 6, 7]
+
+
+def test_packed_blocks_equal_each_block_run_alone_with_its_own_context():
+    c = tiny_config()
+    draft = tiny_draft(c).eval()
+    ids, loss_mask, positions, cu = packed()
+    aux = torch.randn(ids.shape[0], c.fc_in_features)
+    anchors = torch.tensor([2, 6, 11, 13])
+    b = build_blocks(ids, loss_mask, positions, cu, anchors, 4, MASK)
+    out = draft(b.ids[None], b.positions[None], aux[None], positions[None], dense_attention(b))[0].view(4, 4, -1)
+    for n, a in enumerate(anchors.tolist()):
+        start = 0 if a < 9 else 9
+        sl = slice(start, a)
+        full = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        alone = draft(b.ids.view(4, 4)[n][None], b.positions.view(4, 4)[n][None], aux[sl][None],
+                      positions[sl][None], full)[0]
+        torch.testing.assert_close(out[n], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention path runs on CUDA")
+def test_flex_attention_equals_the_dense_reference_on_cuda():
+    c = tiny_config(hidden_size=64, head_dim=16, target_hidden_size=64, block_size=16)
+    draft = tiny_draft(c).cuda().eval()
+    ids, loss_mask, positions, cu = packed(lengths=(300, 200, 157))
+    ids, loss_mask, positions = ids.cuda(), loss_mask.cuda(), positions.cuda()
+    aux = torch.randn(ids.shape[0], c.fc_in_features, device="cuda")
+    anchors = sample_anchors(loss_mask, cu, 16, None, torch.Generator().manual_seed(1))
+    b = build_blocks(ids, loss_mask, positions, cu.cuda(), anchors, 16, MASK)
+    dense = draft(b.ids[None], b.positions[None], aux[None], positions[None], dense_attention(b))
+    flex = draft(b.ids[None], b.positions[None], aux[None], positions[None], flex_attention_fn(b))
+    torch.testing.assert_close(flex, dense, rtol=2e-3, atol=2e-3)
+
+
+def test_block_loss_weights_positions_by_decay_and_counts_per_position():
+    c = tiny_config()
+    draft = tiny_draft(c)
+    ids, loss_mask, positions, cu = packed()
+    aux = torch.randn(ids.shape[0], c.fc_in_features)
+    b = build_blocks(ids, loss_mask, positions, cu, torch.tensor([2, 6, 11]), 4, MASK)
+    opts = DFlashOptions(block_size=4, loss_gamma=2.0)
+    counts = b.valid().view(-1, 4)[:, 1:].float().sum(0)
+    norm = (counts * opts.decay()).sum()
+    batch = {"aux_hidden": aux, "position_ids": positions}
+    loss, sums = block_loss(draft, batch, b, opts.decay(), norm, use_flex=False)
+    ce, correct, count = sums.view(3, 3)
+    assert count.tolist() == counts.tolist() == [3.0, 3.0, 2.0]
+    torch.testing.assert_close(loss, (ce * opts.decay()).sum() / norm)
+    loss.backward()
+    assert draft.fc.weight.grad is not None and draft.lm_head.grad is None
+    row = DFlashStrategy().summarize(sums)
+    assert set(row) >= {"loss", "acc_0", "acc_1", "acc_2", "sim_accept_len"}
+
+
+def test_options_defaults_validation_and_target_layers():
+    assert DFlashOptions().block_size == 16 and DFlashOptions().gamma == 7.0
+    assert default_target_layers(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B: 36 layers
+    assert default_target_layers(8, 5) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="block_size"):
+        DFlashOptions(block_size=1)
+    with pytest.raises(ValueError, match=r"unknown keys \['blocksize'\]"):
+        DFlashOptions.from_mapping({"blocksize": 8})
+
+
+def test_strategy_is_selected_by_draft_dflash_and_captures_one_layer_per_draft_layer():
+    cfg = Config(target=TargetConfig(path=TINY_TARGET_DIR), draft=DraftConfig(name="dflash", options={"num_layers": 3}))
+    strategy = get_strategy(cfg.draft.name)
+    assert isinstance(strategy, DFlashStrategy)
+    hf = AutoConfig.from_pretrained(TINY_TARGET_DIR)
+    plan = strategy.capture_plan(hf, cfg)
+    assert plan.layers == (1, 3, 5) and not plan.final_hidden
+    assert list(plan.widths.values()) == [3 * hf.hidden_size]
+
+
+def test_export_round_trip_and_layout(tmp_path):
+    from lib.drafts.dflash.export import export_draft, load_draft
+    import json
+
+    c = tiny_config()
+    draft = tiny_draft(c)
+    out = export_draft(draft.state_dict(), c, str(tmp_path / "draft"), torch.float32)
+    meta = json.load(open(f"{out}/config.json"))
+    assert meta["architectures"] == ["DFlashDraftModel"] and meta["block_size"] == 4
+    assert meta["dflash_config"] == {"mask_token_id": MASK, "target_layer_ids": [1, 3, 4]}
+    loaded = load_draft(out)
+    assert loaded.config == c
+    for k, v in draft.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_block_drafting_decodes_exactly_greedy_on_the_tiny_target():
+    from lib.drafts.dflash.drafter import DFlashDrafter
+    from lib.eval.spec_decode import speculative_decode
+    from lib.target.weights import load_target_embedding, load_target_lm_head
+
+    target = AutoModelForCausalLM.from_pretrained(TINY_TARGET_DIR, dtype=torch.float32).eval()
+    hf = target.config
+    c = tiny_config(hidden_size=hf.hidden_size, target_hidden_size=hf.hidden_size, head_dim=32,
+                    vocab_size=hf.vocab_size, num_target_layers=hf.num_hidden_layers, target_layer_ids=[1, 3, 5],
+                    block_size=8)
+    torch.manual_seed(0)
+    draft = DFlashDraft(c).eval()
+    draft.set_target_weights(load_target_embedding(target), None)  # lm_head bound from the runner
+    prompts = [[5, 17, 33, 8, 90], [12, 7], [40, 41, 42, 43, 44, 45, 46]]
+    result = speculative_decode(target, DFlashDrafter(draft), prompts, k=7, max_new_tokens=20, progress=False)
+    assert result.matches_greedy
+    assert all(len(o) == 20 for o in result.outputs)
+    with pytest.raises(ValueError, match="eval.draft_tokens"):
+        speculative_decode(target, DFlashDrafter(draft), prompts, k=8, max_new_tokens=4, progress=False)
