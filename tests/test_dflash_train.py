@@ -1,0 +1,47 @@
+"""draft=dflash end to end on CPU: launch.sh trains the tiny target's DFlash draft (engine + trainer
+under torchrun, the strategy's capture plan through the handoff), the loss falls, per-position
+accuracies and online block-drafting evaluation land in metrics.jsonl, the export is in the DFlash
+layout, and eval.py decodes with it exactly as greedy decoding does."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, cpu_env, launch, metric_rows
+
+pytestmark = pytest.mark.integration
+
+
+def test_launch_sh_trains_dflash_with_falling_loss_online_eval_export_and_greedy_equal_eval(tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = launch(["draft=dflash", f"run.dir={run_dir}", "train.max_steps=20", "engine.token_budget=512",
+                   "data.max_length=256", "eval.every=10", "eval.draft_tokens=[15]", "eval.num_prompts=4",
+                   "eval.max_new_tokens=16", "train.log_every=5", "train.warmup_steps=2"])
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    rows = metric_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    early = sum(r["loss"] for r in rows[1:5]) / 4
+    late = sum(r["loss"] for r in rows[-5:]) / 5
+    assert late < 0.85 * early, [round(r["loss"], 3) for r in rows]
+    assert all(f"acc_{j}" in rows[-1] for j in range(15)) and "acc_15" not in rows[-1]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "accept_len_k15" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20] and all(r["accept_len"] >= 1.0 for r in evals)
+    with open(os.path.join(run_dir, "draft", "config.json")) as f:
+        meta = json.load(f)
+    assert meta["architectures"] == ["DFlashDraftModel"] and meta["block_size"] == 16
+    assert meta["dflash_config"]["target_layer_ids"] == [1, 2, 3, 4, 5]
+    result = str(tmp_path / "eval.json")
+    done = subprocess.run([sys.executable, "eval.py", "--draft", os.path.join(run_dir, "draft"), "--out", result,
+                           "--no-progress", "draft=dflash", "eval.draft_tokens=[15]", "eval.num_prompts=4",
+                           "eval.max_new_tokens=16"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(result) as f:
+        (k15,) = json.load(f)["results"]
+    assert k15["k"] == 15 and k15["matches_greedy"] is True and k15["tau"] >= 1.0
