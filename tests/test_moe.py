@@ -184,3 +184,42 @@ def test_unknown_moe_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="moe"):
         make_backend("hf").load(TargetConfig(random_init=True, hf_config=shape_of("tiny_moe")),
                                 EngineConfig(token_budget=64, moe_impl="megablocks"), CPU, None)
+
+
+# On an H200 (torch 2.11, transformers 5.17) three cases passed; the compiled tiny Qwen3-MoE case met the
+# mean bound but not the max one (0.104 vs 4 x 0.0149). A router top-k flip under the compiled bf16
+# numerics would do that (one token's experts change); not yet confirmed, hence xfail, not a looser bound.
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,compile", [
+    ("tiny_moe", False), ("tiny_gpt_oss", False), ("tiny_gpt_oss", True),
+    pytest.param("tiny_moe", True, marks=pytest.mark.xfail(reason="max error 7x plain bf16 on an H200; cause "
+                                                                  "(suspected routing flip) unconfirmed")),
+])
+def test_gpu_varlen_grouped_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, name, compile):
+    """bf16 varlen (gpt-oss: sinks and sliding windows in the kernel path) with grouped experts, against
+    fp32 per-sample eager forwards: no worse than transformers' own bf16 forwards of each sample."""
+    gpu = torch.device("cuda")
+    backend = make_backend("hf")
+    backend.load(TargetConfig(path=checkpoints[name], dtype="bfloat16"),
+                 EngineConfig(token_budget=128, attn_impl="varlen", compile=compile, moe_impl="grouped"), gpu, None)
+    assert backend.attn_impl == "varlen" and backend.moe_impl is MoeImpl.grouped
+    batch = random_batch(LENGTHS, backend.vocab_size, seed=7)
+    got = backend.capture(batch)
+    models = {dtype: AutoModelForCausalLM.from_pretrained(checkpoints[name], dtype=dtype, attn_implementation="eager",
+                                                          experts_implementation="eager").to(gpu).eval()
+              for dtype in (torch.float32, torch.bfloat16)}
+    cu = batch.cu_seqlens.tolist()
+    for key in ("aux_hidden", "final_hidden"):
+        truth, plain = [], []
+        with torch.no_grad():
+            for dtype, sink in ((torch.float32, truth), (torch.bfloat16, plain)):
+                for i in range(len(cu) - 1):
+                    states = models[dtype](batch.input_ids[None, cu[i]:cu[i + 1]].to(gpu),
+                                           output_hidden_states=True).hidden_states
+                    sink.append(torch.cat([states[layer + 1][0] for layer in backend.aux_layers], dim=-1)
+                                if key == "aux_hidden" else states[-1][0])
+        truth, plain = torch.cat(truth), torch.cat(plain).float()
+        engine_err = (got[key].float() - truth).abs()
+        plain_err = (plain - truth).abs()
+        assert engine_err.mean() <= 2 * plain_err.mean() + 1e-4, (key, engine_err.mean(), plain_err.mean())
+        assert engine_err.max() <= 4 * plain_err.max() + 1e-3, (key, engine_err.max(), plain_err.max())

@@ -57,20 +57,32 @@ def _varlen_flash_attention(
     dropout: float = 0.0,
     engine_cu_seqlens: Optional[torch.Tensor] = None,
     engine_max_seqlen: Optional[int] = None,
+    sliding_window: Optional[int] = None,
+    s_aux: Optional[torch.Tensor] = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: [1, H, T, D] q/k/v of a packed batch -> [1, T, H, D].
 
     Calls the aten flash kernel directly (stable across torch 2.4+, handles GQA natively) rather than
-    torch.nn.attention.varlen, whose signature changed between releases.
+    torch.nn.attention.varlen, whose signature changed between releases. gpt-oss: a sliding window
+    of W (a query sees itself and W-1 earlier tokens) is the kernel's left window; its per-head sink
+    logits (s_aux) join the softmax's denominator only, so the sink-free output is rescaled by
+    sum(exp(scores)) / (sum(exp(scores)) + exp(sink)) = sigmoid(lse - sink), lse from the kernel.
     """
     if engine_cu_seqlens is None:
         raise RuntimeError("the varlen attention runs only inside HFBackend.capture (it needs the batch's cu_seqlens)")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = torch.ops.aten._flash_attention_forward(
+    window = {} if not sliding_window else {"window_size_left": int(sliding_window) - 1, "window_size_right": 0}
+    out, lse = torch.ops.aten._flash_attention_forward(
         q, k, v, engine_cu_seqlens, engine_cu_seqlens, engine_max_seqlen, engine_max_seqlen,
-        0.0, True, False, scale=scaling,
-    )[0]
+        0.0, True, False, scale=scaling, **window,
+    )[:2]
+    if s_aux is not None:
+        if tuple(lse.shape) != (q.shape[1], q.shape[0]):
+            raise RuntimeError(f"varlen attention with sinks expects the kernel's logsumexp as [heads, tokens] = "
+                               f"{(q.shape[1], q.shape[0])}, got {tuple(lse.shape)}; use engine.attn_impl=eager")
+        keep = torch.sigmoid(lse - s_aux.float()[:, None]).transpose(0, 1)[..., None]
+        out = (out.float() * keep).to(out.dtype)
     return out.unsqueeze(0), None
 
 
@@ -78,16 +90,17 @@ AttentionInterface.register(_VARLEN_NAME, _varlen_flash_attention)
 
 
 def attention_for_target(config, impl: str) -> str:
-    """The attention the target can run: gpt-oss's sinks exist only in transformers' eager attention.
+    """The attention the target can run: gpt-oss (sinks) has no sdpa in transformers.
 
-    Its sdpa is unsupported and the engine's varlen kernel has no sinks yet, so gpt-oss targets fall
-    back to eager with the packed block-diagonal (and sliding-window) masks: exact, but O(T^2) memory
-    per layer; its GPU cost is not measured yet (docs/engine.md, MoE targets).
+    varlen handles its sinks and sliding windows itself (_varlen_flash_attention); under sdpa (CPU) a
+    gpt-oss target falls back to eager with the packed block-diagonal (and sliding-window) masks:
+    exact, but O(T^2) memory per layer.
     """
-    if getattr(config, "model_type", None) != "gpt_oss" or impl == "eager":
+    if getattr(config, "model_type", None) != "gpt_oss" or impl in ("eager", "varlen"):
         return impl
-    log.warning("engine.attn_impl=%s: gpt-oss attention sinks run only in the eager attention; the engine "
-                "falls back to engine.attn_impl=eager (block-diagonal masks, O(T^2) memory per layer)", impl)
+    log.warning("engine.attn_impl=%s: gpt-oss attention sinks run only in transformers' eager attention here; "
+                "the engine falls back to engine.attn_impl=eager (block-diagonal masks, O(T^2) memory per layer)",
+                impl)
     return "eager"
 
 
