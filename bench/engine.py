@@ -2,11 +2,13 @@
 
     python bench/engine.py --out engine.json                      # Qwen3-8B shape on one GPU
     python bench/engine.py --shape tiny --device cpu --steps 2    # smoke test
+    python bench/engine.py --shape qwen3-30b-a3b --moe-impl grouped,hf   # MoE: engine's grouped vs transformers'
 
 Random bf16 weights of the target's shape; every batch holds exactly --tokens tokens made of
 sequences of --min-len..--max-len tokens. FLOPs count 2 * (matmul parameters) per token, embeddings
 excluded and no lm_head (the engine never runs it), plus causal attention 2 * n^2 * heads * head_dim
-per layer per sequence. MFU is against the H100/H200 dense bf16 peak (989 TFLOP/s) and against the
+per layer per sequence. MoE shapes count ACTIVE parameters (routed experts + router,
+bench/flops.py mlp_matmul_params) and gpt-oss's sliding-window layers only their window. MFU is against the H100/H200 dense bf16 peak (989 TFLOP/s) and against the
 ~790 TFLOP/s a large bf16 matmul reaches on the lent machines.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 
 import torch
 import transformers
+import yaml
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib.data.batch import PackedBatch  # noqa: E402
 from lib.config import EngineConfig, TargetConfig  # noqa: E402
 from lib.engine.hf import AuxWriter, HFBackend  # noqa: E402
+from bench.flops import _window_pairs, mlp_matmul_params  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 MEASURED_TFLOPS = 790.0
@@ -39,6 +43,10 @@ SHAPES = {
                  num_key_value_heads=2, head_dim=32, intermediate_size=256, vocab_size=1000,
                  max_position_embeddings=4096, tie_word_embeddings=False),
 }
+_CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "target")
+for _name in ("qwen3_30b_a3b", "gpt_oss_20b", "tiny_moe", "tiny_gpt_oss"):  # MoE shapes, as conf/target has them
+    with open(os.path.join(_CONF, f"{_name}.yaml")) as _f:
+        SHAPES[_name.replace("_", "-")] = yaml.safe_load(_f)["hf_config"]
 # path name -> (engine.attn_impl, engine.compile); "baseline" is plain per-sequence sdpa with hooks.
 PATHS = {
     "varlen": ("varlen", False),
@@ -68,11 +76,18 @@ def make_batches(count: int, tokens: int, min_len: int, max_len: int, vocab: int
 
 
 def flops_per_batch(shape: dict, batch: PackedBatch) -> float:
+    cfg = dict(shape)
+    hf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     h, layers = shape["hidden_size"], shape["num_hidden_layers"]
     heads, kv, d = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
-    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * shape["intermediate_size"]
-    linear = 2.0 * layers * per_layer * batch.num_tokens
-    attention = sum(2.0 * n * n * heads * d * layers for n in batch.lengths)
+    linear = 2.0 * (layers * (h * (heads + 2 * kv) * d + heads * d * h) + mlp_matmul_params(hf)) * batch.num_tokens
+    types = getattr(hf, "layer_types", None) or ["full_attention"] * layers
+    attention = 0.0
+    for t in types:
+        if t == "sliding_attention" and hf.sliding_window:
+            attention += 4.0 * heads * d * _window_pairs(batch.lengths, hf.sliding_window)
+        else:
+            attention += sum(2.0 * n * n * heads * d for n in batch.lengths)
     return linear + attention
 
 
@@ -88,13 +103,15 @@ def baseline_capture(backend: HFBackend, writer: AuxWriter, batch: PackedBatch, 
             out["final_hidden"][cu[i]:cu[i + 1]].copy_(hidden[0])
 
 
-def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: torch.device) -> dict:
+def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: torch.device,
+            moe_impl: str = "auto") -> dict:
     attn, compile_ = PATHS[name]
     target = TargetConfig(random_init=True, hf_config=shape, dtype=args.dtype)
     counters.clear()
     backend = HFBackend()
     t0 = time.perf_counter()
-    backend.load(target, EngineConfig(token_budget=args.tokens, attn_impl=attn, compile=compile_), device, None)
+    backend.load(target, EngineConfig(token_budget=args.tokens, attn_impl=attn, compile=compile_, moe_impl=moe_impl),
+                 device, None)
     load_s = time.perf_counter() - t0
     rows, width = args.tokens, backend.hidden_size
     out = {
@@ -126,7 +143,7 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
     flops = sum(flops_per_batch(shape, b) for b in timed)
     tflops = flops / seconds / 1e12
     result = {
-        "path": name,
+        "path": name if backend.moe_impl is None else f"{name}/{backend.moe_impl.value}",
         "attn_impl": backend.attn_impl,
         "compile": compile_,
         "tokens_per_s": tokens / seconds,
@@ -158,6 +175,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed batches per path")
     p.add_argument("--paths", default="varlen,varlen+compile,baseline",
                    help=f"comma-separated, from {', '.join(PATHS)}")
+    p.add_argument("--moe-impl", default="auto",
+                   help="MoE shapes: comma-separated engine.moe_impl values to measure each path with (grouped, hf, eager)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
@@ -181,8 +200,9 @@ def main() -> None:
     print(f"{args.shape} on {info['device']}, {args.tokens} tokens/batch, {args.steps} timed batches", flush=True)
     print(f"{'path':<16}{'tokens/s':>12}{'ms/batch':>10}{'TFLOP/s':>9}{'MFU989':>8}{'MFU790':>8}{'peak GiB':>10}"
           f"{'load s':>8}{'graphs':>7}", flush=True)
-    for name in names:
-        r = measure(name, args, shape, batches, device)
+    moe_impls = [m.strip() for m in args.moe_impl.split(",") if m.strip()]
+    for name, moe_impl in ((n, m) for n in names for m in moe_impls):
+        r = measure(name, args, shape, batches, device, moe_impl)
         info["results"].append(r)
         print(f"{r['path']:<16}{r['tokens_per_s']:>12,.0f}{r['ms_per_batch']:>10.1f}{r['tflops']:>9.1f}"
               f"{r['mfu_peak']:>8.1%}{r['mfu_measured']:>8.1%}{r['peak_alloc_gib']:>10.1f}{r['load_s']:>8.1f}{r['compiled_graphs']:>7}",

@@ -180,6 +180,23 @@ def test_target_shapes_build_with_their_published_sizes():
         assert abs(sum(p.numel() for p in model.parameters()) - count) < 0.01 * count, name
 
 
+def test_active_flops_count_routed_experts_only():
+    """bench/flops.py: active parameters per token (decoder matmuls + router, plus the published counts'
+    embedding conventions) match the models' names: Qwen3 A3B / A22B (with embeddings and lm_head), gpt-oss
+    3.6B / 5.1B active (with lm_head, without embeddings)."""
+    from bench.flops import mlp_matmul_params
+
+    published = {"qwen3_30b_a3b": (3.3e9, 2), "qwen3_235b_a22b": (22.2e9, 2), "gpt_oss_20b": (3.6e9, 1),
+                 "gpt_oss_120b": (5.1e9, 1)}
+    for name, (count, vocab_matrices) in published.items():
+        cfg = shape_of(name)
+        hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        h, heads, kv, d = hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim
+        attention = hf.num_hidden_layers * (h * (heads + 2 * kv) * d + heads * d * h)
+        active = attention + mlp_matmul_params(hf) + vocab_matrices * hf.vocab_size * h
+        assert abs(active - count) < 0.03 * count, (name, active)
+
+
 def test_unknown_moe_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="moe"):
         make_backend("hf").load(TargetConfig(random_init=True, hf_config=shape_of("tiny_moe")),
