@@ -8,8 +8,9 @@ Random bf16 weights of the target's shape; every batch holds exactly --tokens to
 sequences of --min-len..--max-len tokens. FLOPs count 2 * (matmul parameters) per token, embeddings
 excluded and no lm_head (the engine never runs it), plus causal attention 2 * n^2 * heads * head_dim
 per layer per sequence. MoE shapes count ACTIVE parameters (routed experts + router,
-bench/flops.py mlp_matmul_params) and gpt-oss's sliding-window layers only their window. MFU is against the H100/H200 dense bf16 peak (989 TFLOP/s) and against the
-~790 TFLOP/s a large bf16 matmul reaches on the lent machines.
+bench/flops.py mlp_matmul_params) and gpt-oss's sliding-window layers only their window. MFU is
+against the H100/H200 dense bf16 peak (989 TFLOP/s) and against the ~790 TFLOP/s a large bf16 matmul
+reaches on the lent machines.
 """
 from __future__ import annotations
 
