@@ -30,6 +30,14 @@ def dflash_target_layers(cfg: Config, options: DFlashOptions, num_layers: int) -
     return layers
 
 
+def batch_generator(seed: int, input_ids: torch.Tensor) -> torch.Generator:
+    """Anchors drawn from the run seed and the batch's own tokens: the same batch gets the same anchors
+    after a resume or on another number of trainers, and different batches get different ones."""
+    weights = torch.arange(1, input_ids.numel() + 1, device=input_ids.device, dtype=torch.int64)
+    digest = int((input_ids.to(torch.int64) * weights).remainder(2_147_483_647).sum()) % 2_147_483_647
+    return torch.Generator().manual_seed(seed * 1_000_003 + digest)
+
+
 def summarize_sums(sums: torch.Tensor, decay: torch.Tensor) -> dict[str, float]:
     """sums = [CE_j..., correct_j..., count_j...]; acc_j = accuracy of drafted index j (block position j+1)."""
     n = decay.numel()
@@ -73,7 +81,7 @@ class DFlashStrategy(DraftStrategy):
         blocks, norm = [], None
         for batch in micro:
             anchors = sample_anchors(batch["loss_mask"], batch["cu_seqlens"], c.block_size, opts.max_anchors,
-                                     bundle.generator)
+                                     batch_generator(bundle.seed, batch["input_ids"]))
             b = build_blocks(batch["input_ids"], batch["loss_mask"], batch["position_ids"], batch["cu_seqlens"],
                              anchors, c.block_size, c.mask_token_id)
             valid = b.valid().view(-1, c.block_size)[:, 1:].float().sum(0)

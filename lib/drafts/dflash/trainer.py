@@ -115,7 +115,7 @@ class DFlashModule(nn.Module):
 class DFlashBundle(DraftBundle):
     draft_config: DFlashConfig
     options: DFlashOptions
-    generator: torch.Generator  # anchor sampling; seeded per run
+    seed: int  # anchor sampling: with each batch's tokens (strategy.batch_generator)
 
     def config_dict(self) -> dict[str, Any]:
         return self.draft_config.to_dict()
@@ -167,9 +167,8 @@ def build_bundle(ctx, options: DFlashOptions, layers: list[int]) -> DFlashBundle
     draft.set_target_weights(embedding.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype))
     module = DFlashModule(draft, options, use_flex=device.type == "cuda")
     model = shard(module, ctx.groups.trainer, device)
-    generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * (1 + int(ctx.info.rank)))
     if ctx.is_trainer_leader:
         params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         log.info("dflash draft: %d layers, block %d, target layers %s, mask id %d, %.1fM trainable parameters",
                  draft_cfg.num_hidden_layers, draft_cfg.block_size, layers, draft_cfg.mask_token_id, params / 1e6)
-    return DFlashBundle(model, draft_config=draft_cfg, options=options, generator=generator)
+    return DFlashBundle(model, draft_config=draft_cfg, options=options, seed=int(cfg.train.seed))
