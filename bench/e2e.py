@@ -7,6 +7,7 @@ figures come from the runs' metrics.jsonl (the first --skip steps are warm-up an
     python bench/e2e.py --suite one_gpu --out-dir /tmp/e2e   # sequential, colocate+MPS, colocate no MPS
     python bench/e2e.py --suite two_gpu --out-dir /tmp/e2e   # colocate vs disaggregate, 8B, 14B and 32B
     python bench/e2e.py --suite cpu --out-dir /tmp/e2e       # the same machinery on the tiny target
+    python bench/e2e.py --suite moe_one_gpu --out-dir /tmp/e2e   # Qwen3-30B-A3B and gpt-oss-20b shapes
 
 Writes results.json, a markdown table (table.md) and a PNG chart into --out-dir.
 """
@@ -45,6 +46,11 @@ SUITES = {
     # --steps 200: loss curves of the two placements (mean relative deviation in the table).
     "curves": [("sequential", "sequential", "off", "qwen3_8b", ()), ("colocate+MPS", "colocate", "on", "qwen3_8b", ())],
     "cpu": [("sequential", "sequential", "off", "tiny", ()), ("colocate", "colocate", "off", "tiny", ())],
+    # MoE shapes on one GPU (issue 17): 30B-A3B's 61 GB and gpt-oss-20b's 42 GB of bf16 weights need the
+    # larger engine share. gpt-oss needs YaRN rope in the draft first (it stops with an error naming it).
+    "moe_one_gpu": [("sequential-30B-A3B", "sequential", "off", "qwen3_30b_a3b", BIG),
+                    ("colocate+MPS-30B-A3B", "colocate", "on", "qwen3_30b_a3b", BIG),
+                    ("colocate+MPS-gpt-oss-20b", "colocate", "on", "gpt_oss_20b", BIG)],
 }
 # launch.sh takes every GPU it sees: the same runs on a 4-GPU machine are 4 pairs vs 2 + 2 GPUs.
 SUITES["four_gpu"] = SUITES["two_gpu"]
