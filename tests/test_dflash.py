@@ -188,3 +188,24 @@ def test_block_drafting_decodes_exactly_greedy_on_the_tiny_target():
     assert all(len(o) == 20 for o in result.outputs)
     with pytest.raises(ValueError, match="eval.draft_tokens"):
         speculative_decode(target, DFlashDrafter(draft), prompts, k=8, max_new_tokens=4, progress=False)
+
+
+def test_chunked_cross_entropy_equals_the_whole_one_in_value_and_gradient():
+    from lib.drafts.dflash import trainer
+
+    c = tiny_config()
+    draft = tiny_draft(c)
+    hidden = torch.randn(9, c.hidden_size, requires_grad=True)
+    labels = torch.randint(0, c.vocab_size, (9,))
+    whole, correct = trainer.chunked_ce(draft, hidden, labels)
+    (g_whole,) = torch.autograd.grad(whole.sum(), hidden)
+    old = trainer.CE_CHUNK_ROWS
+    trainer.CE_CHUNK_ROWS = 4
+    try:
+        chunked, correct_c = trainer.chunked_ce(draft, hidden, labels)
+        (g_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    finally:
+        trainer.CE_CHUNK_ROWS = old
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(g_chunked, g_whole)
+    assert torch.equal(correct, correct_c)

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lib.drafts.base import DraftBundle
 from lib.drafts.dflash.mask import Blocks, dense_attention, flex_attention_fn
@@ -23,6 +24,7 @@ from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
 log = logging.getLogger("specdraft.trainer")
 SUMS_PER_POSITION = 3  # CE sum, correct argmax count, valid rows
 DEFAULT_DRAFT_LAYERS = 5
+CE_CHUNK_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,21 @@ def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list
     return [int(round(start + i * (end - start) / (num_draft_layers - 1))) for i in range(num_draft_layers)]
 
 
+def _ce_rows(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor):
+    logits = draft.logits(hidden).float()
+    return F.cross_entropy(logits, labels, reduction="none"), (logits.argmax(-1) == labels).float()
+
+
+def chunked_ce(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, correct) per row; the full-vocabulary logits of one chunk of rows at a time are
+    recomputed in backward instead of kept (8k rows x 152k vocab would hold ~5 GB in fp32)."""
+    if hidden.shape[0] <= CE_CHUNK_ROWS or not torch.is_grad_enabled():
+        return _ce_rows(draft, hidden, labels)
+    parts = [checkpoint(_ce_rows, draft, h, y, use_reentrant=False)
+             for h, y in zip(hidden.split(CE_CHUNK_ROWS), labels.split(CE_CHUNK_ROWS))]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Blocks, decay: torch.Tensor,
                normaliser: torch.Tensor, use_flex: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, sums [3*(B-1)]) of one micro-batch's blocks."""
@@ -82,13 +99,11 @@ def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Bl
     b = blocks.block_size
     drafted = (torch.arange(hidden.shape[0], device=hidden.device) % b) - 1  # -1 at the anchor
     rows = blocks.valid().nonzero().flatten()
-    logits = draft.logits(hidden[rows]).float()
     labels = blocks.labels[rows]
     j = drafted[rows]
-    ce = F.cross_entropy(logits, labels, reduction="none")
+    ce, correct = chunked_ce(draft, hidden[rows], labels)
     loss = (ce * decay[j]).sum() / normaliser.clamp_min(1e-6)
     with torch.no_grad():
-        correct = (logits.argmax(-1) == labels).float()
         sums = torch.zeros(3, b - 1, device=hidden.device)
         sums[0].index_add_(0, j, ce.detach())
         sums[1].index_add_(0, j, correct)
