@@ -83,7 +83,7 @@ def assert_close(got, ref, tol=1e-5):
     assert err <= tol * max(1.0, scale), f"max error {err:.3g} over scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("moe_impl", ["grouped", "eager"])
+@pytest.mark.parametrize("moe_impl", ["grouped", "hf", "eager"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_packed_capture_equals_reference_forward(checkpoints, name, moe_impl):
     backend = make_backend("hf")
