@@ -1,0 +1,83 @@
+"""DFlash's distributed update with real gloo groups and FSDP2: 1 trainer with two micro-batches has
+the gradient of 2 trainers with one each (the global weighted normaliser, and anchors that depend on
+the batch alone, not on which rank draws them)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lib.drafts.base import get_strategy
+from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
+from lib.drafts.dflash.trainer import DFlashBundle, DFlashModule, DFlashOptions
+from lib.launch.sharding import shard
+
+pytestmark = pytest.mark.integration
+
+VOCAB, HIDDEN, BLOCK = 96, 32, 4
+
+
+def _batch(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [9, 14, 6]
+    t = sum(lengths)
+    return {
+        "input_ids": torch.randint(0, VOCAB, (t,), generator=g),
+        "loss_mask": torch.rand(t, generator=g) < 0.8,
+        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
+        "cu_seqlens": torch.tensor([0, 9, 23, 29], dtype=torch.int32),
+        "aux_hidden": torch.randn(t, 2 * HIDDEN, generator=g),
+    }
+
+
+def _bundle(group) -> DFlashBundle:
+    c = DFlashConfig(hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=8, num_hidden_layers=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                     max_position_embeddings=128, vocab_size=VOCAB, target_hidden_size=HIDDEN, num_target_layers=6,
+                     target_layer_ids=[1, 3], block_size=BLOCK, mask_token_id=1)
+    torch.manual_seed(0)
+    draft = DFlashDraft(c)
+    g = torch.Generator().manual_seed(1)
+    draft.set_target_weights(torch.randn(VOCAB, HIDDEN, generator=g), torch.randn(VOCAB, HIDDEN, generator=g))
+    options = DFlashOptions(block_size=BLOCK)
+    module = DFlashModule(draft, options, use_flex=False)
+    return DFlashBundle(shard(module, group, torch.device("cpu")), draft_config=c, options=options, seed=0)
+
+
+def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    group = dist.group.WORLD
+    bundle = _bundle(group)
+    mine = [_batch(s) for s in batch_seeds[rank]]
+    strategy = get_strategy("dflash")
+    contexts, norm = strategy.prepare(bundle, mine)
+    norm = norm.float()
+    dist.all_reduce(norm, group=group)
+    sums = None
+    for b, ctx in zip(mine, contexts):
+        loss, s = strategy.micro_loss(bundle, b, ctx, norm, float(world))
+        loss.backward()
+        sums = s if sums is None else sums + s
+    dist.all_reduce(sums, group=group)
+    grads = {n: p.grad.full_tensor().clone() for n, p in bundle.model.named_parameters() if p.grad is not None}
+    torch.save({"grads": grads, "row": strategy.summarize(sums)}, f"{out}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _run(tmp_path, world: int, batch_seeds) -> list[dict]:
+    out = str(tmp_path / f"w{world}")
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path}/store-{world}", batch_seeds, out), nprocs=world,
+                       join=True, start_method="spawn")
+    return [torch.load(f"{out}-{r}.pt") for r in range(world)]
+
+
+def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path):
+    one = _run(tmp_path, 1, [[10, 11]])[0]
+    two = _run(tmp_path, 2, [[10], [11]])
+    assert one["grads"] and one["grads"].keys() == two[0]["grads"].keys()
+    for name, g in one["grads"].items():
+        for r in two:
+            torch.testing.assert_close(r["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert two[0]["row"]["loss"] == pytest.approx(one["row"]["loss"], rel=1e-5)
+    assert two[0]["row"]["acc_0"] == pytest.approx(one["row"]["acc_0"])
