@@ -209,3 +209,34 @@ def test_chunked_cross_entropy_equals_the_whole_one_in_value_and_gradient():
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(g_chunked, g_whole)
     assert torch.equal(correct, correct_c)
+
+
+def test_the_drafter_proposes_what_training_scores_for_the_same_anchor():
+    """Train/serve consistency: the decode loop's block (context = verified slots before the bonus
+    token, which is the anchor) gives the argmax of training's logits at block positions 1..B-1, also
+    with rejected slots (holes) in the drafter's context."""
+    from lib.drafts.dflash.drafter import DFlashDrafter
+    from lib.drafts.drafting import VerifiedBlock
+
+    c = tiny_config(block_size=6)
+    draft = tiny_draft(c, seed=3).eval()
+    ids, loss_mask, positions, cu = packed(lengths=(16,))
+    aux = torch.randn(16, c.fc_in_features)
+    anchor = 11
+    b = build_blocks(ids, loss_mask, positions, cu, torch.tensor([anchor]), 6, MASK)
+    with torch.no_grad():
+        hidden = draft(b.ids[None], b.positions[None], aux[None], positions[None], dense_attention(b))[0]
+        expected = draft.logits(hidden[1:]).argmax(-1)
+    # Round 1 verified slots 0..6; round 2 slots 7..11 of which the last one was rejected (a hole),
+    # so the newest kept slot is position 10 and the bonus token (the anchor) is ids[11].
+    drafter = DFlashDrafter(draft)
+    drafter.start()
+    first = VerifiedBlock(ids[1:8][None], aux[:7][None], positions[:7][None], torch.ones(1, 7, dtype=torch.bool),
+                          torch.tensor([6]))
+    drafter._append(first)
+    junk = torch.randn(1, 5, c.fc_in_features)
+    junk[0, :4] = aux[7:11]
+    second = VerifiedBlock(torch.cat([ids[8:12], ids[:1]])[None], junk, torch.arange(7, 12)[None],
+                           torch.tensor([[True, True, True, True, False]]), torch.tensor([3]))
+    proposed = drafter.propose(second, 5, [0], [0])
+    assert proposed[0].tolist() == expected.tolist()
