@@ -103,7 +103,7 @@ def test_unknown_options_fail_at_composition(overrides, needle):
     ("target.dtype=bf17", "target.dtype", "auto, bfloat16, float16, float32"),
     ("engine.backend=vllm", "engine.backend", "hf, sglang"),
     ("data.overlong=drop", "data.overlong", "truncate, skip"),
-    ("draft.name=dflash", "draft.name", "eagle3"),
+    ("draft.name=medusa", "draft.name", "eagle3, dflash"),
 ])
 def test_bad_enum_value_is_one_line_naming_key_value_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as err:

@@ -240,3 +240,14 @@ def test_the_drafter_proposes_what_training_scores_for_the_same_anchor():
                            torch.tensor([[True, True, True, True, False]]), torch.tensor([3]))
     proposed = drafter.propose(second, 5, [0], [0])
     assert proposed[0].tolist() == expected.tolist()
+
+
+def test_draft_dflash_evaluates_whole_blocks_by_default_and_refuses_longer_drafts():
+    from lib.config import compose
+
+    cfg = compose(["draft=dflash"])
+    assert cfg.draft.options["block_size"] == 16 and list(cfg.eval.draft_tokens) == [15]
+    assert list(compose([]).eval.draft_tokens) == [3, 7]  # EAGLE-3's default is untouched
+    bad = compose(["draft=dflash", "draft.options.block_size=8"])
+    with pytest.raises(ConfigError, match=r"eval.draft_tokens=\[15\].*block_size=8.*<= 7"):
+        get_strategy("dflash").capture_plan(AutoConfig.from_pretrained(TINY_TARGET_DIR), bad)

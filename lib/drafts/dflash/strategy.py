@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from lib.config import Config
+from lib.config import Config, ConfigError
 from lib.drafts.base import CapturePlan, DraftStrategy, register_strategy
 from lib.drafts.dflash.mask import build_blocks, sample_anchors
 from lib.drafts.dflash.trainer import SUMS_PER_POSITION, DFlashBundle, DFlashOptions, default_target_layers
@@ -62,7 +62,13 @@ class DFlashStrategy(DraftStrategy):
 
     @staticmethod
     def options(cfg: Config) -> DFlashOptions:
-        return DFlashOptions.from_mapping(dict(cfg.draft.options or {}))
+        options = DFlashOptions.from_mapping(dict(cfg.draft.options or {}))
+        too_long = [k for k in cfg.eval.draft_tokens if int(k) > options.block_size - 1]
+        if too_long:
+            raise ConfigError(f"eval.draft_tokens={list(cfg.eval.draft_tokens)}: a block of "
+                              f"draft.options.block_size={options.block_size} proposes at most "
+                              f"{options.block_size - 1} tokens; use values <= {options.block_size - 1}")
+        return options
 
     def capture_plan(self, hf_config: Any, cfg: Config) -> CapturePlan:
         layers = dflash_target_layers(cfg, self.options(cfg), int(hf_config.num_hidden_layers))
