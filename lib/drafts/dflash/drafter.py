@@ -1,7 +1,8 @@
 """DFlash's drafter for speculative decoding: one draft forward proposes a whole block.
 
-Each round the verified slots' captured states are projected once into the drafter's context (kept
-per row, with the decode loop's validity mask: rejected slots stay as holes). The block is
+Each round the verified slots' captured states are projected once into every layer's context keys
+and values (kept per row, with the decode loop's validity mask: rejected slots stay as holes; the
+drafter and training share the layers, so the cache is exact). The block is
 [bonus token, mask x k] at the positions after the last kept slot; its outputs at block positions
 1..k are the k proposals. The target then verifies them (longest accepted prefix plus bonus).
 """
@@ -23,13 +24,15 @@ class DFlashDrafter:
         self.start()
 
     def start(self) -> None:
-        self.context: Optional[torch.Tensor] = None  # [B, L, H] projected target states
-        self.positions: Optional[torch.Tensor] = None  # [B, L]
+        # Per layer, the rotated keys/values [B, L, Hkv, D] of every verified slot's projected target
+        # states: they depend on the context alone, so each slot is projected once.
+        self.kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self.valid: Optional[torch.Tensor] = None  # [B, L]
 
     def keep(self, rows: torch.Tensor) -> None:
-        if self.context is not None:
-            self.context, self.positions, self.valid = self.context[rows], self.positions[rows], self.valid[rows]
+        if self.kv is not None:
+            self.kv = [(k[rows], v[rows]) for k, v in self.kv]
+            self.valid = self.valid[rows]
 
     def num_parameters(self) -> int:
         """Weights one draft forward multiplies by: the trained stack plus the target's lm_head it applies."""
@@ -50,12 +53,11 @@ class DFlashDrafter:
             self.draft.set_target_weights(None, runner.lm_head.to(self.draft.fc.weight.dtype))
 
     def _append(self, block: VerifiedBlock) -> None:
-        ctx = self.draft.context(block.aux)
-        if self.context is None:
-            self.context, self.positions, self.valid = ctx, block.positions, block.valid
+        kv = self.draft.context_kv(block.aux, block.positions)
+        if self.kv is None:
+            self.kv, self.valid = kv, block.valid
         else:
-            self.context = torch.cat([self.context, ctx], 1)
-            self.positions = torch.cat([self.positions, block.positions], 1)
+            self.kv = [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1)) for (k0, v0), (k1, v1) in zip(self.kv, kv)]
             self.valid = torch.cat([self.valid, block.valid], 1)
 
     @torch.no_grad()
@@ -79,5 +81,5 @@ class DFlashDrafter:
         def attn(q, key, value):
             return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, enable_gqa=q.shape[1] != key.shape[1])
 
-        hidden = self.draft.forward_context(ids, positions, self.context, self.positions, attn)
+        hidden = self.draft.forward_kv(ids, positions, self.kv, attn)
         return self.draft.logits(hidden[:, 1:]).argmax(-1)

@@ -143,7 +143,11 @@ class DFlashLayer(nn.Module):
     def forward(self, x, context, ctx_cos, ctx_sin, cos, sin, attn: AttnFn):
         # The context enters every layer un-normalised by this layer's input norm: it is already
         # normalised once (hidden_norm), and each layer projects it with its own k/v.
-        ctx_kv = self.self_attn.keys_values(context, ctx_cos, ctx_sin)
+        return self.forward_kv(x, self.self_attn.keys_values(context, ctx_cos, ctx_sin), cos, sin, attn)
+
+    def forward_kv(self, x, ctx_kv, cos, sin, attn: AttnFn):
+        """forward with this layer's context keys/values given (drafters cache them: they depend on
+        the context alone, never on the block)."""
         x = x + self.self_attn(self.input_layernorm(x), ctx_kv, cos, sin, attn)
         h = self.post_attention_layernorm(x)
         return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
@@ -203,6 +207,21 @@ class DFlashDraft(nn.Module):
         """block_ids/block_pos [B, Q] (blocks laid out one after the other), aux_hidden [B, K, n*H_t] with
         positions ctx_pos [B, K]; attn applies the [Q, K+Q] mask. Returns final hidden states [B, Q, H]."""
         return self.forward_context(block_ids, block_pos, self.context(aux_hidden), ctx_pos, attn)
+
+    def context_kv(self, aux_hidden: torch.Tensor, ctx_pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotated context keys/values [B, K, Hkv, D] for captured states at ctx_pos."""
+        context = self.context(aux_hidden)
+        cos, sin = rope_cos_sin(ctx_pos, self.config.head_dim, self.config.rope_theta, context.dtype)
+        return [layer.self_attn.keys_values(context, cos, sin) for layer in self.layers]
+
+    def forward_kv(self, block_ids: torch.Tensor, block_pos: torch.Tensor,
+                   ctx_kv: list[tuple[torch.Tensor, torch.Tensor]], attn: AttnFn) -> torch.Tensor:
+        """forward with every layer's context keys/values given (context_kv); final hidden [B, Q, H]."""
+        x = self.embed(block_ids)
+        cos, sin = rope_cos_sin(block_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer, kv in zip(self.layers, ctx_kv):
+            x = layer.forward_kv(x, kv, cos, sin, attn)
+        return self.norm(x)
 
     def forward_context(self, block_ids: torch.Tensor, block_pos: torch.Tensor, context: torch.Tensor,
                         ctx_pos: torch.Tensor, attn: AttnFn) -> torch.Tensor:
