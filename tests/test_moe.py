@@ -96,6 +96,19 @@ def test_packed_capture_equals_reference_forward(checkpoints, name, moe_impl):
     assert_close(got["final_hidden"], ref_final)
 
 
+@pytest.mark.integration
+def test_compiled_capture_equals_reference_forward(checkpoints):
+    """engine.compile on CPU in fp32 (inductor): the grouped op's compiled form is bf16-only, so the
+    compiled layers run one matmul per expert there; the states still equal the reference's."""
+    backend = make_backend("hf")
+    backend.load(TargetConfig(path=checkpoints["tiny_moe"]), EngineConfig(token_budget=128, compile=True), CPU, None)
+    batch = random_batch(LENGTHS, backend.vocab_size, seed=1)
+    got = backend.capture(batch)
+    ref_aux, ref_final = reference(checkpoints["tiny_moe"], batch, backend.aux_layers)
+    assert_close(got["aux_hidden"], ref_aux)
+    assert_close(got["final_hidden"], ref_final)
+
+
 def test_gpt_oss_falls_back_to_eager_attention_with_a_warning(checkpoints, caplog):
     with caplog.at_level("WARNING", logger="specdraft.engine"):
         backend = make_backend("hf")

@@ -78,8 +78,9 @@ def moe_experts(layers: nn.ModuleList) -> list[nn.Module]:
 
 def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x in expert-contiguous groups (ends at offs) times each group's w[e] ([in, out])."""
-    if x.is_cuda and x.dtype != torch.bfloat16:
-        # The CUDA grouped kernel is bf16-only: fp32/fp16 GPU runs (tests) take one matmul per expert.
+    if x.dtype != torch.bfloat16 and (x.is_cuda or torch.compiler.is_compiling()):
+        # The CUDA grouped kernel, and the op's compiled form on any device, are bf16-only: fp32/fp16 GPU
+        # runs and compiled CPU runs (tests) take one matmul per expert (a graph break under compile).
         ends = offs.tolist()
         starts = [0] + ends[:-1]
         return torch.cat([x[s:t] @ w[e] for e, (s, t) in enumerate(zip(starts, ends))])
