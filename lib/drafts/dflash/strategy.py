@@ -46,12 +46,13 @@ def summarize_sums(sums: torch.Tensor, decay: torch.Tensor) -> dict[str, float]:
     row: dict[str, float] = {"loss": float((decay * ce).sum() / (decay * count).sum().clamp_min(1e-6))}
     for j in range(n):
         row[f"acc_{j}"] = float(correct[j] / denom[j])
-    # Expected accepted drafts under independence: sum of running products of the per-position accuracies.
+    # Expected accepted drafts per block if position j is accepted with probability acc_j given the
+    # earlier ones were (sum of running products; EAGLE-3's definition, without the bonus token).
     run, expected = 1.0, 0.0
     for j in range(n):
         run *= row[f"acc_{j}"]
         expected += run
-    row["sim_accept_len"] = 1.0 + expected
+    row["sim_accept_len"] = expected
     return row
 
 
