@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from lib.config import EngineConfig, TargetConfig
 from lib.data.batch import PackedBatch
 from lib.engine import make_backend
-from lib.engine.moe import experts_info, moe_experts
+from lib.engine.moe import dense_parts_beside_experts, experts_info, moe_experts
 from lib.engine.tp import tp_incompatibility
 
 pytestmark = pytest.mark.integration
@@ -96,3 +96,19 @@ def test_tp_must_divide_the_expert_width():
     assert tp_incompatibility(config, 2) is None
     reason = tp_incompatibility(config, 4)
     assert reason is not None and "engine.tp=4" in reason and "moe_intermediate_size" in reason
+
+
+@pytest.mark.unit
+def test_shared_experts_are_named_as_not_sharded():
+    """Qwen3-MoE and gpt-oss blocks are experts + router only; a Qwen2-MoE block's shared expert is
+    reported (engine TP refuses such targets rather than summing the shared expert twice)."""
+    from tests.test_moe import build
+    from transformers import AutoModel
+
+    for name in ("tiny_moe", "tiny_gpt_oss"):
+        assert dense_parts_beside_experts(build(name).model.layers[0].mlp) == []
+    config = AutoConfig.for_model("qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    parts = dense_parts_beside_experts(AutoModel.from_config(config).layers[0].mlp)
+    assert "shared_expert.gate_proj" in parts and "shared_expert_gate" in parts

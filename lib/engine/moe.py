@@ -174,6 +174,12 @@ def shard_experts(experts: nn.Module, rank: int, size: int) -> None:
         experts.intermediate_size = n
 
 
+def dense_parts_beside_experts(block: nn.Module) -> list[str]:
+    """Linear layers of an MoE block outside its experts (shared experts, their gates): engine TP does
+    not shard them, and its all-reduce would sum their replicated outputs once per member."""
+    return [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
 def moe_intermediate_size(config) -> Optional[int]:
     """The per-expert intermediate width TP must divide, or None for a dense target."""
     if getattr(config, "moe_intermediate_size", None) and getattr(config, "num_experts", 0):

@@ -17,7 +17,7 @@ from torch import nn
 
 from lib.data.batch import PackedBatch
 from lib.engine.base import EngineInputError, SampleProblem
-from lib.engine.moe import moe_experts, moe_intermediate_size, shard_experts
+from lib.engine.moe import dense_parts_beside_experts, moe_experts, moe_intermediate_size, shard_experts
 
 
 def _shard_rows(linear: nn.Linear, rank: int, size: int) -> None:
@@ -78,6 +78,12 @@ class TensorParallel:
                 attn.sinks = nn.Parameter(sinks.data[self.rank * n:(self.rank + 1) * n].clone(), requires_grad=False)
             if experts:
                 # MoE layer: the router stays whole on every rank, each expert is split like a dense MLP.
+                # Dense parts beside the experts (shared experts) would be summed T times by the all-reduce.
+                extra = dense_parts_beside_experts(mlp)
+                if extra:
+                    raise ValueError(f"engine.tp={self.size}: target MoE block {type(mlp).__name__} has dense parts "
+                                     f"beside its experts ({', '.join(extra)}, e.g. shared experts) that engine TP "
+                                     "does not shard; use engine.tp=1")
                 for module in experts:
                     shard_experts(module, self.rank, self.size)
             else:
