@@ -119,5 +119,6 @@ def test_tp2_over_nccl_equals_tp1_on_gpu(checkpoint, tmp_path):
 def test_tp_that_does_not_divide_the_heads_is_refused():
     config = AutoConfig.for_model("qwen3", **SHAPE)
     assert tp_incompatibility(config, 2) is None
-    reason = tp_incompatibility(config, 4)
-    assert reason is not None and "engine.tp=4" in reason and "num_key_value_heads=2" in reason
+    assert tp_incompatibility(config, 4) is None  # 2 KV heads, each replicated on 2 members
+    reason = tp_incompatibility(config, 8)
+    assert reason is not None and "engine.tp=8" in reason and "num_attention_heads=4" in reason

@@ -40,7 +40,8 @@ def batch_of(lengths, seed, first_id, vocab=512):
     return PackedBatch.from_samples(samples, list(range(first_id, first_id + len(lengths))))
 
 
-MEMBER_BATCHES = [batch_of((7, 30, 1), seed=1, first_id=0), batch_of((19, 35), seed=2, first_id=10)]
+MEMBER_BATCHES = [batch_of((7, 30, 1), seed=1, first_id=0), batch_of((19, 35), seed=2, first_id=10),
+                  batch_of((12,), seed=3, first_id=20), batch_of((3, 9, 25), seed=4, first_id=30)]
 
 
 def _member(rank: int, world: int, store_path: str, ckpt: str, out_dir: str, moe_impl: str) -> None:
@@ -71,18 +72,20 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("name,moe_impl", [("tiny_moe", "grouped"), ("tiny_gpt_oss", "grouped"),
-                                           ("tiny_moe", "eager")])
-def test_tp2_equals_tp1_on_moe_targets(checkpoints, tmp_path, name, moe_impl):
+@pytest.mark.parametrize("name,moe_impl,tp", [("tiny_moe", "grouped", 2), ("tiny_gpt_oss", "grouped", 2),
+                                              ("tiny_moe", "eager", 2),
+                                              # 4 members, 2 KV heads: each KV head on 2 members
+                                              ("tiny_gpt_oss", "grouped", 4)])
+def test_tp_equals_tp1_on_moe_targets(checkpoints, tmp_path, name, moe_impl, tp):
     ckpt = checkpoints[name]
-    mp.spawn(_member, args=(2, str(tmp_path / "store"), ckpt, str(tmp_path), moe_impl), nprocs=2, join=True)
+    mp.spawn(_member, args=(tp, str(tmp_path / "store"), ckpt, str(tmp_path), moe_impl), nprocs=tp, join=True)
     single = make_backend("hf")
     single.load(TargetConfig(path=ckpt, dtype="float32"), EngineConfig(token_budget=BUDGET, moe_impl=moe_impl),
                 CPU, None)
     full_intermediate = experts_info(moe_experts(single.model.layers)[0]).intermediate
-    for rank in range(2):
+    for rank in range(tp):
         result = torch.load(tmp_path / f"{rank}.pt")
-        assert result["intermediate"] == full_intermediate // 2  # every expert really was split
+        assert result["intermediate"] == full_intermediate // tp  # every expert really was split
         expected = single.capture(MEMBER_BATCHES[rank])
         for key in ("aux_hidden", "final_hidden"):
             assert result["states"][key].shape == expected[key].shape
@@ -96,6 +99,12 @@ def test_tp_must_divide_the_expert_width():
     assert tp_incompatibility(config, 2) is None
     reason = tp_incompatibility(config, 4)
     assert reason is not None and "engine.tp=4" in reason and "moe_intermediate_size" in reason
+    # 4 members over 2 KV heads replicate them; 8 over 6 KV heads (neither divides the other) cannot.
+    assert tp_incompatibility(AutoConfig.for_model("qwen3_moe", **dict(shape)), 4) is None
+    six = AutoConfig.for_model("qwen3_moe", **dict(shape, num_attention_heads=24, num_key_value_heads=6,
+                                                    moe_intermediate_size=64))
+    reason = tp_incompatibility(six, 8)
+    assert reason is not None and "num_key_value_heads=6" in reason
 
 
 @pytest.mark.unit

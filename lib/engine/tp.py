@@ -5,7 +5,9 @@ of its members' packed batches (attention stays inside samples), with the decode
 Megatron-style: q/k/v and gate/up split by output rows (column parallel), o_proj and down_proj split
 by input columns (row parallel) and summed across the group with one all-reduce each. Embeddings and
 norms are replicated, so every member ends with the full hidden states and keeps its own rows:
-TP rank j hands shard j to its own trainer.
+TP rank j hands shard j to its own trainer. With more members than KV heads (T a multiple of them,
+e.g. Qwen3-235B-A22B's 4 KV heads on 8 GPUs) each KV head is replicated on T/kv members. MoE layers:
+the router is replicated and every expert split on its intermediate features (lib/engine/moe.py).
 """
 from __future__ import annotations
 
@@ -69,8 +71,19 @@ class TensorParallel:
                         f"engine.tp={self.size}: target MLP {type(mlp).__name__} has no Linear `{name}`; "
                         "engine TP supports gated Llama/Qwen-style MLPs only (use engine.tp=1)"
                     )
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-                _shard_rows(lin, self.rank, self.size)
+            _shard_rows(attn.q_proj, self.rank, self.size)
+            heads = int(config.num_attention_heads)
+            kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+            if kv_heads % self.size == 0:
+                for lin in (attn.k_proj, attn.v_proj):
+                    _shard_rows(lin, self.rank, self.size)
+            else:
+                # More members than KV heads (tp_incompatibility: T a multiple of them): each KV head is
+                # replicated on T/kv members, whose query heads all read that one KV head.
+                for lin in (attn.k_proj, attn.v_proj):
+                    _shard_rows(lin, self.rank // (self.size // kv_heads), kv_heads)
+            if hasattr(attn, "num_key_value_groups"):  # eager/sdpa repeat each local KV head this often
+                attn.num_key_value_groups = (heads // self.size) // max(kv_heads // self.size, 1)
             _shard_columns(attn.o_proj, self.rank, self.size)
             sinks = getattr(attn, "sinks", None)
             if isinstance(sinks, torch.Tensor):  # gpt-oss: one sink logit per query head, split with the heads
@@ -147,7 +160,10 @@ def tp_incompatibility(config, tp: int) -> Optional[str]:
     """Why `tp` members cannot shard this target config, or None when they can."""
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    for what, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+    if kv_heads % tp and tp % kv_heads:
+        return (f"engine.tp={tp} does not divide the target's num_key_value_heads={kv_heads} "
+                "(nor is it a multiple of them, which would replicate each KV head)")
+    for what, value in (("num_attention_heads", heads),
                         ("intermediate_size", int(config.intermediate_size)),
                         ("moe_intermediate_size (per expert)", moe_intermediate_size(config) or tp)):
         if value % tp:
