@@ -391,6 +391,12 @@ def new_run_dir() -> str:
     return path
 
 
+def _resolve_moe_impl(value) -> MoeImpl:
+    """auto is the engine's grouped experts path (dense targets ignore the key)."""
+    impl = _as_enum("engine.moe_impl", value, MoeImpl)
+    return MoeImpl.grouped if impl == MoeImpl.auto else impl
+
+
 def resolve(cfg: Config, shape: LaunchShape) -> Config:
     """A copy of `cfg` with every auto/None decided for this launch; `cfg` is left as composed.
 
@@ -403,7 +409,7 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
     cuda = device == Device.cuda
     engine = replace(cfg.engine, backend=_as_enum("engine.backend", cfg.engine.backend, Backend),
                      attn_impl=resolve_attn_impl(cfg.engine.attn_impl, device.value, dtype),
-                     moe_impl=_as_enum("engine.moe_impl", cfg.engine.moe_impl, MoeImpl),
+                     moe_impl=_resolve_moe_impl(cfg.engine.moe_impl),
                      compile=cuda if cfg.engine.compile is None else cfg.engine.compile)
     # train.compile: fuse the draft step on GPU; on CPU compiling costs more than it saves.
     train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile)
