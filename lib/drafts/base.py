@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
@@ -73,6 +73,15 @@ class CapturePlan:
         if self.extras:
             raise ValueError(f"capture plan asks for extra tensors {list(self.extras)}; no engine backend captures "
                              "them yet: add them to lib/engine/hf.py first")
+
+
+def dataclass_from_keys(cls, data: Mapping[str, Any], what: str):
+    """cls(**data) for a config dataclass, with unknown keys named (e.g. a config.json of another version)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**dict(data))
 
 
 def batch_payload_specs(token_budget: int) -> list[TensorSpec]:

@@ -10,12 +10,14 @@ Parameter names follow the layout DFlash loaders read (fc, hidden_norm, layers.i
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lib.drafts.base import dataclass_from_keys
 
 # attention(q, k, v) -> out with q [1, Hq, Q, D], k/v [1, Hkv, K, D]; the mask is bound inside.
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,11 +72,7 @@ class DFlashConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DFlashConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DFlashConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_keys(cls, data, "DFlashConfig")
 
 
 class RMSNorm(nn.Module):

@@ -8,8 +8,7 @@ weighted count over all micro-batches and trainers (so 1 or N trainers give the 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lib.drafts.base import DraftBundle
+from lib.drafts.base import DraftBundle, dataclass_from_keys
 from lib.drafts.dflash.mask import Blocks, dense_attention, flex_attention_fn
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
 
@@ -49,11 +48,7 @@ class DFlashOptions:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "DFlashOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"draft.options has unknown keys {unknown} for draft=dflash; known: {sorted(known)}")
-        return cls(**dict(data))
+        return dataclass_from_keys(cls, data, "draft.options for draft=dflash")
 
     @property
     def gamma(self) -> float:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lib.drafts.base import dataclass_from_keys
 from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention, cached_causal_attention
 from lib.drafts.eagle3.fused import ops
 
@@ -77,11 +78,7 @@ class Eagle3DraftConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Eagle3DraftConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Eagle3DraftConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_keys(cls, data, "Eagle3DraftConfig")
 
     @classmethod
     def from_target(cls, hf_config: Any, draft_vocab_size: int, aux_layer_ids: list[int],
