@@ -62,6 +62,9 @@ def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], out:
     dist.all_reduce(sums, group=group)
     grads = {n: p.grad.full_tensor().clone() for n, p in bundle.model.named_parameters() if p.grad is not None}
     torch.save({"grads": grads, "row": strategy.summarize(sums)}, f"{out}-{rank}.pt")
+    # Both ranks leave together: a rank tearing gloo down while its peer is still in the last
+    # collective's cleanup aborted the peer once (std::terminate in gloo's pair threads).
+    dist.barrier(group=group)
     dist.destroy_process_group()
 
 
