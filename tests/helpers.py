@@ -55,3 +55,32 @@ def metric_rows(run_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [r for r in (json.loads(x) for x in f if x.strip()) if "loss" in r]
+
+
+def masked_segments(tokenizer, ids: list[int], mask: list[bool], **decode_kwargs) -> list[str]:
+    """The text of each run of loss-masked tokens, decoded on its own."""
+    segments, current = [], []
+    for t, m in zip(ids + [None], mask + [False]):
+        if m:
+            current.append(t)
+        elif current:
+            segments.append(tokenizer.decode(current, **decode_kwargs))
+            current = []
+    return segments
+
+
+def reference_capture(path: str, batch, aux_layers: list[int], **load_kwargs):
+    """Each sample alone through the full causal LM with output_hidden_states: the captured layers'
+    outputs concatenated, and the final hidden state (transformers' last entry, after the final norm)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **load_kwargs).eval()
+    aux, final = [], []
+    cu = batch.cu_seqlens.tolist()
+    with torch.no_grad():
+        for i in range(len(cu) - 1):
+            out = model(batch.input_ids[None, cu[i]:cu[i + 1]], output_hidden_states=True)
+            aux.append(torch.cat([out.hidden_states[layer + 1][0] for layer in aux_layers], dim=-1))
+            final.append(out.hidden_states[-1][0])
+    return torch.cat(aux), torch.cat(final)

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from tests.helpers import masked_segments
 from lib.data import datasets as data_mod
 from lib.config import TINY_TARGET_DIR, DataConfig
 from lib.data.datasets import DataError, load_dataset, load_heldout_prompts, token_counts
@@ -69,17 +70,6 @@ def foreign_tokenizers(tmp_path_factory):
     return dirs
 
 
-def _masked_segments(tokenizer, ids, mask) -> list[str]:
-    segments, current = [], []
-    for t, m in zip(ids + [None], mask + [False]):
-        if m:
-            current.append(t)
-        elif current:
-            segments.append(tokenizer.decode(current))
-            current = []
-    return segments
-
-
 @pytest.mark.parametrize("template,tok_name", [("tiny", "tiny"), ("auto", "tiny"), ("qwen", "qwen"),
                                                ("auto", "qwen"), ("llama3", "llama3"), ("auto", "llama3")])
 def test_loss_mask_covers_exactly_the_assistant_turns(tmp_path, foreign_tokenizers, template, tok_name):
@@ -92,7 +82,7 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tmp_path, foreign_tokenize
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     expected = [m["content"] + END_OF_TURN[tok_name] for m in CONVERSATION if m["role"] == "assistant"]
     # every masked run decodes to one assistant turn plus its end-of-turn token, and nothing else
-    assert _masked_segments(tokenizer, ids, mask) == expected
+    assert masked_segments(tokenizer, ids, mask) == expected
     assert tokenizer.decode(ids) == get_template(template, tokenizer).render(CONVERSATION).text
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tests.helpers import reference_capture
 from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 from lib.engine import EngineInputError, make_backend
@@ -59,20 +60,6 @@ def load(path, attn="auto", budget=256, aux=None):
     return backend
 
 
-def reference(path, batch: PackedBatch, aux_layers):
-    """Each sample alone through the full causal LM with output_hidden_states."""
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    aux, final = [], []
-    cu = batch.cu_seqlens.tolist()
-    with torch.no_grad():
-        for i in range(len(cu) - 1):
-            out = model(batch.input_ids[None, cu[i]:cu[i + 1]], output_hidden_states=True)
-            aux.append(torch.cat([out.hidden_states[layer + 1][0] for layer in aux_layers], dim=-1))
-            # The last entry is the final norm's output (transformers ties it to last_hidden_state).
-            final.append(out.hidden_states[-1][0])
-    return torch.cat(aux), torch.cat(final)
-
-
 def assert_matches(got, ref):
     scale = ref.abs().max().item()
     assert scale > 0.1  # the comparison is meaningful only on non-trivial activations
@@ -87,7 +74,7 @@ def test_packed_capture_equals_each_sample_alone(checkpoints, arch, attn):
     assert backend.aux_layers == [1, 2, 2]
     batch = random_batch(LENGTHS)
     got = backend.capture(batch)
-    ref_aux, ref_final = reference(checkpoints[arch], batch, backend.aux_layers)
+    ref_aux, ref_final = reference_capture(checkpoints[arch], batch, backend.aux_layers)
     assert got["aux_hidden"].shape == (sum(LENGTHS), 3 * 64)
     assert got["final_hidden"].shape == (sum(LENGTHS), 64)
     assert_matches(got["aux_hidden"], ref_aux)
@@ -97,7 +84,7 @@ def test_packed_capture_equals_each_sample_alone(checkpoints, arch, attn):
 def test_explicit_aux_layers_pick_those_layers(checkpoints):
     backend = load(checkpoints["qwen3"], aux=[0, 4, 3])
     batch = random_batch((12, 5))
-    ref_aux, _ = reference(checkpoints["qwen3"], batch, [0, 4, 3])
+    ref_aux, _ = reference_capture(checkpoints["qwen3"], batch, [0, 4, 3])
     assert_matches(backend.capture(batch)["aux_hidden"], ref_aux)
 
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tests.helpers import reference_capture
 from lib.config import EngineConfig, MoeImpl, TargetConfig
 from lib.data.batch import PackedBatch
 from lib.engine import make_backend
@@ -63,19 +64,6 @@ def random_batch(lengths, vocab, seed=0) -> PackedBatch:
     return PackedBatch.from_samples(samples, list(range(len(lengths))))
 
 
-def reference(path: str, batch: PackedBatch, aux_layers: list[int]):
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                 experts_implementation="eager").eval()
-    aux, final = [], []
-    cu = batch.cu_seqlens.tolist()
-    with torch.no_grad():
-        for i in range(len(cu) - 1):
-            out = model(batch.input_ids[None, cu[i]:cu[i + 1]], output_hidden_states=True)
-            aux.append(torch.cat([out.hidden_states[layer + 1][0] for layer in aux_layers], dim=-1))
-            final.append(out.hidden_states[-1][0])
-    return torch.cat(aux), torch.cat(final)
-
-
 def assert_close(got, ref, tol=1e-5):
     scale = ref.abs().max().item()
     assert scale > 0.1  # meaningful only on non-trivial activations
@@ -91,7 +79,8 @@ def test_packed_capture_equals_reference_forward(checkpoints, name, moe_impl):
     assert backend.moe_impl is MoeImpl(moe_impl)
     batch = random_batch(LENGTHS, backend.vocab_size, seed=1)
     got = backend.capture(batch)
-    ref_aux, ref_final = reference(checkpoints[name], batch, backend.aux_layers)
+    ref_aux, ref_final = reference_capture(checkpoints[name], batch, backend.aux_layers,
+                                           experts_implementation="eager")
     assert_close(got["aux_hidden"], ref_aux)
     assert_close(got["final_hidden"], ref_final)
 
@@ -104,7 +93,8 @@ def test_compiled_capture_equals_reference_forward(checkpoints):
     backend.load(TargetConfig(path=checkpoints["tiny_moe"]), EngineConfig(token_budget=128, compile=True), CPU, None)
     batch = random_batch(LENGTHS, backend.vocab_size, seed=1)
     got = backend.capture(batch)
-    ref_aux, ref_final = reference(checkpoints["tiny_moe"], batch, backend.aux_layers)
+    ref_aux, ref_final = reference_capture(checkpoints["tiny_moe"], batch, backend.aux_layers,
+                                           experts_implementation="eager")
     assert_close(got["aux_hidden"], ref_aux)
     assert_close(got["final_hidden"], ref_final)
 

@@ -21,6 +21,7 @@ import os
 
 import pytest
 
+from tests.helpers import masked_segments
 from lib.config import DataConfig
 from lib.data.datasets import load_dataset
 from lib.data.templates import Rewrite, TemplateProblem, get_template
@@ -115,17 +116,6 @@ def _load(tmp_path_factory, tok_dir: str, template: str, lines: list[str]):
     return {sid: ds[i] for i, sid in enumerate(ds.sample_ids)}, ds.report
 
 
-def _masked_segments(tokenizer, ids, mask) -> list[str]:
-    segments, current = [], []
-    for t, m in zip(ids + [None], mask + [False]):
-        if m:
-            current.append(t)
-        elif current:
-            segments.append(tokenizer.decode(current, clean_up_tokenization_spaces=False))
-            current = []
-    return segments
-
-
 def _real_ids(tokenizer, messages) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -138,7 +128,7 @@ def _check(tokenizer, samples, expected_ids, rendered_answer, end_of_turn):
         assert ids == expected_ids(messages), sid
         answers = [rendered_answer(m["content"], i == len(messages) - 1)
                    for i, m in enumerate(messages) if m["role"] == "assistant"]
-        assert _masked_segments(tokenizer, ids, mask) == [a + end_of_turn for a in answers], sid
+        assert masked_segments(tokenizer, ids, mask, clean_up_tokenization_spaces=False) == [a + end_of_turn for a in answers], sid
 
 
 # ---- Llama-3 (Meta's template trims every message) ----
@@ -166,9 +156,9 @@ def test_llama3_ids_equal_the_chat_template_and_masks_are_the_trimmed_answers(ll
 def test_llama3_minimal_case_trains_the_answer_not_the_user_turn(llama3, llama3_runs):
     _, tokenizer = llama3
     ids, mask = llama3_runs["auto"][0]["minimal"]
-    assert _masked_segments(tokenizer, ids, mask) == ["Hello!<|eot_id|>", "Fine.<|eot_id|>"]
+    assert masked_segments(tokenizer, ids, mask, clean_up_tokenization_spaces=False) == ["Hello!<|eot_id|>", "Fine.<|eot_id|>"]
     ids, mask = llama3_runs["auto"][0]["blank"]
-    assert _masked_segments(tokenizer, ids, mask) == ["<|eot_id|>", "4 is right.<|eot_id|>"]
+    assert masked_segments(tokenizer, ids, mask, clean_up_tokenization_spaces=False) == ["<|eot_id|>", "4 is right.<|eot_id|>"]
     # nothing of the user turns (nor the system or headers) is trained
     trained = tokenizer.decode([t for t, m in zip(ids, mask) if m], clean_up_tokenization_spaces=False)
     assert "Say it" not in trained and "2 + 2" not in trained
