@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -165,3 +166,28 @@ def test_a_hung_save_ends_within_its_bound_and_names_the_cause(tmp_path):
     assert elapsed < 3 + 20, f"{elapsed:.0f}s from the step to the exit"
     assert latest_checkpoint(run_dir) is None
     print(f"hung save: exit {proc.returncode} {elapsed:.1f}s after the step (bound 3 s)")
+
+
+POOL_AFTER_STOP_HANDLERS = """
+import signal
+from lib.data.datasets import tokenizer_pool
+from lib.launch.stopping import install_stop_handlers
+
+def disposition(_):
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+install_stop_handlers()
+for _ in range(10):  # the pool's exit terminates its workers with SIGTERM and joins them
+    with tokenizer_pool(2) as pool:
+        default = all(pool.map(disposition, range(64), chunksize=1))
+print("workers die of SIGTERM:", default)
+"""
+
+
+def test_tokenizer_pool_workers_die_of_sigterm_under_the_stop_handler():
+    """A rank notes SIGTERM instead of dying of it; its forked tokenizer workers must not inherit that,
+    or the pool's exit (terminate, then join) waits for them forever: CI once hung there 400 s."""
+    res = subprocess.run([sys.executable, "-c", POOL_AFTER_STOP_HANDLERS], cwd=REPO, env=cpu_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "workers die of SIGTERM: True" in res.stdout

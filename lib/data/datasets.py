@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -181,9 +182,22 @@ def _tokenize_all(records: list[Record], tokenizer_path: str, cfg: DataConfig, d
     workers = cfg.num_workers or min(8, os.cpu_count() or 1)
     if workers <= 1 or len(records) < 512:  # a pool's start-up costs more than it saves here
         return list(_progress(map(tokenize_record, records), len(records), desc))
-    # fork: workers inherit the loaded tokenizer and need no re-import of the caller's __main__
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with tokenizer_pool(workers) as pool:
         return list(_progress(pool.imap(tokenize_record, records, chunksize=256), len(records), desc))
+
+
+def _default_signals() -> None:
+    # A forked worker inherits the rank's stop handler, which only notes SIGTERM; the pool's exit
+    # terminates its workers with SIGTERM and then joins them, so they must die of it, or the rank
+    # hangs at the end of tokenisation. SIGINT is the parent's to handle.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def tokenizer_pool(workers: int):
+    """A process pool whose workers inherit the loaded tokenizer (fork: no re-import of the caller's
+    __main__) but not the rank's signal handlers."""
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
 
 
 # ---- dataset ----
