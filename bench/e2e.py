@@ -47,7 +47,7 @@ SUITES = {
     "curves": [("sequential", "sequential", "off", "qwen3_8b", ()), ("colocate+MPS", "colocate", "on", "qwen3_8b", ())],
     "cpu": [("sequential", "sequential", "off", "tiny", ()), ("colocate", "colocate", "off", "tiny", ())],
     # MoE shapes on one GPU (issue 17): 30B-A3B's 61 GB and gpt-oss-20b's 42 GB of bf16 weights need the
-    # larger engine share. gpt-oss needs YaRN rope in the draft first (it stops with an error naming it).
+    # larger engine share.
     "moe_one_gpu": [("sequential-30B-A3B", "sequential", "off", "qwen3_30b_a3b", BIG),
                     ("colocate+MPS-30B-A3B", "colocate", "on", "qwen3_30b_a3b", BIG),
                     ("colocate+MPS-gpt-oss-20b", "colocate", "on", "gpt_oss_20b", BIG)],

@@ -14,6 +14,12 @@ from lib.drafts.eagle3.vocab import build_vocab_map
 LENGTHS = (9, 13, 6)  # samples of one packed batch
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}
+# YaRN with a ramp inside the 8 rotary pairs of these drafts; explicit mscale keys as SpecForge needs them
+# (its YaRN class cannot default them), and gpt-oss's untruncated form (which SpecForge 0.2.0 ignores).
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 4.0,
+             "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+YARN_UNTRUNCATED_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                         "beta_fast": 4.0, "beta_slow": 1.0, "truncate": False}
 
 
 def drawn_draft(rope_scaling, target_hidden_size: int = 24, seed: int = 0) -> Eagle3Draft:

@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from lib.drafts.eagle3.attention import DraftKVCache
 from lib.drafts.eagle3.loss import ttt_forward
-from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig, apply_rope, rope_inverse_frequencies
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig, apply_rope
+from lib.drafts.eagle3.rope import rope_inverse_frequencies
 from lib.drafts.eagle3.target_head import TargetHead, load_target_embedding, load_target_lm_head
 from lib.drafts.eagle3.vocab import (VOCAB_MAP_FILENAME, build_vocab_map, check_vocab_map, ensure_vocab_map,
                               load_vocab_map, save_vocab_map)
@@ -19,6 +20,12 @@ pytestmark = pytest.mark.unit
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+# gpt-oss's released rope (untruncated YaRN); a Qwen-style YaRN extension; DeepSeek-style magnitude keys.
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                "beta_slow": 1.0, "truncate": False}
+QWEN_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+MSCALE_YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+               "mscale_all_dim": 1.0}
 
 
 def tiny_qwen3(**kw) -> Qwen3Config:
@@ -58,7 +65,9 @@ def test_from_target_llama_without_head_dim_and_with_llama3_rope():
     ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads=3"),
     ({"hidden_size": 16}, "hidden_size"),
     ({"dropout": 0.1}, "dropout"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "original_max_position_embeddings"),
+    ({"rope_scaling": {**QWEN_YARN, "attention_factor": 1.2}}, "attention_factor"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "longrope"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_config_errors_name_the_key(overrides, error):
@@ -74,14 +83,16 @@ def test_config_rejects_a_draft_vocab_larger_than_the_target():
         Eagle3DraftConfig.from_dict({**fields, "aux_layer_ids": []})
 
 
-@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE])
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE, GPT_OSS_YARN, QWEN_YARN, MSCALE_YARN])
 def test_rotary_embedding_matches_transformers_llama(rope):
     hf = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
                      vocab_size=50, max_position_embeddings=512,
                      rope_parameters={**(rope or {"rope_type": "default"}), "rope_theta": 5e5})
     draft = Eagle3Draft(Eagle3DraftConfig.from_target(hf, 20, [0, 1, 2]))
     hf_rope = LlamaRotaryEmbedding(hf)
-    torch.testing.assert_close(rope_inverse_frequencies(draft.config).float(), hf_rope.inv_freq, rtol=1e-6, atol=0)
+    c = draft.config
+    inv_freq = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).float()
+    torch.testing.assert_close(inv_freq, hf_rope.inv_freq, rtol=1e-6, atol=0)
     positions = torch.tensor([[0, 1, 7, 63, 64, 200, 511]])
     x = torch.randn(1, 4, 7, 16)
     cos_ref, sin_ref = hf_rope(x, positions)
@@ -91,6 +102,25 @@ def test_rotary_embedding_matches_transformers_llama(rope):
     torch.testing.assert_close(sin, sin_ref, rtol=0, atol=1e-4)
     q_ref, _ = apply_rotary_pos_emb(x, x, cos_ref, sin_ref)
     torch.testing.assert_close(apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2), q_ref, rtol=0, atol=1e-3)
+
+
+def test_draft_of_a_gpt_oss_target_rotates_as_the_target_does():
+    """gpt-oss ships untruncated YaRN (factor 32); the draft derived from its config must rotate with the
+    same frequencies and the same cos/sin magnitude as the target's own rotary class."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    target = GptOssConfig(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, num_hidden_layers=2, vocab_size=50, num_local_experts=2, max_position_embeddings=2048)
+    assert target.rope_parameters["rope_type"] == "yarn" and target.rope_parameters.get("truncate") is False
+    draft = Eagle3Draft(Eagle3DraftConfig.from_target(target, 20, [0, 1, 1]))
+    positions = torch.tensor([[0, 3, 100, 1000, 2047]])
+    cos_ref, sin_ref = GptOssRotaryEmbedding(target)(torch.randn(1, 5, 16), positions)
+    cos, sin = draft.rope(positions, torch.float32)
+    assert cos_ref.abs().max() > 1.2  # YaRN's magnitude is in play (1 + 0.1 ln 32)
+    half = cos.shape[-1] // 2  # gpt-oss keeps one copy of the per-pair angles; the rotate-half layout two
+    torch.testing.assert_close(cos[..., :half], cos_ref, rtol=0, atol=2e-4)
+    torch.testing.assert_close(sin[..., half:], sin_ref, rtol=0, atol=2e-4)
 
 
 def test_incremental_inference_with_cache_and_rollback_matches_one_prefill():

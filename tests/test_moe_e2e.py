@@ -1,12 +1,14 @@
 """MoE targets end to end on CPU: real torchrun runs of train.py with the tiny MoE targets of conf/target.
 
 Colocated and sequential runs of the tiny Qwen3-MoE target train the same draft; engine.tp=2 trains
-like engine.tp=1 (the engines shard every expert); the tiny gpt-oss target (sinks, sliding windows)
-trains colocated once its YaRN rope is swapped for the default one: the EAGLE-3 draft has no YaRN yet.
+like engine.tp=1 (the engines shard every expert); the tiny gpt-oss target (sinks, sliding windows,
+untruncated YaRN rope) trains colocated and exports a draft whose config carries that rope.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 
@@ -44,6 +46,10 @@ def test_tiny_moe_engine_tp2_trains_like_tp1(tmp_path):
 
 
 def test_tiny_gpt_oss_trains_colocated(tmp_path):
-    rows = train(tmp_path, "gpt_oss", 2, "target=tiny_gpt_oss", "placement=colocate", "train.max_steps=3",
-                 "+target.hf_config.rope_parameters={rope_type:default,rope_theta:150000.0}")
+    rows = train(tmp_path, "gpt_oss", 2, "target=tiny_gpt_oss", "placement=colocate", "train.max_steps=3")
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    with open(os.path.join(tmp_path, "gpt_oss", "draft", "config.json")) as f:
+        rope = json.load(f)["rope_scaling"]
+    # gpt-oss's own rope, as transformers' GptOssConfig defines it: servers build the draft's rotary from this.
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 32.0 and rope["truncate"] is False
+    assert rope["original_max_position_embeddings"] == 4096

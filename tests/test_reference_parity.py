@@ -34,15 +34,17 @@ import torch
 
 from lib.drafts.eagle3.attention import TTTAttention
 from lib.drafts.eagle3.export import export_draft
-from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig, rope_inverse_frequencies
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.rope import rope_inverse_frequencies
 from lib.drafts.eagle3.speculators_format import export_speculators
-from tests.eagle3_draws import LENGTHS, LLAMA3_ROPE, drawn_draft, packed_inputs
+from tests.eagle3_draws import LENGTHS, LLAMA3_ROPE, YARN_ROPE, YARN_UNTRUNCATED_ROPE, drawn_draft, packed_inputs
 
 pytestmark = pytest.mark.unit
 
 TTT_LENGTH = 4
 RTOL, ATOL = 1e-5, 1e-4
-ROPES = [pytest.param(None, id="rope-default"), pytest.param(LLAMA3_ROPE, id="rope-llama3")]
+ROPES = [pytest.param(None, id="rope-default"), pytest.param(LLAMA3_ROPE, id="rope-llama3"),
+         pytest.param(YARN_ROPE, id="rope-yarn")]
 VERIFIER_LAYERS = 6
 
 
@@ -60,6 +62,11 @@ def our_logits(draft: Eagle3Draft, ids, aux, positions, cu) -> list[torch.Tensor
                              head_dim=draft.config.head_dim)
     with torch.no_grad():
         return draft(ids, aux, positions, attention, compared_rows(cu))
+
+
+def inverse_frequencies(draft: Eagle3Draft) -> torch.Tensor:
+    c = draft.config
+    return rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).float()
 
 
 def max_diffs(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> list[float]:
@@ -121,7 +128,7 @@ def test_specforge_matches_our_unroll(specforge_eagle3, rope_scaling, tmp_path):
     export_draft(draft.state_dict(), draft.config, str(tmp_path / "draft"), dtype=torch.float32)
     model = load_specforge(str(tmp_path / "draft"))
     # The rotary frequencies it read from our config.json are ours (llama3 scaling included).
-    assert torch.allclose(model.midlayer.self_attn.rotary_emb.inv_freq, rope_inverse_frequencies(draft.config).float())
+    assert torch.allclose(model.midlayer.self_attn.rotary_emb.inv_freq, inverse_frequencies(draft))
     inputs = packed_inputs(draft.config)
     # SpecForge compiles its rotary and norm functions; eager gives the same numbers without a compiler.
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
@@ -175,7 +182,7 @@ def speculators_logits(model, ids, aux, positions, cu) -> list[torch.Tensor]:
     return [logits[rows] for logits, rows in zip(captured, compared_rows(cu))]
 
 
-@pytest.mark.parametrize("rope_scaling", ROPES)
+@pytest.mark.parametrize("rope_scaling", [*ROPES, pytest.param(YARN_UNTRUNCATED_ROPE, id="rope-yarn-untruncated")])
 def test_speculators_matches_our_unroll(speculators_eagle3, rope_scaling, tmp_path):
     draft = drawn_draft(rope_scaling, target_hidden_size=32)
     verifier = tiny_verifier(tmp_path / "target", draft.config)
@@ -187,7 +194,7 @@ def test_speculators_matches_our_unroll(speculators_eagle3, rope_scaling, tmp_pa
     assert model.config.norm_before_residual is False
     assert model.config.speculators_config.verifier.name_or_path == verifier
     assert torch.equal(model.d2t, draft.d2t) and torch.equal(model.t2d, draft.t2d)
-    assert torch.allclose(model.rotary_emb.inv_freq, rope_inverse_frequencies(draft.config).float())
+    assert torch.allclose(model.rotary_emb.inv_freq, inverse_frequencies(draft))
     inputs = packed_inputs(draft.config)
     assert_same_logits(our_logits(draft, *inputs), speculators_logits(model, *inputs), "speculators")
 

@@ -17,7 +17,7 @@ import torch
 from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention
 from lib.drafts.eagle3.model import Eagle3Draft
 from lib.drafts.eagle3.drafter import HoleKVCache, draft_step
-from tests.eagle3_draws import LLAMA3_ROPE, drawn_draft, packed_inputs
+from tests.eagle3_draws import LLAMA3_ROPE, YARN_UNTRUNCATED_ROPE, drawn_draft, packed_inputs
 
 pytestmark = pytest.mark.unit
 
@@ -64,7 +64,8 @@ def chain_logits_forward_infer(draft: Eagle3Draft, ids, aux, start: int, t: int,
     return out
 
 
-@pytest.mark.parametrize("rope_scaling", [None, LLAMA3_ROPE], ids=["default_rope", "llama3_rope"])
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3_ROPE, YARN_UNTRUNCATED_ROPE],
+                         ids=["default_rope", "llama3_rope", "yarn_rope"])
 @pytest.mark.parametrize("chain", [chain_logits_draft_step, chain_logits_forward_infer],
                          ids=["eval_drafter", "forward_infer"])
 def test_training_unroll_equals_the_served_chain_at_every_depth(rope_scaling, chain):

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig, rope_from_hf_config
+from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
+from lib.drafts.eagle3.rope import rope_from_hf_config
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_FILE = "config.json"

@@ -7,7 +7,6 @@ pieces it composes (projection, embedding, one decoder layer split around its at
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
@@ -17,8 +16,8 @@ from torch import nn
 from lib.drafts.base import dataclass_from_keys
 from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention, cached_causal_attention
 from lib.drafts.eagle3.fused import ops
+from lib.drafts.eagle3.rope import normalise_rope_scaling, rope_cos_sin, rope_from_hf_config, rope_inverse_frequencies, rope_magnitude  # noqa: E501
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
 # Draft fields that must match the target (the embedding is copied from it, fc reads its states).
 TARGET_BOUND_FIELDS = ("hidden_size", "vocab_size", "target_hidden_size", "draft_vocab_size", "aux_layer_ids")
 
@@ -37,7 +36,7 @@ class Eagle3DraftConfig:
     draft_vocab_size: int  # rows of lm_head
     target_hidden_size: int
     aux_layer_ids: list[int]  # target decoder layers whose outputs feed fc (0-based, "output of layer i")
-    rope_scaling: Optional[dict[str, Any]] = None  # None, or {"rope_type": "llama3", ...}
+    rope_scaling: Optional[dict[str, Any]] = None  # None, or {"rope_type": "llama3" | "yarn", ...} (rope.py)
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
@@ -63,7 +62,7 @@ class Eagle3DraftConfig:
         self.aux_layer_ids = ids
         if self.hidden_act != "silu":
             raise ValueError(f"Eagle3DraftConfig.hidden_act={self.hidden_act!r}: only 'silu' is implemented")
-        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        self.rope_scaling = normalise_rope_scaling(self.rope_scaling)
 
     @property
     def num_aux(self) -> int:
@@ -122,63 +121,6 @@ class Eagle3DraftConfig:
             values["num_key_value_heads"] = min(values["num_key_value_heads"], heads)
         values.update(overrides)
         return cls(**values)
-
-
-def rope_from_hf_config(hf_config: Any) -> tuple[float, Optional[dict[str, Any]]]:
-    """(rope_theta, rope_scaling) from either transformers 5 `rope_parameters` or the legacy keys."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and params:
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    else:
-        scaling = getattr(hf_config, "rope_scaling", None)
-        theta = getattr(hf_config, "rope_theta", None)
-    if theta is None:
-        raise ValueError("target config has no rope_theta (neither in rope_parameters nor at top level): "
-                         "pass draft override rope_theta")
-    return float(theta), _normalise_rope_scaling(scaling)
-
-
-def _normalise_rope_scaling(scaling: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    if not scaling:
-        return None
-    scaling = dict(scaling)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
-    scaling["rope_type"] = rope_type
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported by the draft (supported: "
-                         f"{list(SUPPORTED_ROPE_TYPES)}); override draft rope_scaling")
-    if rope_type == "default":
-        return None
-    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-               if k not in scaling]
-    if missing:
-        raise ValueError(f"rope_scaling (llama3) lacks {missing}: give all of factor, low_freq_factor, "
-                         f"high_freq_factor, original_max_position_embeddings")
-    return scaling
-
-
-def rope_inverse_frequencies(config: Eagle3DraftConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies [head_dim/2] (float64), with llama3 long-context scaling if set."""
-    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** exponent)
-    scaling = config.rope_scaling
-    if scaling is not None:  # llama3: slow down low frequencies, keep high ones, blend in between
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        context = float(scaling["original_max_position_embeddings"])
-        wavelength = 2 * math.pi / inv_freq
-        blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
-        inv_freq = blend * inv_freq + (1.0 - blend) * inv_freq / factor
-    return inv_freq
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [..., head_dim] of position * frequency, computed in fp32 (or wider for wider dtypes)."""
-    compute = torch.promote_types(dtype, torch.float32)
-    angles = position_ids.to(compute).unsqueeze(-1) * inv_freq.to(compute)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -264,7 +206,8 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
         # A plain attribute, not a buffer: module.to(bfloat16) must not round the rotary frequencies.
-        self._rope_inv_freq = rope_inverse_frequencies(config)
+        self._rope_inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._rope_magnitude = rope_magnitude(config.rope_scaling)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -301,7 +244,7 @@ class Eagle3Draft(nn.Module):
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         if self._rope_inv_freq.device != position_ids.device:
             self._rope_inv_freq = self._rope_inv_freq.to(position_ids.device)
-        return rope_cos_sin(self._rope_inv_freq, position_ids, dtype)
+        return rope_cos_sin(self._rope_inv_freq, position_ids, dtype, self._rope_magnitude)
 
     def project_hidden(self, aux_hidden: torch.Tensor) -> torch.Tensor:
         if aux_hidden.shape[-1] != self.config.fc_in_features:
