@@ -181,13 +181,28 @@ for _ in range(10):  # the pool's exit terminates its workers with SIGTERM and j
     with tokenizer_pool(2) as pool:
         default = all(pool.map(disposition, range(64), chunksize=1))
 print("workers die of SIGTERM:", default)
+
+def dies_at_five(i):
+    if i == 5:  # as the OOM killer would
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+import os
+from concurrent.futures.process import BrokenProcessPool
+try:
+    with tokenizer_pool(2) as pool:
+        list(pool.map(dies_at_five, range(64)))
+except BrokenProcessPool:
+    print("a killed worker breaks the pool")
 """
 
 
 def test_tokenizer_pool_workers_die_of_sigterm_under_the_stop_handler():
-    """A rank notes SIGTERM instead of dying of it; its forked tokenizer workers must not inherit that,
-    or the pool's exit (terminate, then join) waits for them forever: CI once hung there 400 s."""
+    """A rank notes SIGTERM instead of dying of it; its forked tokenizer workers must not inherit that, or
+    a pool that terminates its workers and joins them waits forever (CI once hung 400 s in
+    multiprocessing.Pool's exit). A worker killed mid-run breaks the pool with an error, no hang."""
     res = subprocess.run([sys.executable, "-c", POOL_AFTER_STOP_HANDLERS], cwd=REPO, env=cpu_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "workers die of SIGTERM: True" in res.stdout
+    assert "a killed worker breaks the pool" in res.stdout

@@ -19,6 +19,8 @@ import logging
 import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -182,22 +184,27 @@ def _tokenize_all(records: list[Record], tokenizer_path: str, cfg: DataConfig, d
     workers = cfg.num_workers or min(8, os.cpu_count() or 1)
     if workers <= 1 or len(records) < 512:  # a pool's start-up costs more than it saves here
         return list(_progress(map(tokenize_record, records), len(records), desc))
-    with tokenizer_pool(workers) as pool:
-        return list(_progress(pool.imap(tokenize_record, records, chunksize=256), len(records), desc))
+    try:
+        with tokenizer_pool(workers) as pool:
+            return list(_progress(pool.map(tokenize_record, records, chunksize=256), len(records), desc))
+    except BrokenProcessPool as exc:
+        raise DataError(f"a tokenizer worker died while {desc} ({exc}); out of memory or killed? Nothing was "
+                        f"cached; rerun with fewer workers (data.num_workers, now {workers})") from exc
 
 
 def _default_signals() -> None:
-    # A forked worker inherits the rank's stop handler, which only notes SIGTERM; the pool's exit
-    # terminates its workers with SIGTERM and then joins them, so they must die of it, or the rank
-    # hangs at the end of tokenisation. SIGINT is the parent's to handle.
+    # A forked worker inherits the rank's stop handler, which only notes SIGTERM; when the pool breaks
+    # it terminates the surviving workers with SIGTERM and joins them, so they must die of it.
+    # SIGINT is the parent's to handle.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def tokenizer_pool(workers: int):
-    """A process pool whose workers inherit the loaded tokenizer (fork: no re-import of the caller's
-    __main__) but not the rank's signal handlers."""
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
+def tokenizer_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes that inherit the loaded tokenizer (fork: no re-import of the caller's __main__)
+    but not the rank's signal handlers. An executor, not multiprocessing.Pool: a worker that dies (the
+    OOM killer) breaks it with an error, where Pool waits forever for the lost chunk."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_default_signals)
 
 
 # ---- dataset ----
