@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +35,21 @@ def torchrun(nproc: int, overrides: list[str], timeout: float = 300, nnodes: int
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return run_process_group(cmd, timeout)
+
+
+def run_process_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own; on timeout the whole group is killed, so no rank outlives
+    its test (an orphaned rank would keep two CI cores busy under every later test)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def launch(overrides: list[str], env_extra: dict[str, str] | None = None):
