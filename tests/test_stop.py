@@ -168,27 +168,28 @@ def test_a_hung_save_ends_within_its_bound_and_names_the_cause(tmp_path):
     print(f"hung save: exit {proc.returncode} {elapsed:.1f}s after the step (bound 3 s)")
 
 
-POOL_AFTER_STOP_HANDLERS = """
-import signal
+FORKED_CHILDREN_OF_A_RANK = """
+import os, signal, time
+from concurrent.futures.process import BrokenProcessPool
 from lib.data.datasets import tokenizer_pool
-from lib.launch.stopping import install_stop_handlers
-
-def disposition(_):
-    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+from lib.launch.stopping import install_stop_handlers, stop_requested
 
 install_stop_handlers()
-for _ in range(10):  # the pool's exit terminates its workers with SIGTERM and joins them
-    with tokenizer_pool(2) as pool:
-        default = all(pool.map(disposition, range(64), chunksize=1))
-print("workers die of SIGTERM:", default)
+child = os.fork()
+if child == 0:  # a forked worker that has not yet run any initializer
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+print("child killed by", signal.Signals(os.WTERMSIG(status)).name if os.WIFSIGNALED(status) else "nothing")
+os.kill(os.getpid(), signal.SIGTERM)
+print("rank noted", stop_requested())
 
 def dies_at_five(i):
     if i == 5:  # as the OOM killer would
         os.kill(os.getpid(), signal.SIGKILL)
     return i
 
-import os
-from concurrent.futures.process import BrokenProcessPool
 try:
     with tokenizer_pool(2) as pool:
         list(pool.map(dies_at_five, range(64)))
@@ -197,12 +198,13 @@ except BrokenProcessPool:
 """
 
 
-def test_tokenizer_pool_workers_die_of_sigterm_under_the_stop_handler():
-    """A rank notes SIGTERM instead of dying of it; its forked tokenizer workers must not inherit that, or
-    a pool that terminates its workers and joins them waits forever (CI once hung 400 s in
+def test_forked_children_of_a_rank_die_of_sigterm_and_a_killed_tokenizer_worker_is_an_error():
+    """A rank notes SIGTERM instead of dying of it; a child it forks (tokenizer workers) must still die of
+    it, or a parent that terminates its workers and joins them waits forever (CI once hung 400 s in
     multiprocessing.Pool's exit). A worker killed mid-run breaks the pool with an error, no hang."""
-    res = subprocess.run([sys.executable, "-c", POOL_AFTER_STOP_HANDLERS], cwd=REPO, env=cpu_env(),
+    res = subprocess.run([sys.executable, "-c", FORKED_CHILDREN_OF_A_RANK], cwd=REPO, env=cpu_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "workers die of SIGTERM: True" in res.stdout
+    assert "child killed by SIGTERM" in res.stdout
+    assert "rank noted SIGTERM" in res.stdout
     assert "a killed worker breaks the pool" in res.stdout

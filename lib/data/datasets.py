@@ -192,19 +192,18 @@ def _tokenize_all(records: list[Record], tokenizer_path: str, cfg: DataConfig, d
                         f"cached; rerun with fewer workers (data.num_workers, now {workers})") from exc
 
 
-def _default_signals() -> None:
-    # A forked worker inherits the rank's stop handler, which only notes SIGTERM; when the pool breaks
-    # it terminates the surviving workers with SIGTERM and joins them, so they must die of it.
-    # SIGINT is the parent's to handle.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _parent_handles_sigint() -> None:
+    # Ctrl-C reaches the whole process group; the rank notes it and stops, the workers finish their chunk.
+    # (SIGTERM kills a worker even under the rank's inherited stop handler: lib/launch/stopping.py.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def tokenizer_pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes that inherit the loaded tokenizer (fork: no re-import of the caller's __main__)
-    but not the rank's signal handlers. An executor, not multiprocessing.Pool: a worker that dies (the
-    OOM killer) breaks it with an error, where Pool waits forever for the lost chunk."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_default_signals)
+    """Worker processes that inherit the loaded tokenizer (fork: no re-import of the caller's __main__).
+    An executor, not multiprocessing.Pool: a worker that dies (the OOM killer) breaks it with an error,
+    where Pool waits forever for the lost chunk, and its exit does not terminate workers with SIGTERM."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_parent_handles_sigint)
 
 
 # ---- dataset ----

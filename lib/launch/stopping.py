@@ -30,7 +30,16 @@ STOP_RECORD = "stopped.json"  # written by the trainer leader into run.dir; read
 _request: dict[str, float | str] = {}
 
 
+_owner_pid: list[int] = []  # the rank that installed the handlers
+
+
 def _note(signum: int, _frame) -> None:
+    if _owner_pid and os.getpid() != _owner_pid[0]:
+        # A forked child (a tokenizer worker) inherits this handler, but its parent may terminate it
+        # with SIGTERM and wait for it to exit: it must die of the signal, not note it.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     # Only record: the loop acts at the next step boundary. A second signal (Slurm signals every process,
     # and launch.sh forwards its own) changes nothing; the save's own deadline bounds the stop.
     if not _request:
@@ -39,6 +48,7 @@ def _note(signum: int, _frame) -> None:
 
 def install_stop_handlers() -> None:
     """SIGTERM and SIGINT request a stop at the next step boundary instead of killing the process."""
+    _owner_pid[:] = [os.getpid()]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _note)
 
