@@ -251,3 +251,79 @@ def test_draft_dflash_evaluates_whole_blocks_by_default_and_refuses_longer_draft
     bad = compose(["draft=dflash", "draft.options.block_size=8"])
     with pytest.raises(ConfigError, match=r"eval.draft_tokens=\[15\].*block_size=8.*<= 7"):
         get_strategy("dflash").capture_plan(AutoConfig.from_pretrained(TINY_TARGET_DIR), bad)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_elementwise_ops_give_the_eager_loss_metrics_and_gradients(device, monkeypatch):
+    """train.compile=true fuses the norms (q/k norm with rotary), SiLU-multiply and the per-chunk
+    cross-entropy; the step must not change. Two batches of different sizes (the compiled functions
+    take dynamic shapes), the larger one over the checkpointed cross-entropy chunks."""
+    from lib.drafts.dflash import fused, trainer
+
+    monkeypatch.setattr(trainer, "CE_CHUNK_ROWS", 16)
+    c = tiny_config(hidden_size=24, intermediate_size=40, target_hidden_size=24, head_dim=6, vocab_size=70)
+    draft = tiny_draft(c, seed=2)
+    with torch.no_grad():
+        for p in draft.parameters():  # norms away from 1 so their weights matter
+            p.add_(torch.randn(p.shape) * 0.1)
+    draft = draft.to(device)
+    draft.set_target_weights(draft.embed_tokens, draft.lm_head)
+    opts = DFlashOptions(block_size=4, loss_gamma=2.0)
+    batches = []
+    for lengths, seed in (((19, 14), 0), ((9,), 1)):
+        ids, loss_mask, positions, cu = (t.to(device) for t in packed(lengths, vocab=c.vocab_size, seed=seed))
+        anchors = sample_anchors(loss_mask, cu, 4, None, torch.Generator().manual_seed(seed))
+        b = build_blocks(ids, loss_mask, positions, cu, anchors, 4, MASK)
+        aux = torch.randn(ids.shape[0], c.fc_in_features, generator=torch.Generator().manual_seed(seed))
+        batches.append(({"aux_hidden": aux.to(device), "position_ids": positions}, b))
+    assert int(batches[0][1].valid().sum()) > 16 > int(batches[1][1].valid().sum())
+    params = [p for p in draft.parameters() if p.requires_grad]
+    decay = opts.decay(device)
+
+    def run():
+        out = []
+        for batch, blocks in batches:
+            loss, sums = block_loss(draft, batch, blocks, decay, torch.tensor(7.0, device=device), use_flex=False)
+            out.append((loss.detach(), sums, torch.autograd.grad(loss, params)))
+        return out
+
+    eager = run()
+    fused.use_compiled(True)
+    try:
+        assert fused.compiled()
+        compiled = run()
+    finally:
+        fused.use_compiled(False)
+    assert not fused.compiled()
+    for (l_e, s_e, g_e), (l_c, s_c, g_c) in zip(eager, compiled):
+        torch.testing.assert_close(l_c, l_e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s_c, s_e, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_c, g_e):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 sums in another order
+    again = run()  # eager once more: the switch is off, the numbers are eager's to the bit
+    for (l_e, s_e, g_e), (l_a, s_a, g_a) in zip(eager, again):
+        assert torch.equal(l_a, l_e) and torch.equal(s_a, s_e) and all(map(torch.equal, g_a, g_e))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_trainer_bundle_follows_train_compile(enabled, monkeypatch):
+    """build_bundle sets the switch from the resolved train.compile, as EAGLE-3's does (no graph is
+    compiled here: the compiled functions are made lazily, on first call)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import lib.launch.sharding
+    from lib.config import TrainConfig
+    from lib.drafts.dflash import fused
+
+    monkeypatch.setattr(lib.launch.sharding, "shard", lambda module, group, device: module)
+    cfg = Config(target=TargetConfig(path=TINY_TARGET_DIR), draft=DraftConfig(name="dflash", options={"num_layers": 1}),
+                 train=replace(TrainConfig(), compile=enabled))
+    ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), groups=SimpleNamespace(trainer=None),
+                          is_trainer_leader=False)
+    fused.use_compiled(not enabled)
+    try:
+        bundle = get_strategy("dflash").build(ctx)
+        assert fused.compiled() is enabled and isinstance(bundle.model.draft, DFlashDraft)
+    finally:
+        fused.use_compiled(False)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.drafts.base import dataclass_from_keys
+from lib.drafts.dflash.fused import ops
 
 # attention(q, k, v) -> out with q [1, Hq, Q, D], k/v [1, Hkv, K, D]; the mask is bound inside.
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,8 +83,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -91,13 +91,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     angles = positions.float()[..., None] * inv
     emb = torch.cat([angles, angles], -1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., S, H, D]; cos/sin [..., S, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
 class DFlashAttention(nn.Module):
@@ -108,19 +101,21 @@ class DFlashAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * c.head_dim, c.hidden_size, bias=False)
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)  # Qwen3: per-head norms before rotary
+        # Qwen3: per-head norms before rotary, applied with it in one op (ops.norm_rope) so that
+        # train.compile fuses the pair; the modules hold the weights under the loaders' names.
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, H] -> rotated keys and values [B, S, Hkv, D] (context and block share the projections)."""
         shape = (*x.shape[:-1], self.kv_heads, self.head_dim)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
+        k = ops.norm_rope(self.k_proj(x).view(shape), self.k_norm.weight, self.k_norm.eps, cos, sin)
         return k, self.v_proj(x).view(shape)
 
     def forward(self, x: torch.Tensor, ctx_kv: tuple[torch.Tensor, torch.Tensor], cos: torch.Tensor,
                 sin: torch.Tensor, attn: AttnFn) -> torch.Tensor:
         q = self.q_proj(x).view(*x.shape[:-1], self.heads, self.head_dim)
-        q = apply_rope(self.q_norm(q), cos, sin)
+        q = ops.norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin)
         k, v = self.keys_values(x, cos, sin)
         k, v = torch.cat([ctx_kv[0], k], 1), torch.cat([ctx_kv[1], v], 1)
         out = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -148,7 +143,7 @@ class DFlashLayer(nn.Module):
         the context alone, never on the block)."""
         x = x + self.self_attn(self.input_layernorm(x), ctx_kv, cos, sin, attn)
         h = self.post_attention_layernorm(x)
-        return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+        return x + self.mlp.down_proj(ops.silu_mul(self.mlp.gate_proj(h), self.mlp.up_proj(h)))
 
 
 class DFlashDraft(nn.Module):

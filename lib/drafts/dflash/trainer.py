@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lib.drafts.base import DraftBundle, dataclass_from_keys
+from lib.drafts.dflash.fused import ops, use_compiled
 from lib.drafts.dflash.mask import Blocks, dense_attention, flex_attention_fn
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
 
@@ -71,8 +71,7 @@ def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list
 
 
 def _ce_rows(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor):
-    logits = draft.logits(hidden).float()
-    return F.cross_entropy(logits, labels, reduction="none"), (logits.argmax(-1) == labels).float()
+    return ops.ce_rows(draft.logits(hidden), labels)
 
 
 def chunked_ce(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +79,9 @@ def chunked_ce(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor) -
     recomputed in backward instead of kept (8k rows x 152k vocab would hold ~5 GB in fp32)."""
     if hidden.shape[0] <= CE_CHUNK_ROWS or not torch.is_grad_enabled():
         return _ce_rows(draft, hidden, labels)
-    parts = [checkpoint(_ce_rows, draft, h, y, use_reentrant=False)
+    # Label chunks copied out of their views: the compiled ce_rows guards on whether an input is a
+    # view, and would otherwise compile a second graph for the chunked and the whole case.
+    parts = [checkpoint(_ce_rows, draft, h, y.clone(), use_reentrant=False)
              for h, y in zip(hidden.split(CE_CHUNK_ROWS), labels.split(CE_CHUNK_ROWS))]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -160,6 +161,7 @@ def build_bundle(ctx, options: DFlashOptions, layers: list[int]) -> DFlashBundle
     cfg, device = ctx.cfg, ctx.device
     hf = load_hf_config(cfg.target)
     draft_cfg = draft_config_for(hf, cfg, options, layers)
+    use_compiled(cfg.train.compile)  # resolved by lib.config.resolve: on for CUDA unless set
     torch.manual_seed(cfg.train.seed)
     draft = DFlashDraft(draft_cfg)
     if cfg.draft.init_from is not None:
