@@ -2,6 +2,7 @@
 # One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
+#     family dflash_trainer dflash_e2e moe_engine moe_e2e regen
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -39,5 +40,19 @@ for p in "$@"; do case $p in
     done ;;
   soak) part soak 590 python3 bench/e2e.py --suite soak --out-dir "$WORK/soak" --steps 1000 --skip 20 ;;
   curves) part curves 590 python3 bench/e2e.py --suite curves --out-dir "$WORK/curves" --steps 200 --skip 20 ;;
+  # DFlash (issue 16): the same-wall-clock quality A/B on the tiny target, the 8B-shape trainer step,
+  # colocate+MPS vs sequential with draft=dflash.
+  family) part family 590 python3 bench/family_ab.py --out-dir "$WORK/family" --eagle-steps "${FAMILY_STEPS:-1500}" \
+      --limit-s 280 ;;
+  dflash_trainer) part dflash_trainer 240 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" ;;
+  dflash_e2e) part dflash_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/dflash_e2e" \
+      --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft=dflash ;;
+  # MoE (issue 17): capture of the 30B-A3B shape (grouped experts vs transformers'), end to end on one GPU.
+  moe_engine) part moe_engine 300 python3 bench/engine.py --out "$WORK/moe_engine.json" --shape qwen3-30b-a3b \
+      --moe-impl grouped,hf ;;
+  moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
+      --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;
+  # Regeneration throughput of the built-in path (issue 19), Qwen3-8B shape with Qwen3's tokenizer.
+  regen) part regen 400 python3 bench/regen.py --shape qwen3_8b --out "$WORK/regen.json" ;;
   *) echo "unknown part $p" ;;
 esac; done

@@ -1,0 +1,94 @@
+"""DFlash against EAGLE-3 on the same target for the same training wall-clock (issue 16's quality figure).
+
+1. EAGLE-3 trains --eagle-steps steps through launch.sh; its training time is the sum of its steps'
+   step_time_s (each step's wall time on the trainer, handoff wait included; start-up left out).
+2. DFlash trains a short calibration run, then as many steps as fit in that same time at its median
+   step time, with its own full LR schedule.
+3. eval.py scores both exports by greedy speculative decoding on the held-out prompts: EAGLE-3 at
+   k=3 and k=7, DFlash at its natural setting (a whole block, k = block_size - 1). tau is accepted
+   tokens + 1 per target forward, so it is also the tokens per target forward.
+
+    python bench/family_ab.py --out-dir /tmp/family_ab --eagle-steps 1500 [hydra overrides for both runs]
+
+Writes <out-dir>/family_ab.json and prints a table (docs/benchmarks.md, "DFlash vs EAGLE-3").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(run_dir: str, steps: int, overrides: list[str], limit_s: float) -> dict:
+    cmd = ["bash", os.path.join(REPO, "launch.sh"), f"run.dir={run_dir}", f"train.max_steps={steps}", "eval.every=0",
+           "run.overwrite=true", *overrides]
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit_s)
+    wall = time.time() - t0
+    with open(os.path.join(run_dir, "train.log"), "w") as f:
+        f.write(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"training failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "loss" in r]
+    step_times = [r["step_time_s"] for r in rows]
+    return {"steps": len(rows), "train_s": sum(step_times), "launch_wall_s": wall,
+            "median_step_s": statistics.median(step_times[len(step_times) // 4:] or step_times),
+            "last_loss": rows[-1]["loss"]}
+
+
+def evaluate(draft_dir: str, out: str, overrides: list[str], limit_s: float) -> list[dict]:
+    cmd = [sys.executable, os.path.join(REPO, "eval.py"), "--draft", draft_dir, "--out", out, "--no-progress",
+           *overrides]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit_s)
+    if done.returncode != 0:
+        raise SystemExit(f"evaluation failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    with open(out) as f:
+        return json.load(f)["results"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--eagle-steps", type=int, default=1500)
+    p.add_argument("--calibration-steps", type=int, default=40)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--limit-s", type=float, default=1200, help="time limit of each training or evaluation")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (target=..., data=...)")
+    args = p.parse_args()
+    out = os.path.abspath(args.out_dir)
+    os.makedirs(out, exist_ok=True)
+    dflash = ["draft=dflash", f"draft.options.block_size={args.block_size}"]
+
+    eagle = train(f"{out}/eagle3", args.eagle_steps, args.overrides, args.limit_s)
+    calibration = train(f"{out}/dflash_calibration", args.calibration_steps, [*dflash, *args.overrides], args.limit_s)
+    dflash_steps = max(1, round(eagle["train_s"] / calibration["median_step_s"]))
+    flash = train(f"{out}/dflash", dflash_steps, [*dflash, *args.overrides], args.limit_s)
+
+    results = {
+        "eagle3": {**eagle, "eval": evaluate(f"{out}/eagle3/draft", f"{out}/eagle3_eval.json",
+                                             ["eval.draft_tokens=[3,7]", *args.overrides], args.limit_s)},
+        "dflash": {**flash, "eval": evaluate(f"{out}/dflash/draft", f"{out}/dflash_eval.json",
+                                             [*dflash, f"eval.draft_tokens=[{args.block_size - 1}]",
+                                              *args.overrides], args.limit_s)},
+        "overrides": args.overrides,
+    }
+    with open(f"{out}/family_ab.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print("| draft | steps | train s | last loss | k | tau (tokens per target forward) | matches greedy |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("eagle3", "dflash"):
+        r = results[name]
+        for e in r["eval"]:
+            print(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['last_loss']:.4f} | {e['k']} | {e['tau']:.3f} | "
+                  f"{e.get('matches_greedy')} |")
+
+
+if __name__ == "__main__":
+    main()

