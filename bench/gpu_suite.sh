@@ -35,6 +35,8 @@ for p in "$@"; do case $p in
   longctx) for L in ${LONGCTX_LENGTHS:-8192 16384 32768}; do
       part "trainer_$L" 240 python3 bench/trainer.py --out "$WORK/trainer_$L.json" --tokens "$L" --min-len "$L" \
         --max-len "$L" --steps 3 --warmup 1
+      part "trainer_recompute_$L" 240 python3 bench/trainer.py --out "$WORK/trainer_recompute_$L.json" --tokens "$L" \
+        --min-len "$L" --max-len "$L" --steps 3 --warmup 1 --recompute
       part "engine_$L" 240 python3 bench/engine.py --out "$WORK/engine_$L.json" --tokens "$L" --min-len "$L" \
         --max-len "$L" --steps 2 --warmup 1 --paths varlen
     done ;;

@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", required=True)
+    p.add_argument("--recompute", action="store_true",
+                   help="train.recompute: rerun each step's layer and logits in backward")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse the elementwise work (train.compile); default as in training: on for cuda")
     p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     t2d = torch.zeros(hf.vocab_size, dtype=torch.bool)
     t2d[:dv] = True
     draft.set_vocab_map(d2t.to(device), t2d.to(device))
-    module = TTTModule(draft, args.ttt)
+    module = TTTModule(draft, args.ttt, recompute=args.recompute)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     fully_shard(module, mesh=DeviceMesh.from_group(dist.group.WORLD, device_type=device.type), mp_policy=mp,
                 reshard_after_forward=False)
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
     step_s = statistics.median(times)
     tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "shape": args.shape, "compile": args.compile, "tokens": args.tokens, "ttt": args.ttt, "draft_vocab": dv,
+              "shape": args.shape, "compile": args.compile, "recompute": args.recompute, "tokens": args.tokens,
+              "ttt": args.ttt, "draft_vocab": dv,
               "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s, "tflops": tflops,
               "mfu": tflops / BF16_PEAK_TFLOPS,
               "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}

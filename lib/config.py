@@ -161,6 +161,9 @@ class TrainConfig:
     # None: fuse the draft step's elementwise work with torch.compile on GPU (32B shape: 488 -> 456 ms per
     # step on an H200), not on CPU where compiling costs more than it saves (lib/drafts/eagle3/fused.py)
     compile: Optional[bool] = None
+    # Recompute each unroll step's MLP, logits and cross-entropy in backward instead of keeping their
+    # activations (EAGLE-3): for long contexts, where those are most of the trainer's memory.
+    recompute: bool = False
 
 
 @dataclass

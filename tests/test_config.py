@@ -74,6 +74,7 @@ GPU_NODE = LaunchShape(world_size=8, nproc_per_node=8, nnodes=1, gpus_per_node=4
     (["train_frac=0.6", "infer_frac=0.4"], CPU2, "train_frac+infer_frac=1.0: must leave 0.10 headroom"),
     (["engine.attn_impl=varlen"], CPU2, "engine.attn_impl=varlen: needs a CUDA device and bf16/fp16 weights"),
     (["engine.attn_impl=varlen", "target.dtype=float32"], GPU_NODE, "engine.attn_impl=varlen: needs a CUDA"),
+    (["draft=dflash", "train.recompute=true"], CPU2, "train.recompute=true: only the EAGLE-3 unroll has it"),
 ])
 def test_invalid_configs_fail_with_the_key_and_a_fix(overrides, shape, needle):
     with pytest.raises(ConfigError) as err:

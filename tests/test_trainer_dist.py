@@ -41,7 +41,7 @@ def _batch(seed: int, nan: bool = False) -> dict:
     return batch
 
 
-def _bundle(group) -> Eagle3Bundle:
+def _bundle(group, recompute: bool = False) -> Eagle3Bundle:
     torch.manual_seed(0)
     cfg = Eagle3DraftConfig.from_target(_target_config(), DRAFT_VOCAB, [1, 2, 2], {})
     draft = Eagle3Draft(cfg)
@@ -49,14 +49,15 @@ def _bundle(group) -> Eagle3Bundle:
     t2d = torch.arange(VOCAB) < DRAFT_VOCAB
     draft.set_vocab_map(d2t, t2d)
     head = TargetHead(torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(1)), draft.d2t)
-    module = TTTModule(draft, TTT, head=head)
+    module = TTTModule(draft, TTT, head=head, recompute=recompute)
     return Eagle3Bundle(shard(module, group, torch.device("cpu")), draft_config=cfg, target_head=head, ttt_length=TTT)
 
 
-def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_rank: int, out: str) -> None:
+def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_rank: int, out: str,
+            recompute: bool) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     group = dist.group.WORLD
-    bundle = _bundle(group)
+    bundle = _bundle(group, recompute)
     mine = [_batch(s, nan=(rank == nan_rank)) for s in batch_seeds[rank]]
     # The loss step as the trainer loop runs it, through the strategy.
     strategy = get_strategy("eagle3")
@@ -76,17 +77,19 @@ def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_
     dist.destroy_process_group()
 
 
-def _run(tmp_path, world: int, batch_seeds, nan_rank: int = -1) -> list[dict]:
-    out = str(tmp_path / f"w{world}")
-    init = f"file://{tmp_path}/store-{world}-{nan_rank}"
-    mp.start_processes(_worker, args=(world, init, batch_seeds, nan_rank, out), nprocs=world, join=True,
+def _run(tmp_path, world: int, batch_seeds, nan_rank: int = -1, recompute: bool = False) -> list[dict]:
+    out = str(tmp_path / f"w{world}-{recompute}")
+    init = f"file://{tmp_path}/store-{world}-{nan_rank}-{recompute}"
+    mp.start_processes(_worker, args=(world, init, batch_seeds, nan_rank, out, recompute), nprocs=world, join=True,
                        start_method="spawn")
     return [torch.load(f"{out}-{r}.pt") for r in range(world)]
 
 
-def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "two_recompute"])
+def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path, recompute):
+    """Also with train.recompute on the two sharded trainers (FSDP2 regathers the weights for the rerun)."""
     one = _run(tmp_path, 1, [[10, 11]])[0]
-    two = _run(tmp_path, 2, [[10], [11]])
+    two = _run(tmp_path, 2, [[10], [11]], recompute=recompute)
     assert one["applied"] and all(r["applied"] for r in two)
     assert one["grads"].keys() == two[0]["grads"].keys() and one["grads"]
     for name, g in one["grads"].items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from lib.drafts.eagle3.attention import TTTAttention, document_ids
 from lib.drafts.eagle3.fused import ops
@@ -102,12 +103,15 @@ def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor, rows: torch.Te
 
 def ttt_forward(draft: Eagle3Draft, target_head: TargetHead, batch: Mapping[str, torch.Tensor], ttt_length: int,
                 denominators: Optional[torch.Tensor] = None, target: Optional[TargetDistribution] = None,
-                attention_backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                attention_backend: str = "auto", recompute: bool = False,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Unroll the draft ttt_length steps over one packed batch.
 
     batch: input_ids [T], loss_mask [T], position_ids [T], cu_seqlens [B+1], aux_hidden [T, n_aux*H],
     final_hidden [T, H]. denominators [ttt_length]: global valid-row counts (None: this batch's own).
     target: the batch's TargetDistribution if already computed (else computed here).
+    recompute (`train.recompute`): each step keeps only its decoder-layer inputs and its rows' hidden
+    states; the MLP, the logits and the cross-entropy run again in backward (long contexts).
     Returns (loss, metrics): metrics["sums"] = [ploss_sum_i.., correct_i.., count_i..] (float32,
     detached, ready to all-reduce) and metrics["loss"] (detached copy of the loss).
     """
@@ -134,15 +138,25 @@ def ttt_forward(draft: Eagle3Draft, target_head: TargetHead, batch: Mapping[str,
 
     attention = TTTAttention(batch["cu_seqlens"], tokens, draft.midlayer.self_attn.scale, attention_backend,
                              device=device, head_dim=draft.config.head_dim)
-    step_logits = draft(ids, batch["aux_hidden"].to(device), batch["position_ids"].to(device), attention, step_rows)
+    probs, target_ids = target.probs.to(device), target.draft_argmax.to(device)
+
+    def step_loss(i: int, rows_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft CE per row, correct top-1 count) of step i; under recompute its logits are not kept."""
+        labels = step_rows[i] + 1 + i
+
+        def ce_and_hits(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = draft.compute_logits(h)
+            return soft_cross_entropy(logits, probs, labels), (logits.detach().argmax(-1) == target_ids[labels]).sum()
+        return checkpoint(ce_and_hits, rows_hidden, use_reentrant=False) if recompute else ce_and_hits(rows_hidden)
+
+    per_step = draft(ids, batch["aux_hidden"].to(device), batch["position_ids"].to(device), attention, step_rows,
+                     head=step_loss, recompute=recompute)
     loss = torch.zeros((), dtype=loss_dtype, device=device)
     ploss_sums, corrects = [], []
-    probs, target_ids = target.probs.to(device), target.draft_argmax.to(device)
-    for i, (rows, logits) in enumerate(zip(step_rows, step_logits)):
-        ce = soft_cross_entropy(logits, probs, rows + 1 + i)
+    for i, (ce, hits) in enumerate(per_step):
         loss = loss + (STEP_DECAY ** i) * ce.sum().to(loss_dtype) / denominators[i]
         ploss_sums.append(ce.detach().sum().float())
-        corrects.append((logits.detach().argmax(-1) == target_ids[rows + 1 + i]).sum().float())
+        corrects.append(hits.float())
     sums = torch.cat([torch.stack(ploss_sums), torch.stack(corrects), counts.float()])
     return loss, {"loss": loss.detach(), "sums": sums}
 

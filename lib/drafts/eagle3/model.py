@@ -8,15 +8,17 @@ pieces it composes (projection, embedding, one decoder layer split around its at
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lib.drafts.base import dataclass_from_keys
 from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention, cached_causal_attention
 from lib.drafts.eagle3.fused import ops
-from lib.drafts.eagle3.rope import normalise_rope_scaling, rope_cos_sin, rope_from_hf_config, rope_inverse_frequencies, rope_magnitude  # noqa: E501
+from lib.drafts.eagle3.rope import (normalise_rope_scaling, rope_cos_sin, rope_from_hf_config,
+                                   rope_inverse_frequencies, rope_magnitude)
 
 # Draft fields that must match the target (the embedding is copied from it, fc reads its states).
 TARGET_BOUND_FIELDS = ("hidden_size", "vocab_size", "target_hidden_size", "draft_vocab_size", "aux_layer_ids")
@@ -263,19 +265,25 @@ class Eagle3Draft(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
     def forward(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, position_ids: torch.Tensor,
-                attention: TTTAttention, step_rows: list[torch.Tensor]) -> list[torch.Tensor]:
+                attention: TTTAttention, step_rows: list[torch.Tensor],
+                head: Optional[Callable[[int, torch.Tensor], Any]] = None, recompute: bool = False) -> list[Any]:
         """The training-time-test unroll over a packed batch (alignment: lib/drafts/eagle3/loss.py).
 
         A module forward, so FSDP's hooks gather the parameters. input_ids, position_ids [T];
         aux_hidden [T, n_aux*H_target]; attention: this batch's TTTAttention; step_rows[i]: the rows
-        that carry a loss at step i. Returns per step the draft logits of those rows [N_i, draft_vocab].
+        that carry a loss at step i. Returns per step head(i, pre-norm hidden of those rows); the default
+        head gives their draft logits [N_i, draft_vocab]. recompute: keep only the inputs of each step's
+        q/k/v projection (with its norms) and of its output projection and MLP, and run them again in
+        backward (their activations are most of a long context's memory).
         """
+        head = head or (lambda _step, rows_hidden: self.compute_logits(rows_hidden))
+        finish = self.midlayer.finish
         tokens = input_ids.shape[0]
         hidden = self.project_hidden(aux_hidden)
         positions = torch.arange(tokens, device=input_ids.device)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        logits = []
+        outputs = []
         for i, rows in enumerate(step_rows):
             # Step i of row t is the i-th chained draft step after position t, which a server runs at
             # position t + i: query and new key rotate there, and the keys of earlier steps keep the
@@ -284,12 +292,20 @@ class Eagle3Draft(nn.Module):
             # Rows whose shifted source leaves the batch read a filler token: they never carry a loss,
             # and only their own later-step (diagonal) keys, equally loss-free, ever attend to them.
             step_ids = input_ids[(positions + 1 + i).clamp(max=tokens - 1)]
-            q, k, v = self.midlayer.attention_inputs(self.embed(step_ids), hidden, cos, sin)
+            if recompute:
+                q, k, v = checkpoint(self.midlayer.attention_inputs, self.embed(step_ids), hidden, cos, sin,
+                                     use_reentrant=False)
+            else:
+                q, k, v = self.midlayer.attention_inputs(self.embed(step_ids), hidden, cos, sin)
             keys.append(k)
             values.append(v)
-            hidden = self.midlayer.finish(attention(q, keys, values), hidden)
-            logits.append(self.compute_logits(hidden[rows]))
-        return logits
+            attn_out = attention(q, keys, values)
+            if recompute:
+                hidden = checkpoint(finish, attn_out, hidden, use_reentrant=False)
+            else:
+                hidden = finish(attn_out, hidden)
+            outputs.append(head(i, hidden[rows]))
+        return outputs
 
     @torch.no_grad()
     def forward_infer(self, input_ids: torch.Tensor, hidden: torch.Tensor, is_projected: bool,

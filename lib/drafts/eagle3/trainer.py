@@ -32,10 +32,12 @@ class TTTModule(nn.Module):
     the constructor, or with `set_head` once it is built (after sharding, on the trainer's device).
     """
 
-    def __init__(self, draft: Eagle3Draft, ttt_length: int, head: Optional[TargetHead] = None):
+    def __init__(self, draft: Eagle3Draft, ttt_length: int, head: Optional[TargetHead] = None,
+                 recompute: bool = False):
         super().__init__()
         self.draft = draft
         self.ttt_length = ttt_length
+        self.recompute = recompute
         self._head = head
 
     @property
@@ -55,7 +57,7 @@ class TTTModule(nn.Module):
         averages gradients across ranks, so scaling by the count turns that average into the sum
         (exact in fp32 for power-of-two counts; gloo has no pre-multiplied sum to do it instead)."""
         loss, metrics = ttt_forward(self.draft, self.head, batch, self.ttt_length, denominators=denominators,
-                                    target=target)
+                                    target=target, recompute=self.recompute)
         return loss * grad_scale, metrics
 
 
@@ -105,7 +107,7 @@ def build_bundle(ctx, aux_layers: list[int]) -> Eagle3Bundle:
         draft.load_embedding(torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02)
         head_weight = torch.randn(shape.vocab_size, shape.hidden_size, generator=gen) * 0.02
     draft.to(device)
-    module = TTTModule(draft, cfg.train.ttt_length)
+    module = TTTModule(draft, cfg.train.ttt_length, recompute=cfg.train.recompute)
     model = shard(module, ctx.groups.trainer, device)
     head_dtype = shape.dtype
     if head_weight is None:
