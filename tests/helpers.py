@@ -99,3 +99,28 @@ def reference_capture(path: str, batch, aux_layers: list[int], **load_kwargs):
             aux.append(torch.cat([out.hidden_states[layer + 1][0] for layer in aux_layers], dim=-1))
             final.append(out.hidden_states[-1][0])
     return torch.cat(aux), torch.cat(final)
+
+
+def compiled_against_eager(fused, run) -> tuple[list, list]:
+    """(eager, compiled): run() with a family's ops eager, then compiled (`fused` is its fused module,
+    e.g. lib.drafts.eagle3.fused); the switch is checked on during and off after."""
+    eager = run()
+    fused.use_compiled(True)
+    try:
+        assert fused.compiled()
+        compiled = run()
+    finally:
+        fused.use_compiled(False)
+    assert not fused.compiled()
+    return eager, compiled
+
+
+def assert_same_steps(compiled: list, eager: list) -> None:
+    """Per batch (loss, metric sums, gradients): equal within fp32 reordering."""
+    import torch
+
+    for (l_e, s_e, g_e), (l_c, s_c, g_c) in zip(eager, compiled):
+        torch.testing.assert_close(l_c, l_e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s_c, s_e, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_c, g_e):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 sums in another order

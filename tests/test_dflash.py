@@ -13,6 +13,7 @@ from lib.drafts.dflash.mask import IGNORE, build_blocks, dense_attention, dense_
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
 from lib.drafts.dflash.strategy import DFlashStrategy
 from lib.drafts.dflash.trainer import DFlashOptions, block_loss, default_target_layers
+from tests.helpers import assert_same_steps, compiled_against_eager
 
 pytestmark = pytest.mark.unit
 MASK = 1
@@ -287,19 +288,8 @@ def test_compiled_elementwise_ops_give_the_eager_loss_metrics_and_gradients(devi
             out.append((loss.detach(), sums, torch.autograd.grad(loss, params)))
         return out
 
-    eager = run()
-    fused.use_compiled(True)
-    try:
-        assert fused.compiled()
-        compiled = run()
-    finally:
-        fused.use_compiled(False)
-    assert not fused.compiled()
-    for (l_e, s_e, g_e), (l_c, s_c, g_c) in zip(eager, compiled):
-        torch.testing.assert_close(l_c, l_e, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(s_c, s_e, rtol=1e-5, atol=1e-5)
-        for a, b in zip(g_c, g_e):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 sums in another order
+    eager, compiled = compiled_against_eager(fused, run)
+    assert_same_steps(compiled, eager)
     again = run()  # eager once more: the switch is off, the numbers are eager's to the bit
     for (l_e, s_e, g_e), (l_a, s_a, g_a) in zip(eager, again):
         assert torch.equal(l_a, l_e) and torch.equal(s_a, s_e) and all(map(torch.equal, g_a, g_e))

@@ -13,6 +13,7 @@ from lib.drafts.eagle3.loss import count_valid_positions, sim_accept_len, soft_c
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetHead
 from lib.drafts.eagle3.vocab import build_vocab_map
+from tests.helpers import assert_same_steps, compiled_against_eager
 
 pytestmark = pytest.mark.unit
 
@@ -243,19 +244,8 @@ def test_compiled_elementwise_ops_give_the_eager_loss_and_gradients(device):
             out.append((loss.detach(), metrics["sums"], torch.autograd.grad(loss, params)))
         return out
 
-    eager = run()
-    fused.use_compiled(True)
-    try:
-        assert fused.compiled()
-        compiled = run()
-    finally:
-        fused.use_compiled(False)
-    assert not fused.compiled()
-    for (l_e, s_e, g_e), (l_c, s_c, g_c) in zip(eager, compiled):
-        torch.testing.assert_close(l_c, l_e, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(s_c, s_e, rtol=1e-5, atol=1e-5)
-        for a, b in zip(g_c, g_e):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 sums in another order
+    eager, compiled = compiled_against_eager(fused, run)
+    assert_same_steps(compiled, eager)
 
 
 def _saved_activation_widths(fn, weights: list[torch.Tensor]) -> tuple:

@@ -13,13 +13,12 @@ its reference classes, which differs from EAGLE-3's norm and is why the norm is 
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
 # Rotary (rotate-half) and SiLU-multiply are the same formulas in both families.
 from lib.drafts.eagle3.fused import rope, silu_mul
+from lib.drafts.op_table import OpTable
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,18 +40,5 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return F.cross_entropy(wide, labels, reduction="none"), (wide.argmax(-1) == labels).float()
 
 
-_EAGER = {"rms_norm": rms_norm, "norm_rope": norm_rope, "silu_mul": silu_mul, "ce_rows": ce_rows}
-_compiled: dict = {}
-ops = SimpleNamespace(**_EAGER)
-
-
-def use_compiled(enabled: bool) -> None:
-    """Route `ops` through torch.compile'd versions (compiled lazily, once per process) or back to eager."""
-    for name, fn in _EAGER.items():
-        if enabled and name not in _compiled:
-            _compiled[name] = torch.compile(fn, dynamic=True)
-        setattr(ops, name, _compiled[name] if enabled else fn)
-
-
-def compiled() -> bool:
-    return ops.rms_norm is not rms_norm
+ops = OpTable(rms_norm=rms_norm, norm_rope=norm_rope, silu_mul=silu_mul, ce_rows=ce_rows)
+use_compiled, compiled = ops.use_compiled, ops.compiled

@@ -11,10 +11,10 @@ unroll step), so the functions are compiled with dynamic shapes once, not once p
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
+
+from lib.drafts.op_table import OpTable
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,19 +51,6 @@ def soft_ce_grad_chunk(logits: torch.Tensor, probs: torch.Tensor, rows: torch.Te
     return ((soft * p.sum(-1, keepdim=True) - p) * grad_loss[:, None]).to(logits.dtype)
 
 
-_EAGER = {"rms_norm": rms_norm, "silu_mul": silu_mul, "rope": rope, "soft_ce_chunk": soft_ce_chunk,
-          "soft_ce_grad_chunk": soft_ce_grad_chunk}
-_compiled: dict = {}
-ops = SimpleNamespace(**_EAGER)
-
-
-def use_compiled(enabled: bool) -> None:
-    """Route `ops` through torch.compile'd versions (compiled lazily, once per process) or back to eager."""
-    for name, fn in _EAGER.items():
-        if enabled and name not in _compiled:
-            _compiled[name] = torch.compile(fn, dynamic=True)
-        setattr(ops, name, _compiled[name] if enabled else fn)
-
-
-def compiled() -> bool:
-    return ops.rms_norm is not rms_norm
+ops = OpTable(rms_norm=rms_norm, silu_mul=silu_mul, rope=rope, soft_ce_chunk=soft_ce_chunk,
+              soft_ce_grad_chunk=soft_ce_grad_chunk)
+use_compiled, compiled = ops.use_compiled, ops.compiled
