@@ -225,7 +225,8 @@ def test_flex_attention_matches_reference_with_gradients():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_elementwise_ops_give_the_eager_loss_and_gradients(device):
     """train.compile=true fuses the norms, rotary, SiLU-multiply and soft CE; the step must not change.
-    Two batches of different sizes: the compiled functions take dynamic shapes."""
+    Two batches of different sizes: the compiled functions take dynamic shapes. Also under
+    train.recompute, whose backward reruns the compiled functions."""
     from lib.drafts.eagle3 import fused
 
     ttt = 3
@@ -240,8 +241,9 @@ def test_compiled_elementwise_ops_give_the_eager_loss_and_gradients(device):
     def run():
         out = []
         for batch in batches:
-            loss, metrics = ttt_forward(draft, head, batch, ttt)
-            out.append((loss.detach(), metrics["sums"], torch.autograd.grad(loss, params)))
+            for recompute in (False, True):
+                loss, metrics = ttt_forward(draft, head, batch, ttt, recompute=recompute)
+                out.append((loss.detach(), metrics["sums"], torch.autograd.grad(loss, params)))
         return out
 
     eager, compiled = compiled_against_eager(fused, run)
