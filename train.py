@@ -18,7 +18,7 @@ import torch
 from lib.config import ConfigError, Device, LaunchShape, compose, resolve, validate
 from lib.config_check import prepare_run_dir
 from lib.launch.stopping import install_stop_handlers, record_error
-from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, startup_barrier  # noqa: E501
+from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, all_ranks_barrier  # noqa: E501
 from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E501
 
 
@@ -125,9 +125,12 @@ def main(overrides: list[str]) -> int:
             sums = check_groups(topo, groups, info)
             log.info("dry run: groups ok %s", sums)
             record_dry_run(ctx, sums)
-            startup_barrier(groups, cfg.run.startup_timeout_s, "dry run done")
+            all_ranks_barrier(groups, cfg.run.startup_timeout_s, "dry run done")
             return 0
         dispatch(ctx)
+        # Leave together: a rank tearing its gloo pairs down while a peer is still inside its last
+        # collective's cleanup can abort that peer (std::terminate in gloo), failing a finished run.
+        all_ranks_barrier(groups, cfg.run.loop_timeout_s, "run end")
         return 0
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):

@@ -65,6 +65,7 @@ def _member(rank: int, world: int, store_path: str, ckpt: str, out_dir: str, com
             report = {"sample_ids": err.sample_ids, "peer_bad": err.peer_bad, "shard_rows": shard_rows}
             retried = {k: v.cpu() for k, v in backend.capture(err.remaining(mine)).items()}
         torch.save({"states": states, "report": report, "retried": retried}, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # leave together (gloo's teardown under a peer's last collective can abort it)
     finally:
         dist.destroy_process_group()
 

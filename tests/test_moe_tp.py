@@ -56,6 +56,7 @@ def _member(rank: int, world: int, store_path: str, ckpt: str, out_dir: str, moe
         states = backend.capture(MEMBER_BATCHES[rank])
         info = experts_info(moe_experts(backend.model.layers)[0])
         torch.save({"states": states, "intermediate": info.intermediate}, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # leave together (gloo's teardown under a peer's last collective can abort it)
     finally:
         dist.destroy_process_group()
 

@@ -74,6 +74,7 @@ def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_
     after = {n: p.full_tensor().clone() for n, p in bundle.model.named_parameters()}
     changed = any(not torch.equal(before[n], after[n]) for n in before)
     torch.save({"grads": grads, "norm": norm, "applied": applied, "changed": changed}, f"{out}-{rank}.pt")
+    dist.barrier()  # leave together: gloo's teardown while a peer is still in the last collective aborted it once
     dist.destroy_process_group()
 
 

@@ -104,14 +104,14 @@ def agree_run_dir(cfg: Config, groups: Groups) -> Config:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=choice[0]))
 
 
-def startup_barrier(groups: Groups, timeout_s: float, what: str) -> None:
-    """A barrier that names the ranks that did not arrive (gloo's monitored barrier)."""
+def all_ranks_barrier(groups: Groups, timeout_s: float, what: str) -> None:
+    """A barrier over every rank that names the ranks that did not arrive (gloo's monitored barrier)."""
     import datetime
 
     try:
         dist.monitored_barrier(group=groups.meta, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as exc:
-        raise RuntimeError(f"start-up barrier '{what}' failed: {exc}") from None
+        raise RuntimeError(f"barrier '{what}' failed: {exc}") from None
 
 
 def peak_memory(device: torch.device) -> int:
