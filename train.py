@@ -130,7 +130,8 @@ def main(overrides: list[str]) -> int:
         dispatch(ctx)
         # Leave together: a rank tearing its gloo pairs down while a peer is still inside its last
         # collective's cleanup can abort that peer (std::terminate in gloo), failing a finished run.
-        all_ranks_barrier(groups, cfg.run.loop_timeout_s, "run end")
+        # The start-up bound, not the loop's: pair 0's trainer may still be running the final evaluation.
+        all_ranks_barrier(groups, cfg.run.startup_timeout_s, "run end")
         return 0
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
