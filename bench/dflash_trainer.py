@@ -17,10 +17,7 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -28,7 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import BF16_PEAK_TFLOPS  # noqa: E402
-from bench.trainer import SHAPES, sample_lengths, target_config  # noqa: E402
+from bench.trainer import add_step_args, init_one_rank, sample_lengths, target_config, time_steps  # noqa: E402
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors  # noqa: E402
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft  # noqa: E402
 from lib.drafts.dflash.trainer import DFlashModule, DFlashOptions, default_target_layers  # noqa: E402
@@ -50,20 +47,13 @@ def step_flops(c: DFlashConfig, tokens: int, blocks, visible_pairs: int) -> floa
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--shape", choices=SHAPES, default="qwen3_8b")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--min-len", type=int, default=512)
-    p.add_argument("--max-len", type=int, default=4096)
+    add_step_args(p)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--layers", type=int, default=5)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    init_one_rank(device)
     hf = target_config(args.shape)
     layers = default_target_layers(hf.num_hidden_layers, args.layers)
     c = DFlashConfig(hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
@@ -99,7 +89,8 @@ def main(argv=None) -> int:
         pairs = int(dense_mask(blocks).sum())
         batches.append((batch, blocks, step_flops(c, t, blocks, pairs)))
 
-    def train_step(batch, blocks) -> None:
+    def train_step(batch_and_blocks) -> None:
+        batch, blocks = batch_and_blocks
         decay = options.decay(device)
         norm = (blocks.valid().view(-1, args.block)[:, 1:].float().sum(0) * decay).sum()
         loss, _ = module(batch, blocks, norm)
@@ -108,20 +99,8 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times, flops = [], []
-    for step in range(args.warmup + args.steps):
-        batch, blocks, f = batches[step % len(batches)]
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(batch, blocks)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            flops.append(f)
-    step_s = statistics.median(times)
-    tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
+    step_s, tflops = time_steps(train_step, [(b, bl) for b, bl, _ in batches], [f for _, _, f in batches],
+                                args.warmup, args.steps, cuda)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "shape": args.shape, "tokens": args.tokens, "block": args.block, "layers": args.layers,
               "target_layers": layers, "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s,

@@ -81,18 +81,46 @@ def write_profile(path: str, batches: list, train_step, cuda: bool) -> None:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every trainer-step benchmark takes (shape, device, batch make-up, timing, output)."""
     p.add_argument("--shape", choices=SHAPES, default="qwen3_8b")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--min-len", type=int, default=512)
     p.add_argument("--max-len", type=int, default=4096)
-    p.add_argument("--ttt", type=int, default=7)
-    p.add_argument("--draft-vocab", type=int, default=32000)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", required=True)
+
+
+def init_one_rank(device: torch.device) -> None:
+    """A one-rank process group, so the step runs under FSDP2 as a trainer group of one."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+
+
+def time_steps(step, batches: list, flops: list[float], warmup: int, steps: int, cuda: bool
+               ) -> tuple[float, float]:
+    """(median step seconds, median TFLOP/s) of `step(batch)` over the batches in turn, after warm-up."""
+    times, done = [], []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(batches[i % len(batches)])
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            done.append(flops[i % len(batches)])
+    return statistics.median(times), statistics.median(f / t for f, t in zip(done, times)) / 1e12
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_step_args(p)
+    p.add_argument("--ttt", type=int, default=7)
+    p.add_argument("--draft-vocab", type=int, default=32000)
     p.add_argument("--recompute", action="store_true",
                    help="train.recompute: rerun each step's layer and logits in backward")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -104,7 +132,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    init_one_rank(device)
     hf = target_config(args.shape)
     if args.compile is None:
         args.compile = args.device == "cuda"
@@ -141,22 +169,10 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times, flops = [], []
-    for step in range(args.warmup + args.steps):
-        lengths, batch = batches[step % len(batches)]
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(batch)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            flops.append(draft_step_flops(dc, lengths, args.ttt, hf.vocab_size))
+    flops = [draft_step_flops(dc, lengths, args.ttt, hf.vocab_size) for lengths, _ in batches]
+    step_s, tflops = time_steps(train_step, [b for _, b in batches], flops, args.warmup, args.steps, cuda)
     if args.profile:
         write_profile(args.profile, [b for _, b in batches[:3]], train_step, cuda)
-    step_s = statistics.median(times)
-    tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "shape": args.shape, "compile": args.compile, "recompute": args.recompute, "tokens": args.tokens,
               "ttt": args.ttt, "draft_vocab": dv,
