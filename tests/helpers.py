@@ -84,18 +84,20 @@ def masked_segments(tokenizer, ids: list[int], mask: list[bool], **decode_kwargs
     return segments
 
 
-def reference_capture(path: str, batch, aux_layers: list[int], **load_kwargs):
+def reference_capture(path: str, batch, aux_layers: list[int], device=None, attn_implementation: str = "eager",
+                      **load_kwargs):
     """Each sample alone through the full causal LM with output_hidden_states: the captured layers'
     outputs concatenated, and the final hidden state (transformers' last entry, after the final norm)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **load_kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **load_kwargs)
+    model = model.to(device or "cpu").eval()
     aux, final = [], []
     cu = batch.cu_seqlens.tolist()
     with torch.no_grad():
         for i in range(len(cu) - 1):
-            out = model(batch.input_ids[None, cu[i]:cu[i + 1]], output_hidden_states=True)
+            out = model(batch.input_ids[None, cu[i]:cu[i + 1]].to(model.device), output_hidden_states=True)
             aux.append(torch.cat([out.hidden_states[layer + 1][0] for layer in aux_layers], dim=-1))
             final.append(out.hidden_states[-1][0])
     return torch.cat(aux), torch.cat(final)
@@ -124,3 +126,18 @@ def assert_same_steps(compiled: list, eager: list) -> None:
         torch.testing.assert_close(s_c, s_e, rtol=1e-5, atol=1e-5)
         for a, b in zip(g_c, g_e):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 sums in another order
+
+
+def assert_capture_as_accurate_as_plain_bf16(got: dict, path: str, batch, aux_layers: list[int], device,
+                                             **load_kwargs) -> None:
+    """Against fp32 per-sample forwards of the checkpoint, the engine's bf16 capture `got` errs no more
+    than the same per-sample forwards in bf16 (mean within 2x, max within 4x, plus a floor)."""
+    import torch
+
+    truth = reference_capture(path, batch, aux_layers, device, dtype=torch.float32, **load_kwargs)
+    plain = reference_capture(path, batch, aux_layers, device, dtype=torch.bfloat16, **load_kwargs)
+    for key, t, p in zip(("aux_hidden", "final_hidden"), truth, plain):
+        engine_err = (got[key].float() - t).abs()
+        plain_err = (p.float() - t).abs()
+        assert engine_err.mean() <= 2 * plain_err.mean() + 1e-4, (key, engine_err.mean(), plain_err.mean())
+        assert engine_err.max() <= 4 * plain_err.max() + 1e-3, (key, engine_err.max(), plain_err.max())

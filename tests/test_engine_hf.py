@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.helpers import reference_capture
+from tests.helpers import assert_capture_as_accurate_as_plain_bf16, reference_capture
 from lib.data.batch import PackedBatch
 from lib.config import EngineConfig, TargetConfig
 from lib.engine import EngineInputError, make_backend
@@ -217,20 +217,5 @@ def test_gpu_packed_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, a
                  EngineConfig(token_budget=256, attn_impl=attn, compile=compile), gpu, None)
     batch = random_batch(LENGTHS, seed=7)
     got = backend.capture(batch)
-    models = {dtype: AutoModelForCausalLM.from_pretrained(checkpoints["qwen3"], dtype=dtype, attn_implementation="sdpa")
-              .to(gpu).eval() for dtype in (torch.float32, torch.bfloat16)}
-    cu = batch.cu_seqlens.tolist()
-    for name in ("aux_hidden", "final_hidden"):
-        truth, plain = [], []
-        with torch.no_grad():
-            for dtype, sink in ((torch.float32, truth), (torch.bfloat16, plain)):
-                for i in range(len(cu) - 1):
-                    out = models[dtype](batch.input_ids[None, cu[i]:cu[i + 1]].to(gpu), output_hidden_states=True)
-                    states = out.hidden_states
-                    sink.append(torch.cat([states[layer + 1][0] for layer in backend.aux_layers], dim=-1)
-                                if name == "aux_hidden" else states[-1][0])
-        truth, plain = torch.cat(truth), torch.cat(plain).float()
-        engine_err = (got[name].float() - truth).abs()
-        plain_err = (plain - truth).abs()
-        assert engine_err.mean() <= 2 * plain_err.mean() + 1e-4
-        assert engine_err.max() <= 4 * plain_err.max() + 1e-3
+    assert_capture_as_accurate_as_plain_bf16(got, checkpoints["qwen3"], batch, backend.aux_layers, gpu,
+                                             attn_implementation="sdpa")

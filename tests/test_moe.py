@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.helpers import reference_capture
+from tests.helpers import assert_capture_as_accurate_as_plain_bf16, reference_capture
 from lib.config import EngineConfig, MoeImpl, TargetConfig
 from lib.data.batch import PackedBatch
 from lib.engine import make_backend
@@ -227,21 +227,5 @@ def test_gpu_varlen_grouped_capture_is_as_accurate_as_plain_bf16_forwards(checkp
     assert backend.attn_impl == "varlen" and backend.moe_impl is MoeImpl.grouped
     batch = random_batch(LENGTHS, backend.vocab_size, seed=7)
     got = backend.capture(batch)
-    models = {dtype: AutoModelForCausalLM.from_pretrained(checkpoints[name], dtype=dtype, attn_implementation="eager",
-                                                          experts_implementation="eager").to(gpu).eval()
-              for dtype in (torch.float32, torch.bfloat16)}
-    cu = batch.cu_seqlens.tolist()
-    for key in ("aux_hidden", "final_hidden"):
-        truth, plain = [], []
-        with torch.no_grad():
-            for dtype, sink in ((torch.float32, truth), (torch.bfloat16, plain)):
-                for i in range(len(cu) - 1):
-                    states = models[dtype](batch.input_ids[None, cu[i]:cu[i + 1]].to(gpu),
-                                           output_hidden_states=True).hidden_states
-                    sink.append(torch.cat([states[layer + 1][0] for layer in backend.aux_layers], dim=-1)
-                                if key == "aux_hidden" else states[-1][0])
-        truth, plain = torch.cat(truth), torch.cat(plain).float()
-        engine_err = (got[key].float() - truth).abs()
-        plain_err = (plain - truth).abs()
-        assert engine_err.mean() <= 2 * plain_err.mean() + 1e-4, (key, engine_err.mean(), plain_err.mean())
-        assert engine_err.max() <= 4 * plain_err.max() + 1e-3, (key, engine_err.max(), plain_err.max())
+    assert_capture_as_accurate_as_plain_bf16(got, checkpoints[name], batch, backend.aux_layers, gpu,
+                                             experts_implementation="eager")
