@@ -14,7 +14,6 @@ fc (no input gradient) and for the frozen lm_head (no weight gradient), attentio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -24,8 +23,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.flops import BF16_PEAK_TFLOPS  # noqa: E402
-from bench.trainer import add_step_args, init_one_rank, sample_lengths, target_config, time_steps  # noqa: E402
+from bench.trainer import (add_step_args, init_one_rank, report_step, sample_lengths,  # noqa: E402
+                           target_config, time_steps)
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors  # noqa: E402
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft  # noqa: E402
 from lib.drafts.dflash.trainer import DFlashModule, DFlashOptions, default_target_layers  # noqa: E402
@@ -101,17 +100,8 @@ def main(argv=None) -> int:
 
     step_s, tflops = time_steps(train_step, [(b, bl) for b, bl, _ in batches], [f for _, _, f in batches],
                                 args.warmup, args.steps, cuda)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "shape": args.shape, "tokens": args.tokens, "block": args.block, "layers": args.layers,
-              "target_layers": layers, "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s,
-              "tflops": tflops, "mfu": tflops / BF16_PEAK_TFLOPS,
-              "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
-    print(f"dflash trainer step ({args.shape}, {args.tokens} tok, block {args.block}, {args.layers} layers): "
-          f"{step_s * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tok/s, {tflops:.1f} TFLOP/s, "
-          f"MFU {100 * result['mfu']:.1f}% of {BF16_PEAK_TFLOPS:.0f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    dist.destroy_process_group()
+    report_step(f"dflash trainer step ({args.shape}, {args.tokens} tok, block {args.block}, {args.layers} layers)",
+                args, step_s, tflops, cuda, block=args.block, layers=args.layers, target_layers=layers)
     return 0
 
 

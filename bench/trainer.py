@@ -116,6 +116,20 @@ def time_steps(step, batches: list, flops: list[float], warmup: int, steps: int,
     return statistics.median(times), statistics.median(f / t for f, t in zip(done, times)) / 1e12
 
 
+def report_step(title: str, args, step_s: float, tflops: float, cuda: bool, **fields) -> None:
+    """Print the step's figures, write them (with `fields`) to args.out and leave the one-rank group."""
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "shape": args.shape, "tokens": args.tokens, **fields,
+              "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s, "tflops": tflops,
+              "mfu": tflops / BF16_PEAK_TFLOPS,
+              "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    print(f"{title}: {step_s * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tok/s, {tflops:.1f} TFLOP/s, "
+          f"MFU {100 * result['mfu']:.1f}% of {BF16_PEAK_TFLOPS:.0f}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     add_step_args(p)
@@ -173,18 +187,8 @@ def main(argv=None) -> int:
     step_s, tflops = time_steps(train_step, [b for _, b in batches], flops, args.warmup, args.steps, cuda)
     if args.profile:
         write_profile(args.profile, [b for _, b in batches[:3]], train_step, cuda)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "shape": args.shape, "compile": args.compile, "recompute": args.recompute, "tokens": args.tokens,
-              "ttt": args.ttt, "draft_vocab": dv,
-              "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s, "tflops": tflops,
-              "mfu": tflops / BF16_PEAK_TFLOPS,
-              "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
-    print(f"trainer step ({args.shape}, {args.tokens} tok, ttt {args.ttt}): {step_s * 1e3:.1f} ms, "
-          f"{result['tokens_per_s']:.0f} tok/s, {tflops:.1f} TFLOP/s, MFU {100 * result['mfu']:.1f}% of "
-          f"{BF16_PEAK_TFLOPS:.0f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    dist.destroy_process_group()
+    report_step(f"trainer step ({args.shape}, {args.tokens} tok, ttt {args.ttt})", args, step_s, tflops, cuda,
+                compile=args.compile, recompute=args.recompute, ttt=args.ttt, draft_vocab=dv)
     return 0
 
 
