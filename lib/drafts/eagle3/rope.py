@@ -118,6 +118,4 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
     compute = torch.promote_types(dtype, torch.float32)
     angles = position_ids.to(compute).unsqueeze(-1) * inv_freq.to(compute)
     angles = torch.cat([angles, angles], dim=-1)
-    if magnitude == 1.0:
-        return angles.cos().to(dtype), angles.sin().to(dtype)
     return (angles.cos() * magnitude).to(dtype), (angles.sin() * magnitude).to(dtype)
