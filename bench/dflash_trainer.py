@@ -6,6 +6,7 @@ cross-entropy) on random captured states of a target shape from conf/target: 819
 from samples of 512-4096 tokens, block 16, ceil(tokens/16) anchors, 5 draft layers.
 
     python bench/dflash_trainer.py --out dflash_trainer.json [--shape qwen3_8b|tiny] [--device cuda|cpu]
+        [--no-compile] [--profile top_kernels.txt]
 
 MFU counts useful matmul FLOPs only (no recomputation): 3x forward for the trainable stack, 2x for
 fc (no input gradient) and for the frozen lm_head (no weight gradient), attention over the visible
@@ -24,7 +25,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.trainer import (add_step_args, init_one_rank, report_step, sample_lengths,  # noqa: E402
-                           target_config, time_steps)
+                           target_config, time_steps, write_profile)
+from lib.drafts.dflash.fused import use_compiled  # noqa: E402
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors  # noqa: E402
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft  # noqa: E402
 from lib.drafts.dflash.trainer import DFlashModule, DFlashOptions, default_target_layers  # noqa: E402
@@ -49,7 +51,13 @@ def main(argv=None) -> int:
     add_step_args(p)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse the elementwise work (train.compile); default as in training: on for cuda")
+    p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
     args = p.parse_args(argv)
+    if args.compile is None:
+        args.compile = args.device == "cuda"
+    use_compiled(args.compile)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     init_one_rank(device)
@@ -100,8 +108,10 @@ def main(argv=None) -> int:
 
     step_s, tflops = time_steps(train_step, [(b, bl) for b, bl, _ in batches], [f for _, _, f in batches],
                                 args.warmup, args.steps, cuda)
+    if args.profile:
+        write_profile(args.profile, [(b, bl) for b, bl, _ in batches[:3]], train_step, cuda)
     report_step(f"dflash trainer step ({args.shape}, {args.tokens} tok, block {args.block}, {args.layers} layers)",
-                args, step_s, tflops, cuda, block=args.block, layers=args.layers, target_layers=layers)
+                args, step_s, tflops, cuda, compile=args.compile, block=args.block, layers=args.layers, target_layers=layers)
     return 0
 
 

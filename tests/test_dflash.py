@@ -191,25 +191,29 @@ def test_block_drafting_decodes_exactly_greedy_on_the_tiny_target():
         speculative_decode(target, DFlashDrafter(draft), prompts, k=8, max_new_tokens=4, progress=False)
 
 
-def test_chunked_cross_entropy_equals_the_whole_one_in_value_and_gradient():
+@pytest.mark.parametrize("chunk", [4, 2048])
+def test_chunked_cross_entropy_equals_autograd_through_the_whole_logits(chunk, monkeypatch):
+    """The head's cross-entropy forms its hidden-state gradient in forward, chunk by chunk; value,
+    gradient (under a per-row weighting, as the decayed loss applies) and argmax hits must equal
+    plain autograd through the whole logits."""
     from lib.drafts.dflash import trainer
 
+    monkeypatch.setattr(trainer, "CE_CHUNK_ROWS", chunk)
     c = tiny_config()
     draft = tiny_draft(c)
     hidden = torch.randn(9, c.hidden_size, requires_grad=True)
     labels = torch.randint(0, c.vocab_size, (9,))
-    whole, correct = trainer.chunked_ce(draft, hidden, labels)
-    (g_whole,) = torch.autograd.grad(whole.sum(), hidden)
-    old = trainer.CE_CHUNK_ROWS
-    trainer.CE_CHUNK_ROWS = 4
-    try:
-        chunked, correct_c = trainer.chunked_ce(draft, hidden, labels)
-        (g_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
-    finally:
-        trainer.CE_CHUNK_ROWS = old
+    weights = torch.rand(9)
+    logits = draft.logits(hidden)
+    whole = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    (g_whole,) = torch.autograd.grad((whole * weights).sum(), hidden)
+    chunked, correct = trainer.chunked_ce(draft, hidden, labels)
+    (g_chunked,) = torch.autograd.grad((chunked * weights).sum(), hidden)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(g_chunked, g_whole)
-    assert torch.equal(correct, correct_c)
+    assert torch.equal(correct, (logits.argmax(-1) == labels).float())
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.chunked_ce(draft, hidden, labels)[0], whole)
 
 
 def test_the_drafter_proposes_what_training_scores_for_the_same_anchor():

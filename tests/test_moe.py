@@ -163,6 +163,30 @@ def test_grouped_moe_block_traces_as_one_graph(name):
         assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compiled_decoder_layers_share_one_graph_per_layer_kind(name):
+    """The engine compiles each decoder layer's forward; with the grouped experts installed, all
+    layers of one kind (gpt-oss alternates sliding and full attention) must reuse one graph. A
+    per-layer experts forward made every layer compile its own until dynamo's recompile limit sent
+    the rest of the model to eager (the 30B-A3B capture ran at eager speed)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from lib.engine.moe import install_moe_impl
+
+    torch._dynamo.reset()
+    model = build(name).to(torch.bfloat16)
+    layers = model.model.layers
+    install_moe_impl(layers, "grouped")
+    counter = CompileCounter()
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True, backend=counter)
+    ids = torch.randint(0, model.config.vocab_size, (1, 21))
+    with torch.no_grad():
+        model.model(input_ids=ids, use_cache=False)
+    kinds = {getattr(layer, "attention_type", None) for layer in layers}
+    assert counter.frame_count == len(kinds) < len(layers), (counter.frame_count, kinds)
+
+
 def test_dense_targets_are_left_alone():
     dense = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import torch
@@ -109,10 +108,38 @@ def grouped_experts_forward(
         gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
         y = _grouped_matmul(experts._apply_gate(gate_up), experts.down_proj, offs)
         y = y + experts.down_proj_bias[sorted_expert]
-    y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, token, y.to(hidden.dtype))
-    return out
+    # Weighted and summed over each token's k experts in fp32, then rounded once: summing in bf16
+    # rounds after every add, which on its own doubled the capture error of a bf16 gpt-oss layer.
+    y = y.float() * top_k_weights.reshape(-1)[order, None].float()
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, token, y)
+    return out.to(hidden.dtype)
+
+
+_INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
+_GROUPED_CLASSES: dict[type, type] = {}
+
+
+def _grouped_forward(self, hidden_states, top_k_index, top_k_weights):
+    return grouped_experts_forward(self, self.grouped_info, hidden_states, top_k_index, top_k_weights)
+
+
+def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
+    """Give `experts` the grouped forward through a subclass shared by every layer, with an interned info.
+
+    A compiled decoder layer guards on what its experts' forward is: a per-module bound function (or
+    partial) has a different identity in every layer, so each layer compiled its own graph until
+    dynamo's recompile limit (8) sent the rest of the layers, and every later model in the process,
+    back to eager. One class and one info object per layout keep one graph for all layers.
+    """
+    cls = type(experts)
+    if cls in _GROUPED_CLASSES.values():  # installed before: only the info can be new
+        experts.grouped_info = _INFOS.setdefault(info, info)
+        return
+    if cls not in _GROUPED_CLASSES:
+        _GROUPED_CLASSES[cls] = type(f"Grouped{cls.__name__}", (cls,), {"forward": _grouped_forward})
+    experts.__class__ = _GROUPED_CLASSES[cls]
+    experts.grouped_info = _INFOS.setdefault(info, info)
 
 
 def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str) -> Optional[MoeImpl]:
@@ -138,7 +165,7 @@ def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str) -> Optional[Moe
                         "know; it keeps transformers' experts implementation", impl.value, type(m).__name__)
             return MoeImpl.hf
     for m in modules:
-        m.forward = partial(grouped_experts_forward, m, experts_info(m))
+        _use_grouped_forward(m, experts_info(m))
     return MoeImpl.grouped
 
 

@@ -2,7 +2,7 @@
 
 As for EAGLE-3 (lib/drafts/eagle3/fused.py): matmuls and attention stay as they are; compiling fuses
 the memory-bound chains between them (RMSNorms, the per-head q/k norm followed by rotary,
-SiLU-multiply, and the cross-entropy of each chunk of logits rows). Callers go through `ops`;
+SiLU-multiply, and the cross-entropy of each chunk of logits rows with its gradient). Callers go through `ops`;
 `use_compiled(True)` swaps in versions compiled with dynamic shapes (anchor counts and context
 lengths change from batch to batch), once per process.
 
@@ -40,5 +40,16 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return F.cross_entropy(wide, labels, reduction="none"), (wide.argmax(-1) == labels).float()
 
 
-ops = OpTable(rms_norm=rms_norm, norm_rope=norm_rope, silu_mul=silu_mul, ce_rows=ce_rows)
+def ce_rows_with_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ce_rows plus d(ce_row)/d(logits) = softmax - one_hot, in the logits' dtype (one pass over a chunk)."""
+    wide = logits.float()
+    lse = torch.logsumexp(wide, -1)
+    picked = wide.gather(-1, labels[:, None])[:, 0]
+    grad = torch.exp(wide - lse[:, None])
+    grad.scatter_add_(-1, labels[:, None], torch.full_like(picked[:, None], -1.0))
+    return lse - picked, (wide.argmax(-1) == labels).float(), grad.to(logits.dtype)
+
+
+ops = OpTable(rms_norm=rms_norm, norm_rope=norm_rope, silu_mul=silu_mul, ce_rows=ce_rows,
+              ce_rows_with_grad=ce_rows_with_grad)
 use_compiled, compiled = ops.use_compiled, ops.compiled

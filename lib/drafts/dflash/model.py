@@ -190,10 +190,14 @@ class DFlashDraft(nn.Module):
             raise RuntimeError("DFlashDraft has no target embedding: call set_target_weights(embedding, lm_head)")
         return F.embedding(ids, self.embed_tokens).to(self.fc.weight.dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen target lm_head [vocab, hidden] in `dtype`."""
         if not self.has_lm_head:
             raise RuntimeError("DFlashDraft has no target lm_head: call set_target_weights(embedding, lm_head)")
-        return hidden @ self.lm_head.to(hidden.dtype).t()
+        return self.lm_head.to(dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.head_weight(hidden.dtype).t()
 
     def forward(self, block_ids: torch.Tensor, block_pos: torch.Tensor, aux_hidden: torch.Tensor,
                 ctx_pos: torch.Tensor, attn: AttnFn) -> torch.Tensor:

@@ -13,7 +13,6 @@ from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lib.drafts.base import DraftBundle, dataclass_from_keys
 from lib.drafts.dflash.fused import ops, use_compiled
@@ -70,20 +69,46 @@ def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list
     return [int(round(start + i * (end - start) / (num_draft_layers - 1))) for i in range(num_draft_layers)]
 
 
-def _ce_rows(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor):
-    return ops.ce_rows(draft.logits(hidden), labels)
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of hidden @ head^T against labels, for a frozen head.
+
+    The head is the target's lm_head (no gradient), and each row's loss depends on its own hidden
+    state only, so d(ce_r)/d(hidden_r) = (softmax_r - onehot_r) @ head is formed in forward, one chunk
+    of rows at a time, and kept ([rows, hidden]: 64 MB for 8k rows at 4096 wide). Backward only scales
+    it by the incoming per-row gradient. A chunk's full-vocabulary logits are thus computed once; the
+    checkpointed alternative ran the head matmul a third time (forward, recompute, input gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor):
+        ce, correct, grads = [], [], []
+        for h, y in zip(hidden.split(CE_CHUNK_ROWS), labels.split(CE_CHUNK_ROWS)):
+            # Labels copied out of their views: the compiled op guards on whether an input is a view.
+            c, ok, d_logits = ops.ce_rows_with_grad(h @ head.t(), y.clone())
+            ce.append(c)
+            correct.append(ok)
+            grads.append(d_logits @ head)
+        ctx.save_for_backward(torch.cat(grads))
+        correct = torch.cat(correct)
+        ctx.mark_non_differentiable(correct)
+        return torch.cat(ce), correct
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor, _grad_correct):
+        (d_hidden,) = ctx.saved_tensors
+        return (grad_ce[:, None] * d_hidden.float()).to(d_hidden.dtype), None, None
 
 
 def chunked_ce(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, correct) per row; the full-vocabulary logits of one chunk of rows at a time are
-    recomputed in backward instead of kept (8k rows x 152k vocab would hold ~5 GB in fp32)."""
-    if hidden.shape[0] <= CE_CHUNK_ROWS or not torch.is_grad_enabled():
-        return _ce_rows(draft, hidden, labels)
-    # Label chunks copied out of their views: the compiled ce_rows guards on whether an input is a
-    # view, and would otherwise compile a second graph for the chunked and the whole case.
-    parts = [checkpoint(_ce_rows, draft, h, y.clone(), use_reentrant=False)
-             for h, y in zip(hidden.split(CE_CHUNK_ROWS), labels.split(CE_CHUNK_ROWS))]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    """(cross-entropy, correct) per row; at most CE_CHUNK_ROWS rows' full-vocabulary logits exist at a
+    time (8k rows x 152k vocab would hold ~5 GB in fp32)."""
+    head = draft.head_weight(hidden.dtype)
+    if head.requires_grad:
+        raise RuntimeError("DFlash's lm_head is the frozen target head; it must not require a gradient")
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        parts = [ops.ce_rows(h @ head.t(), y.clone()) for h, y in zip(hidden.split(CE_CHUNK_ROWS), labels.split(CE_CHUNK_ROWS))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _HeadCrossEntropy.apply(hidden, head, labels)
 
 
 def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Blocks, decay: torch.Tensor,
