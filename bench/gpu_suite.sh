@@ -46,7 +46,8 @@ for p in "$@"; do case $p in
   # colocate+MPS vs sequential with draft=dflash.
   family) part family 590 python3 bench/family_ab.py --out-dir "$WORK/family" --eagle-steps "${FAMILY_STEPS:-1500}" \
       --limit-s 280 ;;
-  dflash_trainer) part dflash_trainer 240 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" ;;
+  dflash_trainer) part dflash_trainer 240 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" \
+      --profile "$WORK/dflash_trainer_profile.txt" ;;
   dflash_e2e) part dflash_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/dflash_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft=dflash ;;
   # MoE (issue 17): capture of the 30B-A3B shape (grouped experts vs transformers'), end to end on one GPU.
