@@ -50,12 +50,15 @@ for p in "$@"; do case $p in
       --profile "$WORK/dflash_trainer_profile.txt" ;;
   dflash_e2e) part dflash_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/dflash_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft=dflash ;;
-  # MoE (issue 17): capture of the 30B-A3B shape (grouped experts vs transformers'), end to end on one GPU.
+  # MoE (issue 17): capture of the 30B-A3B and gpt-oss-20b shapes (grouped experts vs transformers'), end to
+  # end on one GPU.
   moe_engine) part moe_engine 300 python3 bench/engine.py --out "$WORK/moe_engine.json" --shape qwen3-30b-a3b \
-      --moe-impl grouped,hf ;;
+      --moe-impl grouped,hf
+    part moe_engine_gpt_oss 240 python3 bench/engine.py --out "$WORK/moe_engine_gpt_oss.json" --shape gpt-oss-20b \
+      --moe-impl grouped,hf --paths varlen+compile ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;
   # Regeneration throughput of the built-in path (issue 19), Qwen3-8B shape with Qwen3's tokenizer.
-  regen) part regen 400 python3 bench/regen.py --shape qwen3_8b --out "$WORK/regen.json" ;;
+  regen) part regen 400 python3 bench/regen.py --shape qwen3_8b --out "$WORK/regen.json" --work "$WORK/regen" ;;
   *) echo "unknown part $p" ;;
 esac; done

