@@ -6,7 +6,7 @@ cross-entropy) on random captured states of a target shape from conf/target: 819
 from samples of 512-4096 tokens, block 16, ceil(tokens/16) anchors, 5 draft layers.
 
     python bench/dflash_trainer.py --out dflash_trainer.json [--shape qwen3_8b|tiny] [--device cuda|cpu]
-        [--no-compile] [--profile top_kernels.txt]
+        [--no-compile] [--profile top_kernels.txt] [--flex-mode max-autotune-no-cudagraphs] [--flex-options JSON]
 
 MFU counts useful matmul FLOPs only (no recomputation): 3x forward for the trainable stack, 2x for
 fc (no input gradient) and for the frozen lm_head (no weight gradient), attention over the visible
@@ -15,6 +15,7 @@ fc (no input gradient) and for the frozen lm_head (no weight gradient), attentio
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.trainer import (add_step_args, init_one_rank, report_step, sample_lengths,  # noqa: E402
                            target_config, time_steps, write_profile)
 from lib.drafts.dflash.fused import use_compiled  # noqa: E402
+from lib.drafts.dflash import mask  # noqa: E402
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors  # noqa: E402
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft  # noqa: E402
 from lib.drafts.dflash.trainer import DFlashModule, DFlashOptions, default_target_layers  # noqa: E402
@@ -54,7 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse the elementwise work (train.compile); default as in training: on for cuda")
     p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
+    p.add_argument("--flex-mode", help="torch.compile mode for flex attention, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--flex-options", type=json.loads, help='flex kernel_options as JSON, e.g. \'{"BLOCK_M1": 64}\'')
     args = p.parse_args(argv)
+    mask.FLEX_COMPILE_MODE, mask.FLEX_KERNEL_OPTIONS = args.flex_mode, args.flex_options
     if args.compile is None:
         args.compile = args.device == "cuda"
     use_compiled(args.compile)
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
     if args.profile:
         write_profile(args.profile, [(b, bl) for b, bl, _ in batches[:3]], train_step, cuda)
     report_step(f"dflash trainer step ({args.shape}, {args.tokens} tok, block {args.block}, {args.layers} layers)",
-                args, step_s, tflops, cuda, compile=args.compile, block=args.block, layers=args.layers, target_layers=layers)
+                args, step_s, tflops, cuda, compile=args.compile, flex_mode=args.flex_mode,
+                flex_options=args.flex_options, block=args.block, layers=args.layers, target_layers=layers)
     return 0
 
 

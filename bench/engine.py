@@ -33,6 +33,7 @@ from lib.data.batch import PackedBatch  # noqa: E402
 from lib.config import EngineConfig, TargetConfig  # noqa: E402
 from lib.engine.hf import AuxWriter, HFBackend  # noqa: E402
 from bench.flops import _window_pairs, mlp_matmul_params  # noqa: E402
+from bench.trainer import write_profile  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 MEASURED_TFLOPS = 790.0
@@ -140,6 +141,10 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
         run(b)
     sync()
     seconds = time.perf_counter() - start
+    if args.profile:  # after the timing, so the figures above are unprofiled
+        os.makedirs(args.profile, exist_ok=True)
+        label = (name if backend.moe_impl is None else f"{name}_{backend.moe_impl.value}").replace("+", "_")
+        write_profile(os.path.join(args.profile, f"{label}.txt"), timed[:3], run, device.type == "cuda")
     tokens = sum(b.num_tokens for b in timed)
     flops = sum(flops_per_batch(shape, b) for b in timed)
     tflops = flops / seconds / 1e12
@@ -179,6 +184,8 @@ def main() -> None:
     p.add_argument("--moe-impl", default="auto",
                    help="MoE shapes: comma-separated engine.moe_impl values to measure each path with (grouped, hf, eager)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
+                                     "kernels' table there")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     device = torch.device(args.device)

@@ -2,7 +2,7 @@
 # One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
-#     family dflash_trainer dflash_e2e moe_engine moe_e2e regen
+#     family dflash_trainer dflash_flex dflash_e2e moe_engine moe_e2e regen
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -48,12 +48,22 @@ for p in "$@"; do case $p in
       --limit-s 280 ;;
   dflash_trainer) part dflash_trainer 240 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" \
       --profile "$WORK/dflash_trainer_profile.txt" ;;
+  # The DFlash step's flex attention (backward 4.3x its forward on the H200): Inductor's autotuned tiles,
+  # then explicit backward tiles; each line is one process, compared with dflash_trainer's default.
+  dflash_flex)
+    part dflash_flex_autotune 300 python3 bench/dflash_trainer.py --out "$WORK/dflash_flex_autotune.json" \
+      --flex-mode max-autotune-no-cudagraphs
+    n=0
+    for opts in ${FLEX_OPTIONS:-'{"BLOCK_M1":64,"BLOCK_N1":128,"BLOCK_M2":128,"BLOCK_N2":64,"num_warps":8}' \
+        '{"BLOCK_M1":32,"BLOCK_N1":128,"BLOCK_M2":128,"BLOCK_N2":32,"num_warps":4,"num_stages":3}'}; do
+      part "dflash_flex_$((++n))" 150 python3 bench/dflash_trainer.py --out "$WORK/dflash_flex_$n.json" --flex-options "$opts"
+    done ;;
   dflash_e2e) part dflash_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/dflash_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft=dflash ;;
   # MoE (issue 17): capture of the 30B-A3B and gpt-oss-20b shapes (grouped experts vs transformers'), end to
   # end on one GPU.
   moe_engine) part moe_engine 300 python3 bench/engine.py --out "$WORK/moe_engine.json" --shape qwen3-30b-a3b \
-      --moe-impl grouped,hf
+      --moe-impl grouped,hf --profile "$WORK/moe_profile"
     part moe_engine_gpt_oss 240 python3 bench/engine.py --out "$WORK/moe_engine_gpt_oss.json" --shape gpt-oss-20b \
       --moe-impl grouped,hf --paths varlen+compile ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \

@@ -99,6 +99,39 @@ def test_packed_blocks_equal_each_block_run_alone_with_its_own_context():
         torch.testing.assert_close(out[n], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lengths,block,anchors,has_full_tiles", [
+    ((300, 200, 157), 16, None, False),  # 42 blocks: the last query tile is partial
+    ((640, 384), 16, None, True),  # 64 blocks: whole query tiles, key tiles wholly inside sequences
+    ((129, 1, 513, 99), 4, None, True),  # short blocks, 32 per query tile; a one-token sequence
+    ((700, 300), 32, 5, False),  # few anchors: most key tiles are invisible
+    ((256, 256), 16, "starts", False),  # anchors at sequence starts see no context at all
+])
+def test_tile_built_block_mask_equals_the_one_from_every_query_key_pair(lengths, block, anchors, has_full_tiles):
+    """flex_attention_fn builds its BlockMask from the block layout; it must be create_block_mask's
+    (same partial and full tiles, same index order), so flex computes exactly the same attention."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lib.drafts.dflash import mask as mask_lib
+
+    ids, loss_mask, positions, cu = packed(lengths=lengths, seed=len(lengths))
+    if anchors == "starts":
+        picked = cu[:-1].long()
+    else:
+        picked = sample_anchors(loss_mask, cu, block, anchors, torch.Generator().manual_seed(block))
+    b = build_blocks(ids, loss_mask, positions, cu, picked, block, MASK)
+    tokens, queries = ids.shape[0], b.num_blocks * block
+    dense = dense_mask(b)
+
+    def mask_mod(_b, _h, q, kv):
+        return dense[q, kv]
+
+    got = mask_lib.tile_block_mask(b, mask_mod)
+    want = create_block_mask(mask_mod, 1, None, queries, tokens + queries, device="cpu")
+    for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert (int(want.full_kv_num_blocks.sum()) > 0) == has_full_tiles  # both kinds of tile are exercised
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention path runs on CUDA")
 def test_flex_attention_equals_the_dense_reference_on_cuda():

@@ -107,6 +107,53 @@ def dense_attention(blocks: Blocks):
 
 
 _COMPILED_FLEX = None
+# Tuning knobs of the flex kernels, set before the first call (bench/dflash_trainer.py sweeps them):
+# torch.compile's mode for flex_attention ("max-autotune-no-cudagraphs" lets Inductor time its tile
+# configurations) and explicit kernel_options (e.g. {"BLOCK_M1": 64, "BLOCK_N1": 64}). None: torch's defaults.
+FLEX_COMPILE_MODE: Optional[str] = None
+FLEX_KERNEL_OPTIONS: Optional[dict] = None
+FLEX_TILE = 128  # the BlockMask's tile (create_block_mask's default)
+
+
+def _tiles_to_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Qt, Kt] bool -> (count [1, 1, Qt], ascending kv tile indices first [1, 1, Qt, Kt]), as BlockMask keeps them."""
+    count = tiles.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count[None, None], order[None, None]
+
+
+def tile_block_mask(blocks: Blocks, mask_mod, tile: int = FLEX_TILE):
+    """The BlockMask of `mask_mod` (flex_attention_fn's) built from the block layout, one entry per
+    (query tile, key tile), instead of evaluating mask_mod on every (query, key) pair: that dense
+    pass makes several [N*B, T + N*B] temporaries (GBs at 8k tokens) and Python work every step.
+
+    A query tile holds tile/B whole blocks. Block n sees context keys [start of its sequence, a_n) and
+    its own B keys, so a context key tile is visible if it meets any block's interval and full if it
+    lies inside every block's (only for complete tiles); the own-key tiles are always partial.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tokens, b, n, device = blocks.doc.shape[0], blocks.block_size, blocks.num_blocks, blocks.doc.device
+    per_tile, q_len = tile // b, n * b
+    kv_len = tokens + q_len
+    q_tiles, kv_tiles = -(-q_len // tile), -(-kv_len // tile)
+    slot = torch.arange(q_tiles * per_tile, device=device)
+    exists = slot < n
+    anchor = blocks.anchors[slot.clamp(max=n - 1)]
+    lo = torch.searchsorted(blocks.doc, blocks.doc[anchor])  # the anchor's sequence starts here
+    hi = torch.where(exists, anchor, lo)  # a missing block (past the last) sees no context
+    lo, hi = lo.view(q_tiles, per_tile, 1), hi.view(q_tiles, per_tile, 1)
+    start = torch.arange(kv_tiles, device=device) * tile
+    end = start + tile
+    in_ctx = end <= tokens  # wholly context keys
+    meets = ((start < hi) & (end.clamp(max=tokens) > lo) & (start < tokens)).any(1)
+    q_whole = (torch.arange(q_tiles, device=device) + 1) * tile <= q_len
+    full = ((lo <= start) & (end <= hi)).all(1) & in_ctx & q_whole[:, None]
+    own_start = tokens + torch.arange(q_tiles, device=device)[:, None] * tile
+    own = (start < own_start + tile) & (end > own_start) & (start < kv_len)
+    partial = (meets | own) & ~full
+    return BlockMask.from_kv_blocks(*_tiles_to_indices(partial), *_tiles_to_indices(full), BLOCK_SIZE=tile,
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
 
 
 def flex_attention_fn(blocks: Blocks, compiled: bool = True):
@@ -127,11 +174,16 @@ def flex_attention_fn(blocks: Blocks, compiled: bool = True):
         own = (~in_ctx) & ((kv - tokens) // b == n)
         return ctx | own
 
-    block_mask = create_block_mask(mask_mod, 1, None, queries, tokens + queries, device=doc.device)
+    if FLEX_TILE % b == 0:
+        block_mask = tile_block_mask(blocks, mask_mod)
+    else:
+        block_mask = create_block_mask(mask_mod, 1, None, queries, tokens + queries, device=doc.device,
+                                       BLOCK_SIZE=FLEX_TILE)
     if compiled and _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True, mode=FLEX_COMPILE_MODE)
     fn = _COMPILED_FLEX if compiled else flex_attention
 
     def attn(q, k, v):
-        return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                  kernel_options=FLEX_KERNEL_OPTIONS)
     return attn
