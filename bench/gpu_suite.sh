@@ -59,7 +59,7 @@ for p in "$@"; do case $p in
       part "dflash_flex_$((++n))" 150 python3 bench/dflash_trainer.py --out "$WORK/dflash_flex_$n.json" --flex-options "$opts"
     done ;;
   dflash_e2e) part dflash_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/dflash_e2e" \
-      --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft=dflash ;;
+      --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft=dflash ${E2E_ONLY:+--only $E2E_ONLY} ;;
   # MoE (issue 17): capture of the 30B-A3B and gpt-oss-20b shapes (grouped experts vs transformers'), end to
   # end on one GPU.
   moe_engine) part moe_engine 300 python3 bench/engine.py --out "$WORK/moe_engine.json" --shape qwen3-30b-a3b \
