@@ -4,9 +4,10 @@ transformers keeps each MoE layer's experts as 3-D weights ([experts, out, in] o
 routes with a per-layer router. The engine's grouped path (engine.moe_impl=grouped, the default)
 replaces only the experts' forward: the T*k routed (token, expert) pairs are sorted by expert ONCE per
 layer, each expert's tokens then run as one group of a grouped GEMM (torch._grouped_mm: a single kernel
-on Hopper, a reference implementation on CPU) and the weighted outputs are scattered back with one
-index_add. Every shape in it depends only on T (no per-expert token counts leave the device), so a
-compiled decoder layer keeps the whole MoE block in its graph. The router is left as transformers
+on Hopper, a reference implementation on CPU) and the outputs are gathered back into (token, slot)
+order and summed per token with the routing weights in fp32 (a reduction, no atomic adds). Every
+shape in it depends only on T (no per-expert token counts leave the device), so a compiled decoder
+layer keeps the whole MoE block in its graph. The router is left as transformers
 runs it, so routing decisions are the reference's own.
 
 Two weight layouts are known (anything else keeps transformers' experts and is logged):
@@ -93,7 +94,7 @@ def grouped_experts_forward(
     """[T, H] hidden states, [T, k] routed experts and weights -> [T, H], as the experts module computes."""
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
-    # Stable, so each expert's rows stay in token order (the reference's summation order too).
+    # Stable, so each expert's rows stay in token order and the grouping is the same on every run.
     order = torch.argsort(flat, stable=True)
     token = order // k
     counts = torch.zeros(info.num_experts, dtype=torch.int64, device=flat.device)
@@ -108,12 +109,13 @@ def grouped_experts_forward(
         gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
         y = _grouped_matmul(experts._apply_gate(gate_up), experts.down_proj, offs)
         y = y + experts.down_proj_bias[sorted_expert]
-    # Weighted and summed over each token's k experts in fp32, then rounded once: summing in bf16
-    # rounds after every add, which on its own doubled the capture error of a bf16 gpt-oss layer.
-    y = y.float() * top_k_weights.reshape(-1)[order, None].float()
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    out.index_add_(0, token, y)
-    return out.to(hidden.dtype)
+    # Back to (token, slot) order by a gather (each sorted row i belongs at flat slot order[i]), then
+    # each token's k rows weighted and summed in fp32 and rounded once. A reduction, not a scatter-add:
+    # no atomics, so the sum's order, and the captured states, are the same on every run.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    per_slot = y[inverse].view(*top_k_index.shape, -1).float()
+    return (per_slot * top_k_weights[..., None].float()).sum(-2).to(hidden.dtype)
 
 
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
