@@ -106,7 +106,8 @@ def chunked_ce(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor) -
     if head.requires_grad:
         raise RuntimeError("DFlash's lm_head is the frozen target head; it must not require a gradient")
     if not (torch.is_grad_enabled() and hidden.requires_grad):
-        parts = [ops.ce_rows(h @ head.t(), y.clone()) for h, y in zip(hidden.split(CE_CHUNK_ROWS), labels.split(CE_CHUNK_ROWS))]
+        parts = [ops.ce_rows(h @ head.t(), y.clone())
+                 for h, y in zip(hidden.split(CE_CHUNK_ROWS), labels.split(CE_CHUNK_ROWS))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return _HeadCrossEntropy.apply(hidden, head, labels)
 
