@@ -107,9 +107,10 @@ def test_packed_blocks_equal_each_block_run_alone_with_its_own_context():
     ((256, 256), 16, "starts", False),  # anchors at sequence starts see no context at all
 ])
 def test_tile_built_block_mask_equals_the_one_from_every_query_key_pair(lengths, block, anchors, has_full_tiles):
-    """flex_attention_fn builds its BlockMask from the block layout; it must be create_block_mask's
-    (same partial and full tiles, same index order), so flex computes exactly the same attention."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """flex_attention_fn's mask_mod is the dense reference mask, and its BlockMask, built from the block
+    layout, is create_block_mask's (same partial and full tiles, same index order): flex computes
+    exactly the attention of the CPU path."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
     from lib.drafts.dflash import mask as mask_lib
 
@@ -120,11 +121,8 @@ def test_tile_built_block_mask_equals_the_one_from_every_query_key_pair(lengths,
         picked = sample_anchors(loss_mask, cu, block, anchors, torch.Generator().manual_seed(block))
     b = build_blocks(ids, loss_mask, positions, cu, picked, block, MASK)
     tokens, queries = ids.shape[0], b.num_blocks * block
-    dense = dense_mask(b)
-
-    def mask_mod(_b, _h, q, kv):
-        return dense[q, kv]
-
+    mask_mod = mask_lib.flex_mask_mod(b)
+    assert torch.equal(create_mask(mask_mod, 1, 1, queries, tokens + queries, device="cpu")[0, 0], dense_mask(b))
     got = mask_lib.tile_block_mask(b, mask_mod)
     want = create_block_mask(mask_mod, 1, None, queries, tokens + queries, device="cpu")
     for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):

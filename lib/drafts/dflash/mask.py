@@ -115,6 +115,25 @@ FLEX_KERNEL_OPTIONS: Optional[dict] = None
 FLEX_TILE = 128  # the BlockMask's tile (create_block_mask's default)
 
 
+def context_starts(blocks: Blocks) -> torch.Tensor:
+    """[N] packed index where each block's anchor's sequence starts: block n sees context [start, a_n)."""
+    return torch.searchsorted(blocks.doc, blocks.doc[blocks.anchors])
+
+
+def flex_mask_mod(blocks: Blocks):
+    """dense_mask as a flex mask_mod. Only per-query values are looked up (the block's context interval),
+    never per-key ones, so the kernel's partial tiles stay cheap; a key past the context (kv >= T) is
+    never below the anchor, so the context test needs no bound of its own."""
+    tokens, b, anchors, starts = blocks.doc.shape[0], blocks.block_size, blocks.anchors, context_starts(blocks)
+
+    def mask_mod(_b, _h, q, kv):
+        n = q // b
+        ctx = (kv >= starts[n]) & (kv < anchors[n])
+        own = (kv >= tokens) & ((kv - tokens) // b == n)
+        return ctx | own
+    return mask_mod
+
+
 def _tiles_to_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[Qt, Kt] bool -> (count [1, 1, Qt], ascending kv tile indices first [1, 1, Qt, Kt]), as BlockMask keeps them."""
     count = tiles.sum(-1, dtype=torch.int32)
@@ -123,7 +142,7 @@ def _tiles_to_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tile_block_mask(blocks: Blocks, mask_mod, tile: int = FLEX_TILE):
-    """The BlockMask of `mask_mod` (flex_attention_fn's) built from the block layout, one entry per
+    """The BlockMask of `mask_mod` (flex_mask_mod's) built from the block layout, one entry per
     (query tile, key tile), instead of evaluating mask_mod on every (query, key) pair: that dense
     pass makes several [N*B, T + N*B] temporaries (GBs at 8k tokens) and Python work every step.
 
@@ -139,9 +158,9 @@ def tile_block_mask(blocks: Blocks, mask_mod, tile: int = FLEX_TILE):
     q_tiles, kv_tiles = -(-q_len // tile), -(-kv_len // tile)
     slot = torch.arange(q_tiles * per_tile, device=device)
     exists = slot < n
-    anchor = blocks.anchors[slot.clamp(max=n - 1)]
-    lo = torch.searchsorted(blocks.doc, blocks.doc[anchor])  # the anchor's sequence starts here
-    hi = torch.where(exists, anchor, lo)  # a missing block (past the last) sees no context
+    pick = slot.clamp(max=n - 1)
+    lo = context_starts(blocks)[pick]
+    hi = torch.where(exists, blocks.anchors[pick], lo)  # a missing block (past the last) sees no context
     lo, hi = lo.view(q_tiles, per_tile, 1), hi.view(q_tiles, per_tile, 1)
     start = torch.arange(kv_tiles, device=device) * tile
     end = start + tile
@@ -163,21 +182,11 @@ def flex_attention_fn(blocks: Blocks, compiled: bool = True):
     global _COMPILED_FLEX
     tokens, b = blocks.doc.shape[0], blocks.block_size
     queries = blocks.num_blocks * b
-    doc, anchors = blocks.doc, blocks.anchors
-
-    def mask_mod(_b, _h, q, kv):
-        n = q // b
-        anchor = anchors[n]
-        in_ctx = kv < tokens
-        t = kv.clamp(max=tokens - 1)
-        ctx = in_ctx & (doc[t] == doc[anchor]) & (kv < anchor)
-        own = (~in_ctx) & ((kv - tokens) // b == n)
-        return ctx | own
-
+    mask_mod = flex_mask_mod(blocks)
     if FLEX_TILE % b == 0:
         block_mask = tile_block_mask(blocks, mask_mod)
     else:
-        block_mask = create_block_mask(mask_mod, 1, None, queries, tokens + queries, device=doc.device,
+        block_mask = create_block_mask(mask_mod, 1, None, queries, tokens + queries, device=blocks.doc.device,
                                        BLOCK_SIZE=FLEX_TILE)
     if compiled and _COMPILED_FLEX is None:
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True, mode=FLEX_COMPILE_MODE)
