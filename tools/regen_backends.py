@@ -31,7 +31,9 @@ class LocalTarget:
             raise RuntimeError("--device=cuda: no GPU is visible; use --device=cpu or auto")
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
         dtype = torch.bfloat16 if cuda else torch.float32  # no fast bf16 matmuls on CPU
-        model = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype, attn_implementation="sdpa")
+        # Straight onto the GPU, as the engine loads (no full copy of the weights in host memory first).
+        placement = {"device_map": str(self.device)} if cuda else {}
+        model = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype, attn_implementation="sdpa", **placement)
         self.runner = TargetRunner.from_causal_lm(model.to(self.device).eval())
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.target)
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.target)
