@@ -50,10 +50,9 @@ def draft_dir(path: str) -> str:
 
 
 def load_target(cfg, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    from lib.target.shape import resolve_dtype
     from lib.engine.hf import build_random_target
+    from lib.target.shape import resolve_dtype
+    from lib.target.weights import load_causal_lm
 
     dtype = resolve_dtype(cfg.target.dtype, device)
     if cfg.target.random_init:
@@ -61,8 +60,7 @@ def load_target(cfg, device: torch.device):
     if cfg.target.path is None or not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
         raise SystemExit(f"target.path={cfg.target.path!r}: no config.json there; set target.path to a local HF "
                          f"checkpoint (or target=<shape> target.random_init=true)")
-    model = AutoModelForCausalLM.from_pretrained(cfg.target.path, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    return load_causal_lm(cfg.target.path, dtype, device)
 
 
 def format_table(rows: list[dict]) -> str:

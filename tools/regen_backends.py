@@ -22,19 +22,17 @@ class LocalTarget:
 
     def __init__(self, cfg: Any, rank: int):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from lib.eval.target import TargetRunner, stop_token_ids
+        from lib.target.weights import load_causal_lm
 
         cuda = cfg.device != "cpu" and torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise RuntimeError("--device=cuda: no GPU is visible; use --device=cpu or auto")
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
         dtype = torch.bfloat16 if cuda else torch.float32  # no fast bf16 matmuls on CPU
-        # Straight onto the GPU, as the engine loads (no full copy of the weights in host memory first).
-        placement = {"device_map": str(self.device)} if cuda else {}
-        model = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype, attn_implementation="sdpa", **placement)
-        self.runner = TargetRunner.from_causal_lm(model.to(self.device).eval())
+        self.runner = TargetRunner.from_causal_lm(load_causal_lm(cfg.target, dtype, self.device))
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.target)
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.target)
         self.cfg = cfg

@@ -75,3 +75,13 @@ def load_target_lm_head(target: Union[str, nn.Module]) -> torch.Tensor:
                            f"{list(LM_HEAD_NAMES)}")
         weight = load_target_embedding(target)
     return weight
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa") -> nn.Module:
+    """A local checkpoint as a transformers causal LM in eval mode on `device`; on a GPU loaded straight
+    there (device_map, which needs accelerate), not through a full copy in host memory."""
+    from transformers import AutoModelForCausalLM
+
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **placement)
+    return model.to(device).eval()
