@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.trainer import (add_step_args, init_one_rank, report_step, sample_lengths,  # noqa: E402
-                           target_config, time_steps, write_profile)
+from bench.trainer import (add_step_args, init_one_rank, parse_step_args, report_step,  # noqa: E402
+                           sample_lengths, target_config, time_steps, write_profile)
 from lib.drafts.dflash.fused import use_compiled  # noqa: E402
 from lib.drafts.dflash import mask  # noqa: E402
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors  # noqa: E402
@@ -53,15 +53,10 @@ def main(argv=None) -> int:
     add_step_args(p)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--layers", type=int, default=5)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="fuse the elementwise work (train.compile); default as in training: on for cuda")
-    p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
     p.add_argument("--flex-mode", help="torch.compile mode for flex attention, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--flex-options", type=json.loads, help='flex kernel_options as JSON, e.g. \'{"BLOCK_M1": 64}\'')
-    args = p.parse_args(argv)
+    args = parse_step_args(p, argv)
     mask.FLEX_COMPILE_MODE, mask.FLEX_KERNEL_OPTIONS = args.flex_mode, args.flex_options
-    if args.compile is None:
-        args.compile = args.device == "cuda"
     use_compiled(args.compile)
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -89,11 +89,10 @@ def main() -> None:
         output = f.read()
     if code != 0:
         raise SystemExit(f"regenerate failed (exit {code}):\n{output[-4000:]}")
-    found = None
-    for found in STATS.finditer(output):
-        pass  # the last stats line is the whole run's
-    if found is None:
+    stats = list(STATS.finditer(output))
+    if not stats:
         raise SystemExit(f"no throughput line in regenerate's output:\n{output[-4000:]}")
+    found = stats[-1]  # the last stats line is the whole run's; earlier ones are progress
     tokens, seconds = int(found.group(1)), float(found.group(2))
     result = {"shape": args.shape, "prompts": len(lines), "max_new_tokens": args.max_new_tokens,
               "batch_size": args.batch_size, "new_tokens": tokens, "decode_s": seconds,

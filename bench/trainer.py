@@ -91,6 +91,17 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", required=True)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse the elementwise work (train.compile); default as in training: on for cuda")
+    p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse add_step_args' arguments (and the benchmark's own); --compile defaults as training's does."""
+    args = p.parse_args(argv)
+    if args.compile is None:
+        args.compile = args.device == "cuda"
+    return args
 
 
 def init_one_rank(device: torch.device) -> None:
@@ -137,10 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--draft-vocab", type=int, default=32000)
     p.add_argument("--recompute", action="store_true",
                    help="train.recompute: rerun each step's layer and logits in backward")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="fuse the elementwise work (train.compile); default as in training: on for cuda")
-    p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
-    args = p.parse_args(argv)
+    args = parse_step_args(p, argv)
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -148,8 +156,6 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     init_one_rank(device)
     hf = target_config(args.shape)
-    if args.compile is None:
-        args.compile = args.device == "cuda"
     use_compiled(args.compile)
     aux = [1, hf.num_hidden_layers // 2 - 1, hf.num_hidden_layers - 4]
     dv = min(args.draft_vocab, hf.vocab_size)

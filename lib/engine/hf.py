@@ -40,6 +40,7 @@ from lib.engine.base import (
 from lib.engine.moe import install_moe_impl
 from lib.engine.tp import TensorParallel
 from lib.target.shape import resolve_dtype
+from lib.target.weights import load_pretrained
 
 log = logging.getLogger("specdraft.engine")
 ATTN_IMPLS = tuple(a.value for a in AttnImpl)
@@ -149,12 +150,11 @@ def load_base_model(target: TargetConfig, dtype: torch.dtype, device: torch.devi
         model = build_random_target(target, dtype, device, attn).base_model
     else:
         build_target_config(target)  # validates target.path with a clear message first
-        kwargs = {"device_map": str(device)} if device.type == "cuda" else {}
         # The checkpoint's lm_head is deliberately left out; keep transformers from reporting it as unexpected.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = AutoModel.from_pretrained(target.path, dtype=dtype, attn_implementation=attn, **kwargs)
+            model = load_pretrained(AutoModel, target.path, dtype, device, attn)
         finally:
             hf_logging.set_verbosity(verbosity)
     for name in ("layers", "norm", "embed_tokens"):

@@ -135,12 +135,10 @@ def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
     back to eager. One class and one info object per layout keep one graph for all layers.
     """
     cls = type(experts)
-    if cls in _GROUPED_CLASSES.values():  # installed before: only the info can be new
-        experts.grouped_info = _INFOS.setdefault(info, info)
-        return
-    if cls not in _GROUPED_CLASSES:
-        _GROUPED_CLASSES[cls] = type(f"Grouped{cls.__name__}", (cls,), {"forward": _grouped_forward})
-    experts.__class__ = _GROUPED_CLASSES[cls]
+    if cls not in _GROUPED_CLASSES.values():  # a module installed before keeps its class
+        if cls not in _GROUPED_CLASSES:
+            _GROUPED_CLASSES[cls] = type(f"Grouped{cls.__name__}", (cls,), {"forward": _grouped_forward})
+        experts.__class__ = _GROUPED_CLASSES[cls]
     experts.grouped_info = _INFOS.setdefault(info, info)
 
 

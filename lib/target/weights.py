@@ -77,11 +77,16 @@ def load_target_lm_head(target: Union[str, nn.Module]) -> torch.Tensor:
     return weight
 
 
+def load_pretrained(auto_class, path: str, dtype: torch.dtype, device: torch.device, attn: str) -> nn.Module:
+    """`auto_class.from_pretrained(path)` on `device`, in eval mode; on a GPU loaded straight there
+    (device_map, which needs accelerate), not through a full copy in host memory."""
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}
+    model = auto_class.from_pretrained(path, dtype=dtype, attn_implementation=attn, **placement)
+    return model.to(device).eval()
+
+
 def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa") -> nn.Module:
-    """A local checkpoint as a transformers causal LM in eval mode on `device`; on a GPU loaded straight
-    there (device_map, which needs accelerate), not through a full copy in host memory."""
+    """A local checkpoint as a transformers causal LM (lm_head included) on `device`."""
     from transformers import AutoModelForCausalLM
 
-    placement = {"device_map": str(device)} if device.type == "cuda" else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **placement)
-    return model.to(device).eval()
+    return load_pretrained(AutoModelForCausalLM, path, dtype, device, attn)
