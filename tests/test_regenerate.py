@@ -168,6 +168,25 @@ def test_server_path_against_a_loopback_server(tmp_path, server, monkeypatch):
         regenerate.read_done(regenerate.parse_args([*args[:-6], "--temperature", "1.0", "--model", "loopback-model"]))
 
 
+def test_conversations_with_most_turns_are_started_first(tmp_path, server, monkeypatch):
+    """A conversation's turns are answered one after another: the longest chains start first, so the
+    batch does not end with one long conversation decoding alone."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    one = {"conversations": [{"role": "user", "content": "one"}]}
+    three = {"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"},
+                               {"role": "user", "content": "b"}, {"role": "assistant", "content": "y"},
+                               {"role": "user", "content": "c"}]}
+    two = {"conversations": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "q"},
+                             {"role": "user", "content": "r"}]}
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(o) + "\n" for o in (one, two, three)))
+    assert main(["--server", server, "--input", str(src), "--output", str(out), "--batch-size", "1"]) == 0
+    asked = [b["messages"][-1]["content"] for b in FakeServer.bodies]
+    assert asked == ["a", "b", "c", "p", "r", "one"]
+    assert [len(o["regenerated"]["finish"]) for o in read_jsonl(out)] == [1, 2, 3]
+
+
 def test_a_torn_part_line_is_answered_again(tmp_path):
     part = tmp_path / "out.jsonl.part-0"
     part.write_text(json.dumps({"line": 0, "skipped": "malformed_json"}) + "\n" + '{"line": 1, "out": {"conv')

@@ -37,6 +37,7 @@ class LocalTarget:
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.target)
         self.cfg = cfg
         self.new_tokens, self.seconds = 0, 0.0
+        self._streaming_since: Optional[float] = None
 
     def request(self, messages: list[dict]) -> Optional[tuple[list[int], int]]:
         """(prompt ids, budget of new tokens), or None when the prompt alone reaches --max-length."""
@@ -54,17 +55,21 @@ class LocalTarget:
         from lib.eval.sampling import sample_stream
 
         generator = torch.Generator(self.device).manual_seed(seed)
-        start = time.perf_counter()
+        self._streaming_since = time.perf_counter()
         try:
             for key, generated in sample_stream(self.runner, feed, self.stop_ids, self.cfg.sampling,
                                                 self.cfg.batch_size, generator):
                 self.new_tokens += len(generated.tokens)
                 yield key, (self.tokenizer.decode(generated.tokens, skip_special_tokens=False), generated.finish)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += time.perf_counter() - self._streaming_since
+            self._streaming_since = None
 
     def stats(self) -> str:
-        return f"{self.new_tokens} new tokens in {self.seconds:.1f} s ({self.new_tokens / max(self.seconds, 1e-9):.0f} tokens/s)"
+        # Progress lines come while streaming: count the running stream's time too.
+        running = time.perf_counter() - self._streaming_since if self._streaming_since is not None else 0.0
+        seconds = self.seconds + running
+        return f"{self.new_tokens} new tokens in {seconds:.1f} s ({self.new_tokens / max(seconds, 1e-9):.0f} tokens/s)"
 
 
 class ServerError(RuntimeError):

@@ -113,6 +113,12 @@ class Conversation:
             return self.history
         return None
 
+    def turns_left(self) -> int:
+        """Answers still to write (an upper bound: a prompt may end the conversation at --max-length)."""
+        asked = self.messages[self.turn:]
+        ending = 1 if asked and asked[-1]["role"] == "user" else 0
+        return sum(m["role"] == "assistant" for m in asked) + ending
+
     def answer(self, text: str, finish: str) -> None:
         self.answers.append(text)
         self.finish.append(finish)
@@ -267,6 +273,9 @@ def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversatio
     """
     settings, answers = cfg.record(), 0
     progress = {"done": 0, "shown": time.monotonic()}
+    # Longest first: a conversation's turns are answered one after another, so one that starts late
+    # with many turns would decode almost alone at the end while the batch stands empty.
+    conversations = sorted(conversations, key=lambda c: (-c.turns_left(), -sum(len(m["content"]) for m in c.messages)))
 
     def finish(conv: Conversation) -> None:
         if conv.answers:

@@ -10,8 +10,36 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-_MASKABLE_ATTN = ("sdpa", "eager")  # implementations that take an explicit 4-D float mask
+_DECODE_ATTN = "decode_grouped"
+_GROUPED_MAX_QUERIES = 16  # decode steps and verify chunks; longer queries (prefill) go to plain sdpa
+
+
+def _grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                             dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention interface for decoding: q [B, H, S, D], k/v [B, Hkv, L, D] -> [B, S, H, D].
+
+    With an explicit mask, transformers' sdpa copies every cached key and value H/Hkv times per layer
+    (repeat_kv: masked GQA has no fused kernel), which dominates a batched decode step over a long
+    cache. For a few queries the heads sharing a key head are folded into the query axis instead, so
+    one fused masked kernel reads the cache once; the mask is repeated along the folded axis only.
+    """
+    b, heads, s, d = query.shape
+    kv_heads = key.shape[1]
+    if s > _GROUPED_MAX_QUERIES or attention_mask is None or heads == kv_heads or kwargs.get("s_aux") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    group = heads // kv_heads
+    q = query.reshape(b, kv_heads, group * s, d)  # a key head's query heads are adjacent (repeat_kv's order)
+    mask = attention_mask.unsqueeze(2).expand(b, 1, group, s, attention_mask.shape[-1]).reshape(b, 1, group * s, -1)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_DECODE_ATTN, _grouped_query_attention)
 
 
 class TargetRunner:
@@ -67,12 +95,17 @@ class TargetRunner:
 
         The engine may run varlen/flex attention (they need packed-batch arguments) and compiled
         layers (decoding shapes would recompile them, for minutes, and spend dynamo's recompile
-        budget). no_grad rather than inference_mode: a draft that is also trained must not pick up
-        inference tensors (its cached rotary table)."""
+        budget); decoding runs _grouped_query_attention (sdpa without copying the cache per head).
+        Eager stays eager, and gpt-oss keeps the masked attention it had (its sinks). no_grad rather
+        than inference_mode: a draft that is also trained must not pick up inference tensors (its
+        cached rotary table)."""
         current = self.base.config._attn_implementation
-        switch = current not in _MASKABLE_ATTN
+        wanted = _DECODE_ATTN if current != "eager" else current
+        if getattr(self.base.config, "model_type", None) == "gpt_oss":
+            wanted = current if current in ("sdpa", "eager") else "sdpa"
+        switch = wanted != current
         if switch:
-            self.base.set_attn_implementation("sdpa")
+            self.base.set_attn_implementation(wanted)
         try:
             with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 yield
