@@ -4,8 +4,9 @@ transformers keeps each MoE layer's experts as 3-D weights ([experts, out, in] o
 routes with a per-layer router. The engine's grouped path (engine.moe_impl=grouped, the default)
 replaces only the experts' forward: the T*k routed (token, expert) pairs are sorted by expert ONCE per
 layer, each expert's tokens then run as one group of a grouped GEMM (torch._grouped_mm: a single kernel
-on Hopper, a reference implementation on CPU) and the outputs are gathered back into (token, slot)
-order and summed per token with the routing weights in fp32 (a reduction, no atomic adds). Every
+on Hopper, a reference implementation on CPU) with each row's routing weight folded into the down
+projection's input; the outputs are gathered back into (token, slot) order and summed per token in
+fp32 (a reduction, no atomic adds). Every
 shape in it depends only on T (no per-expert token counts leave the device), so a compiled decoder
 layer keeps the whole MoE block in its graph. The router is left as transformers
 runs it, so routing decisions are the reference's own.
@@ -96,26 +97,29 @@ def grouped_experts_forward(
     flat = top_k_index.reshape(-1)
     # Stable, so each expert's rows stay in token order and the grouping is the same on every run.
     order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.zeros(info.num_experts, dtype=torch.int64, device=flat.device)
-    counts.index_add_(0, flat, torch.ones_like(flat))
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    x = hidden[token]
+    sorted_expert = flat[order]
+    # Group ends by a search of the sorted ids: a count by index_add_ compiles to a sort-based
+    # accumulating index_put, 0.4 ms per layer on the H200 (12% of the compiled capture).
+    ends = torch.arange(1, info.num_experts + 1, device=flat.device, dtype=flat.dtype)
+    offs = torch.searchsorted(sorted_expert, ends, out_int32=True)
+    # Each row's routing weight scales the down projection's input (the projection is linear), in the
+    # elementwise kernel that feeds it, so the combine below is a plain sum.
+    weight = top_k_weights.reshape(-1)[order].float()[:, None]
+    x = hidden[order // k]
     if info.layout is ExpertsLayout.concatenated:
         gate, up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        y = _grouped_matmul(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offs)
+        h = experts.act_fn(gate.float()) * up.float() * weight  # rounded once, as a compiled kernel does
+        y = _grouped_matmul(h.to(x.dtype), experts.down_proj.transpose(1, 2), offs)
     else:
-        sorted_expert = flat[order]
         gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
-        y = _grouped_matmul(experts._apply_gate(gate_up), experts.down_proj, offs)
-        y = y + experts.down_proj_bias[sorted_expert]
+        y = _grouped_matmul((experts._apply_gate(gate_up.float()) * weight).to(x.dtype), experts.down_proj, offs)
+        y = y + (experts.down_proj_bias[sorted_expert] * weight).to(y.dtype)
     # Back to (token, slot) order by a gather (each sorted row i belongs at flat slot order[i]), then
-    # each token's k rows weighted and summed in fp32 and rounded once. A reduction, not a scatter-add:
-    # no atomics, so the sum's order, and the captured states, are the same on every run.
+    # each token's k rows summed in fp32 and rounded once. A reduction, not a scatter-add: no atomics,
+    # so the sum's order, and the captured states, are the same on every run.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    per_slot = y[inverse].view(*top_k_index.shape, -1).float()
-    return (per_slot * top_k_weights[..., None].float()).sum(-2).to(hidden.dtype)
+    return y[inverse].view(*top_k_index.shape, -1).float().sum(-2).to(hidden.dtype)
 
 
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
