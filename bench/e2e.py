@@ -81,6 +81,8 @@ def run_one(name: str, placement: str, mps: str, target: str, run_overrides: tup
 def summarize(name: str, placement: str, target: str, run_dir: str, wall: float, args) -> dict:
     from transformers import AutoConfig
 
+    from omegaconf import OmegaConf
+
     from bench.flops import draft_step_flops, target_forward_flops
     from lib.config import compose
     from lib.drafts.eagle3.model import Eagle3DraftConfig
@@ -101,20 +103,23 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
         hf = AutoConfig.from_pretrained(TINY)
     else:
         hf = load_hf_config(compose([f"target={target}", "target.random_init=true"]).target)
-    aux = eagle3_aux_layers(None, hf.num_hidden_layers)
-    dc = Eagle3DraftConfig.from_target(hf, min(32000, hf.vocab_size), aux, {})
-    # Samples of the embedded corpus are short: attention is a rounding error, count matmuls only.
-    per_pair = tokens_per_step / pairs
-    unit = [1] * int(per_pair)
-    flops = pairs * (target_forward_flops(hf, unit) + draft_step_flops(dc, unit, args.ttt, hf.vocab_size))
-    tflops = flops / step / 1e12
+    # Samples of the embedded corpus are short: attention is a rounding error, count matmuls only. The
+    # draft's share is counted for EAGLE-3 only (another family's step has other FLOPs: its own bench,
+    # e.g. bench/dflash_trainer.py, counts them); for other drafts the FLOP columns stay empty.
+    tflops = None
+    if OmegaConf.load(os.path.join(run_dir, "config.yaml")).draft.name == "eagle3":
+        aux = eagle3_aux_layers(None, hf.num_hidden_layers)
+        dc = Eagle3DraftConfig.from_target(hf, min(32000, hf.vocab_size), aux, {})
+        unit = [1] * int(tokens_per_step / pairs)
+        flops = pairs * (target_forward_flops(hf, unit) + draft_step_flops(dc, unit, args.ttt, hf.vocab_size))
+        tflops = flops / step / 1e12
     return {
         "name": name, "placement": placement, "target": target, "gpus": gpus, "pairs": pairs, "wall_s": wall,
         "steps": len(rows) + args.skip, "step_time_s": step, "tokens_per_s": tokens_per_step / step,
         "tokens_per_s_per_gpu": tokens_per_step / step / gpus,
         "samples_per_s": statistics.median(r["samples_per_s"] for r in rows),
-        "useful_tflops": tflops, "useful_tflops_per_gpu": tflops / gpus,
-        "frac_of_peak": tflops / gpus / BF16_PEAK_TFLOPS,
+        "useful_tflops": tflops, "useful_tflops_per_gpu": tflops and tflops / gpus,
+        "frac_of_peak": tflops and tflops / gpus / BF16_PEAK_TFLOPS,
         "handoff_ms": statistics.median(r["handoff_ms"] for r in rows) if placement != "sequential" else None,
         "trainer_peak_gib": max(r["peak_alloc_bytes"] for r in rows) / 2**30,
         "engine_peak_gib": max(r.get("engine_peak_alloc_bytes", 0) for r in rows) / 2**30,
@@ -124,6 +129,10 @@ def summarize(name: str, placement: str, target: str, run_dir: str, wall: float,
                                          "engine": r.get("engine_peak_alloc_bytes", 0) / 2**30}
                         for r in (early, all_rows[-1]) if r is not None},
     }
+
+
+def _or_dash(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def table(results: list[dict], device: str, command: str) -> str:
@@ -141,7 +150,8 @@ def table(results: list[dict], device: str, command: str) -> str:
         handoff = "-" if r["handoff_ms"] is None else f"{r['handoff_ms']:.2f}"
         lines.append(f"| {r['name']} | {r['target']} | {r['gpus']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} "
                      f"| {r['tokens_per_s_per_gpu']:.0f} | {ratio:.3f} | {r['samples_per_s']:.1f} "
-                     f"| {r['useful_tflops_per_gpu']:.0f} | {100 * r['frac_of_peak']:.1f} | {handoff} "
+                     f"| {_or_dash(r['useful_tflops_per_gpu'], '.0f')} "
+                     f"| {_or_dash(r['frac_of_peak'] and 100 * r['frac_of_peak'], '.1f')} | {handoff} "
                      f"| {r['trainer_peak_gib']:.1f} | {r['engine_peak_gib']:.1f} |")
     lines.append("")
     lines.append("ratio: tokens/s per GPU against the first row of the same target in this invocation.")

@@ -10,7 +10,11 @@
 
     python bench/family_ab.py --out-dir /tmp/family_ab --eagle-steps 1500 [hydra overrides for both runs]
 
-Writes <out-dir>/family_ab.json and prints a table (docs/benchmarks.md, "DFlash vs EAGLE-3").
+Writes <out-dir>/family_ab.json and prints a table (docs/benchmarks.md, "DFlash vs EAGLE-3"). The two
+halves also run apart, for time-limited machines: `--phase eagle3` (steps 1 and 3 for EAGLE-3; its
+result goes to <out-dir>/eagle3.json and prints its training time), then `--phase dflash
+--eagle-train-s S` (steps 2 and 3 for DFlash, with EAGLE-3's training time S; read from
+<out-dir>/eagle3.json when that is there), which prints the table when eagle3.json is present.
 """
 from __future__ import annotations
 
@@ -60,32 +64,53 @@ def main() -> None:
     p.add_argument("--calibration-steps", type=int, default=40)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--limit-s", type=float, default=1200, help="time limit of each training or evaluation")
+    p.add_argument("--phase", choices=["all", "eagle3", "dflash"], default="all")
+    p.add_argument("--eagle-train-s", type=float, help="EAGLE-3's training time for --phase dflash (default: "
+                   "<out-dir>/eagle3.json's)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (target=..., data=...)")
     args = p.parse_args()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
     dflash = ["draft=dflash", f"draft.options.block_size={args.block_size}"]
+    eagle_json = os.path.join(out, "eagle3.json")
+    eagle_train_s = args.eagle_train_s
+    if args.phase == "dflash" and eagle_train_s is None:
+        if not os.path.isfile(eagle_json):
+            raise SystemExit(f"--phase dflash: pass --eagle-train-s (EAGLE-3's training seconds from --phase eagle3) "
+                             f"or run --phase eagle3 with --out-dir {out} first")
+        with open(eagle_json) as f:
+            eagle_train_s = json.load(f)["train_s"]
+    if eagle_train_s is not None and eagle_train_s <= 0:
+        raise SystemExit(f"--eagle-train-s={eagle_train_s}: must be > 0 (seconds of EAGLE-3 training)")
 
-    eagle = train(f"{out}/eagle3", args.eagle_steps, args.overrides, args.limit_s)
-    calibration = train(f"{out}/dflash_calibration", args.calibration_steps, [*dflash, *args.overrides], args.limit_s)
-    dflash_steps = max(1, round(eagle["train_s"] / calibration["median_step_s"]))
-    flash = train(f"{out}/dflash", dflash_steps, [*dflash, *args.overrides], args.limit_s)
-
-    results = {
-        "eagle3": {**eagle, "eval": evaluate(f"{out}/eagle3/draft", f"{out}/eagle3_eval.json",
-                                             ["eval.draft_tokens=[3,7]", *args.overrides], args.limit_s)},
-        "dflash": {**flash, "eval": evaluate(f"{out}/dflash/draft", f"{out}/dflash_eval.json",
-                                             [*dflash, f"eval.draft_tokens=[{args.block_size - 1}]",
-                                              *args.overrides], args.limit_s)},
-        "overrides": args.overrides,
-    }
-    with open(f"{out}/family_ab.json", "w") as f:
+    results: dict = {"overrides": args.overrides}
+    if args.phase in ("all", "eagle3"):
+        eagle = train(f"{out}/eagle3", args.eagle_steps, args.overrides, args.limit_s)
+        results["eagle3"] = {**eagle, "eval": evaluate(f"{out}/eagle3/draft", f"{out}/eagle3_eval.json",
+                                                       ["eval.draft_tokens=[3,7]", *args.overrides], args.limit_s)}
+        with open(eagle_json, "w") as f:
+            json.dump(results["eagle3"], f, indent=1)
+        eagle_train_s = eagle["train_s"]
+        print(f"eagle3: {eagle['steps']} steps, train_s {eagle_train_s:.1f} (pass --eagle-train-s to --phase dflash)")
+    elif os.path.isfile(eagle_json):
+        with open(eagle_json) as f:
+            results["eagle3"] = json.load(f)
+    if args.phase in ("all", "dflash"):
+        calibration = train(f"{out}/dflash_calibration", args.calibration_steps, [*dflash, *args.overrides],
+                            args.limit_s)
+        dflash_steps = max(1, round(eagle_train_s / calibration["median_step_s"]))
+        flash = train(f"{out}/dflash", dflash_steps, [*dflash, *args.overrides], args.limit_s)
+        results["dflash"] = {**flash, "eagle3_train_s": eagle_train_s,
+                             "eval": evaluate(f"{out}/dflash/draft", f"{out}/dflash_eval.json",
+                                              [*dflash, f"eval.draft_tokens=[{args.block_size - 1}]",
+                                               *args.overrides], args.limit_s)}
+    with open(f"{out}/family_ab.json" if args.phase == "all" else f"{out}/family_ab_{args.phase}.json", "w") as f:
         json.dump(results, f, indent=1)
     print("| draft | steps | train s | last loss | k | tau (tokens per target forward) | matches greedy |")
     print("|---|---|---|---|---|---|---|")
     for name in ("eagle3", "dflash"):
-        r = results[name]
-        for e in r["eval"]:
+        r = results.get(name)
+        for e in (r or {}).get("eval", []):
             print(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['last_loss']:.4f} | {e['k']} | {e['tau']:.3f} | "
                   f"{e.get('matches_greedy')} |")
 

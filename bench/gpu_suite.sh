@@ -2,7 +2,7 @@
 # One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
-#     family dflash_trainer dflash_flex dflash_e2e moe_engine moe_e2e regen
+#     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine moe_e2e regen
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -46,6 +46,12 @@ for p in "$@"; do case $p in
   # colocate+MPS vs sequential with draft=dflash.
   family) part family 590 python3 bench/family_ab.py --out-dir "$WORK/family" --eagle-steps "${FAMILY_STEPS:-1500}" \
       --limit-s 280 ;;
+  # The same in two device calls (about 250 s and 300 s on the H200): EAGLE-3 prints its training time,
+  # which the DFlash half takes as FAMILY_EAGLE_TRAIN_S when the first call's $WORK is gone.
+  family_eagle3) part family_eagle3 400 python3 bench/family_ab.py --out-dir "$WORK/family" --phase eagle3 \
+      --eagle-steps "${FAMILY_STEPS:-1500}" --limit-s 280 ;;
+  family_dflash) part family_dflash 540 python3 bench/family_ab.py --out-dir "$WORK/family" --phase dflash \
+      ${FAMILY_EAGLE_TRAIN_S:+--eagle-train-s $FAMILY_EAGLE_TRAIN_S} --limit-s 280 ;;
   dflash_trainer) part dflash_trainer 240 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" \
       --profile "$WORK/dflash_trainer_profile.txt" ;;
   # The DFlash step's flex attention (backward 4.3x its forward on the H200): Inductor's autotuned tiles,
