@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.trainer import (add_step_args, init_one_rank, parse_step_args, report_step,  # noqa: E402
                            sample_lengths, target_config, time_steps, write_profile)
+from lib.drafts.base import clip_grad_norm  # noqa: E402
 from lib.drafts.dflash.fused import use_compiled  # noqa: E402
 from lib.drafts.dflash import mask  # noqa: E402
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors  # noqa: E402
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         norm = (blocks.valid().view(-1, args.block)[:, 1:].float().sum(0) * decay).sum()
         loss, _ = module(batch, blocks, norm)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for q in module.parameters() if q.requires_grad], 0.5)
+        clip_grad_norm([q for q in module.parameters() if q.requires_grad], 0.5)  # as training does
         opt.step()
         opt.zero_grad(set_to_none=True)
 

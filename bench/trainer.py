@@ -23,6 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import BF16_PEAK_TFLOPS, draft_step_flops  # noqa: E402
+from lib.drafts.base import clip_grad_norm  # noqa: E402
 from lib.drafts.eagle3.trainer import TTTModule  # noqa: E402
 from lib.drafts.eagle3.fused import use_compiled  # noqa: E402
 from lib.drafts.eagle3.loss import count_valid_positions  # noqa: E402
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
         counts = count_valid_positions(head, batch, args.ttt, target=target).float().clamp(min=1)
         loss, _ = module(batch, target, counts)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for q in module.parameters() if q.requires_grad], 0.5)
+        clip_grad_norm([q for q in module.parameters() if q.requires_grad], 0.5)  # as training does
         opt.step()
         opt.zero_grad(set_to_none=True)
 
