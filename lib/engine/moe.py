@@ -6,7 +6,7 @@ replaces only the experts' forward: the T*k routed (token, expert) pairs are sor
 layer, each expert's tokens then run as one group of a grouped GEMM (torch._grouped_mm: a single kernel
 on Hopper, a reference implementation on CPU) with each row's routing weight folded into the down
 projection's input; the outputs are gathered back into (token, slot) order and summed per token in
-fp32 (a reduction, no atomic adds). Every
+fp32 (a reduction, no atomic adds; a Triton kernel on CUDA, lib/engine/moe_kernels.py). Every
 shape in it depends only on T (no per-expert token counts leave the device), so a compiled decoder
 layer keeps the whole MoE block in its graph. The router is left as transformers
 runs it, so routing decisions are the reference's own.
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lib.config import MoeImpl
+from lib.engine.moe_kernels import sum_gathered_rows
 
 log = logging.getLogger("specdraft.engine")
 
@@ -119,7 +120,7 @@ def grouped_experts_forward(
     # so the sum's order, and the captured states, are the same on every run.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return y[inverse].view(*top_k_index.shape, -1).float().sum(-2).to(hidden.dtype)
+    return sum_gathered_rows(y, inverse, k).to(hidden.dtype)
 
 
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
