@@ -75,6 +75,6 @@ for p in "$@"; do case $p in
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;
   # Regeneration throughput of the built-in path (issue 19), Qwen3-8B shape with Qwen3's tokenizer.
-  regen) part regen 400 python3 bench/regen.py --shape qwen3_8b --out "$WORK/regen.json" --work "$WORK/regen" ${REGEN_ARGS:-} ;;
+  regen) part regen 450 python3 bench/regen.py --shape qwen3_8b --out "$WORK/regen.json" --work "$WORK/regen" ${REGEN_ARGS:-} ;;
   *) echo "unknown part $p" ;;
 esac; done

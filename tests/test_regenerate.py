@@ -217,7 +217,7 @@ def test_continuous_batching_decodes_each_row_as_alone(max_batch):
     every row's greedy output equals greedy_decode of its prompt alone. A tiny top_p is greedy too."""
     from transformers import AutoModelForCausalLM
 
-    from lib.eval.sampling import SamplingConfig, sample_stream
+    from lib.eval.sampling import SamplingConfig, StreamCounters, sample_stream
     from lib.eval.spec_decode import greedy_decode
     from lib.eval.target import TargetRunner
 
@@ -236,7 +236,11 @@ def test_continuous_batching_decodes_each_row_as_alone(max_batch):
 
     for cfg in (SamplingConfig(), SamplingConfig(temperature=1.0, top_p=1e-6)):
         pending[:] = [(i, p, b) for i, (p, b) in enumerate(zip(prompts, budgets))]
-        got = dict(sample_stream(runner, feed, [stop], cfg, max_batch, torch.Generator().manual_seed(0)))
+        counters = StreamCounters()
+        got = dict(sample_stream(runner, feed, [stop], cfg, max_batch, torch.Generator().manual_seed(0), counters))
+        # Every live row takes one token per step, or stops there.
+        assert counters.rows == sum(len(r.tokens) + (r.finish == "stop") for r in got.values())
+        assert counters.occupancy() <= max_batch and counters.steps >= counters.rows / max_batch
         for i, w in enumerate(want):
             w = w[:budgets[i]]
             expect = w[:w.index(stop)] if stop in w else w

@@ -38,6 +38,8 @@ class LocalTarget:
         self.cfg = cfg
         self.new_tokens, self.seconds = 0, 0.0
         self._streaming_since: Optional[float] = None
+        from lib.eval.sampling import StreamCounters
+        self.counters = StreamCounters()
 
     def request(self, messages: list[dict]) -> Optional[tuple[list[int], int]]:
         """(prompt ids, budget of new tokens), or None when the prompt alone reaches --max-length."""
@@ -58,7 +60,7 @@ class LocalTarget:
         self._streaming_since = time.perf_counter()
         try:
             for key, generated in sample_stream(self.runner, feed, self.stop_ids, self.cfg.sampling,
-                                                self.cfg.batch_size, generator):
+                                                self.cfg.batch_size, generator, self.counters):
                 self.new_tokens += len(generated.tokens)
                 yield key, (self.tokenizer.decode(generated.tokens, skip_special_tokens=False), generated.finish)
         finally:
@@ -69,7 +71,9 @@ class LocalTarget:
         # Progress lines come while streaming: count the running stream's time too.
         running = time.perf_counter() - self._streaming_since if self._streaming_since is not None else 0.0
         seconds = self.seconds + running
-        return f"{self.new_tokens} new tokens in {seconds:.1f} s ({self.new_tokens / max(seconds, 1e-9):.0f} tokens/s)"
+        c = self.counters
+        return (f"{self.new_tokens} new tokens in {seconds:.1f} s ({self.new_tokens / max(seconds, 1e-9):.0f} "
+                f"tokens/s); {c.steps} decode steps, {c.occupancy():.1f} of {self.cfg.batch_size} rows live on average")
 
 
 class ServerError(RuntimeError):

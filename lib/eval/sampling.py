@@ -105,12 +105,23 @@ class _Batch:
             self.valid = self.valid[:, first:]
 
 
+@dataclass
+class StreamCounters:
+    """What a sample_stream did: decode steps, and live rows summed over them (occupancy = rows/steps)."""
+    steps: int = 0
+    rows: int = 0
+
+    def occupancy(self) -> float:
+        return self.rows / self.steps if self.steps else 0.0
+
+
 def sample_stream(runner: TargetRunner, feed: Callable[[int], list[Request]], stop_ids: Sequence[int],
-                  cfg: SamplingConfig, max_batch: int,
-                  generator: Optional[torch.Generator] = None) -> Iterator[tuple[Any, Generated]]:
+                  cfg: SamplingConfig, max_batch: int, generator: Optional[torch.Generator] = None,
+                  counters: Optional[StreamCounters] = None) -> Iterator[tuple[Any, Generated]]:
     """Decode requests with up to max_batch rows live, refilling from feed(n) (up to n new requests,
     [] when none are ready now) as rows finish; yields (key, Generated) as each row ends. The caller
-    may feed more requests after a yield (the next turn of a conversation)."""
+    may feed more requests after a yield (the next turn of a conversation). `counters`, when given,
+    counts decode steps and live rows (a batch that runs mostly empty decodes slowly per token)."""
     stops = set(int(t) for t in stop_ids)
     device = runner.device
     batch: Optional[_Batch] = None
@@ -136,6 +147,9 @@ def sample_stream(runner: TargetRunner, feed: Callable[[int], list[Request]], st
             if batch is None:
                 return
             tokens = pick_tokens(batch.logits, cfg, generator)
+            if counters is not None:
+                counters.steps += 1
+                counters.rows += len(batch.keys)
             keep, finished = [], []
             for i, ((row, key), token) in enumerate(zip(batch.keys, tokens.tolist())):
                 out, budget = outputs[row]
