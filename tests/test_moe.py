@@ -260,7 +260,7 @@ def test_bf16_grouped_experts_err_no_more_than_transformers_bf16_experts(name, d
 def test_cuda_combine_kernel_sums_like_the_torch_formula(tokens, k, width, dtype):
     """The Triton combine (lib/engine/moe_kernels.py): each token's k gathered rows summed in fp32 and
     rounded once, as the torch formula does; eager and inside a whole-graph compile."""
-    from lib.engine.moe_kernels import kernel_available, sum_gathered_rows, sum_gathered_rows_reference
+    from lib.engine.moe_kernels import gather_rows, kernel_available, sum_gathered_rows, sum_gathered_rows_reference
 
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
@@ -279,6 +279,8 @@ def test_cuda_combine_kernel_sums_like_the_torch_formula(tokens, k, width, dtype
     for got in (ours, compiled, reference):
         assert ((got.float() - fp32_sum).abs() <= ulp).all()
     torch.testing.assert_close(ours, compiled, rtol=0, atol=0)
+    # The dispatch gather is the same kernel with one row per output: an exact copy.
+    assert torch.equal(gather_rows(src, index), src[index])
 
 
 # On an H200 (torch 2.11, transformers 5.17, 2026-11-29) the compiled cases and uncompiled Qwen3-MoE pass.

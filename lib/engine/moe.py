@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lib.config import MoeImpl
-from lib.engine.moe_kernels import sum_gathered_rows
+from lib.engine.moe_kernels import gather_rows, sum_gathered_rows
 
 log = logging.getLogger("specdraft.engine")
 
@@ -106,7 +106,7 @@ def grouped_experts_forward(
     # Each row's routing weight scales the down projection's input (the projection is linear), in the
     # elementwise kernel that feeds it, so the combine below is a plain sum.
     weight = top_k_weights.reshape(-1)[order].float()[:, None]
-    x = hidden[order // k]
+    x = gather_rows(hidden, order // k)
     if info.layout is ExpertsLayout.concatenated:
         gate, up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
         h = experts.act_fn(gate.float()) * up.float() * weight  # rounded once, as a compiled kernel does

@@ -1,4 +1,4 @@
-"""A Triton kernel for the grouped MoE path's combine (CUDA with Triton only; elsewhere the torch formula).
+"""A Triton kernel for the grouped MoE path's row gathers (CUDA with Triton only; elsewhere torch formulas).
 
 The combine sums each token's k expert rows, which sit at scattered rows of the grouped GEMM's output.
 Compiled as torch code, Inductor fuses the row gather into the reduction but cannot prove that a
@@ -7,6 +7,10 @@ the H200 for the 65k rows of 4 KB of a 8192-token Qwen3-30B-A3B batch, about fou
 their bytes need. Here a program takes a block of tokens and a block of columns, looks up each
 token's k source rows, and loads each row's columns as one contiguous block (vectorised loads).
 The sum is in fp32 in slot order and rounded once, like the torch formula.
+
+The dispatch (each routed row's token states, 8x the tokens) is the same gather with k=1. Inductor
+had fused it with the RMSNorm before it, recomputing the norm per routed row and loading elementwise
+(0.13 ms per layer); as an opaque op the norm runs once per token and the rows move as blocks.
 
 It is an opaque custom op (torch.library.custom_op), so a compiled decoder layer calls it as one
 kernel without a graph break.
@@ -70,3 +74,10 @@ def sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.T
     if kernel_available(src):
         return _sum_gathered_rows_op(src, index, k)
     return sum_gathered_rows_reference(src, index, k)
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src[index] for [R, W] rows: on CUDA the same kernel with k=1 (a one-row fp32 sum is the row)."""
+    if kernel_available(src):
+        return _sum_gathered_rows_op(src, index, 1)
+    return src[index]
