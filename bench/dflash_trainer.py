@@ -27,13 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.trainer import (add_step_args, init_one_rank, parse_step_args, report_step,  # noqa: E402
                            sample_lengths, target_config, time_steps, write_profile)
-from lib.drafts.base import clip_grad_norm  # noqa: E402
 from lib.drafts.dflash.fused import use_compiled  # noqa: E402
 from lib.drafts.dflash import mask  # noqa: E402
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors  # noqa: E402
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft  # noqa: E402
 from lib.drafts.dflash.trainer import DFlashModule, DFlashOptions, default_target_layers  # noqa: E402
 from lib.launch.sharding import shard  # noqa: E402
+from lib.trainer.optim import build_optimizer, clipped_step  # noqa: E402
 
 
 def step_flops(c: DFlashConfig, tokens: int, blocks, visible_pairs: int) -> float:
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
                              torch.randn(c.vocab_size, c.hidden_size, device=device, dtype=dtype) * 0.02)
     options = DFlashOptions(block_size=args.block)
     module = shard(DFlashModule(draft, options, use_flex=cuda), dist.group.WORLD, device)
-    opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=1e-4, fused=cuda)
+    params = [q for q in module.parameters() if q.requires_grad]
+    opt = build_optimizer(params, 1e-4, 0.0, device)  # as training builds it
     rng, gen = random.Random(0), torch.Generator(device=device).manual_seed(0)
     batches = []
     for _ in range(4):
@@ -103,9 +104,7 @@ def main(argv=None) -> int:
         norm = (blocks.valid().view(-1, args.block)[:, 1:].float().sum(0) * decay).sum()
         loss, _ = module(batch, blocks, norm)
         loss.backward()
-        clip_grad_norm([q for q in module.parameters() if q.requires_grad], 0.5)  # as training does
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clipped_step(opt, params, 0.5)  # as training steps
 
     step_s, tflops = time_steps(train_step, [(b, bl) for b, bl, _ in batches], [f for _, _, f in batches],
                                 args.warmup, args.steps, cuda)

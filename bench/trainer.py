@@ -23,12 +23,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import BF16_PEAK_TFLOPS, draft_step_flops  # noqa: E402
-from lib.drafts.base import clip_grad_norm  # noqa: E402
 from lib.drafts.eagle3.trainer import TTTModule  # noqa: E402
 from lib.drafts.eagle3.fused import use_compiled  # noqa: E402
 from lib.drafts.eagle3.loss import count_valid_positions  # noqa: E402
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
 from lib.drafts.eagle3.target_head import TargetHead  # noqa: E402
+from lib.trainer.optim import build_optimizer, clipped_step  # noqa: E402
 
 # Target shapes come from conf/target (random-init shapes); "tiny" is a CPU-sized stand-in.
 SHAPES = ("qwen3_8b", "qwen3_14b", "qwen3_32b", "tiny")
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     head = TargetHead(torch.randn(hf.vocab_size, hf.hidden_size, device=device, dtype=dtype) * 0.02, draft.d2t)
     module.set_head(head)
-    opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=1e-4, fused=cuda)
+    params = [q for q in module.parameters() if q.requires_grad]
+    opt = build_optimizer(params, 1e-4, 0.0, device)  # as training builds it
     rng = random.Random(0)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [(l, make_batch(l, hf, len(aux), dtype, device, gen))
@@ -186,9 +187,7 @@ def main(argv=None) -> int:
         counts = count_valid_positions(head, batch, args.ttt, target=target).float().clamp(min=1)
         loss, _ = module(batch, target, counts)
         loss.backward()
-        clip_grad_norm([q for q in module.parameters() if q.requires_grad], 0.5)  # as training does
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clipped_step(opt, params, 0.5)  # as training steps
 
     flops = [draft_step_flops(dc, lengths, args.ttt, hf.vocab_size) for lengths, _ in batches]
     step_s, tflops = time_steps(train_step, [b for _, b in batches], flops, args.warmup, args.steps, cuda)

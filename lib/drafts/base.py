@@ -15,7 +15,6 @@ lib/drafts/<name>/ and are imported when the config first names it.
 from __future__ import annotations
 
 import importlib
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -96,26 +95,6 @@ def capture_payload_specs(plan: CapturePlan, token_budget: int, dtype: torch.dty
         TensorSpec(name, dtype, (width,), token_budget) for name, width in plan.widths.items()]
 
 
-_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grads_with_norm_'s: its coefficient is max_norm / (norm + eps)
-
-
-def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_ to the bit, returning the global norm as a float (a DTensor norm
-    is reduced over its shards first), but the gradients are scaled only when the coefficient is below 1.
-
-    torch multiplies every gradient by its clamped coefficient, 1.0 included: a pass over all of them
-    (1.5% of the 8B-width DFlash step on an H200). The training loop reads the norm on the host
-    anyway, so deciding costs no extra synchronisation.
-    """
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-    total = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    value = float(total)
-    # The coefficient as torch computes it (fp32 on the norm's device), so the decision is its own.
-    if math.isfinite(value) and float(max_norm / (total + _CLIP_EPS)) < 1.0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-    return value
-
-
 @dataclass
 class DraftBundle:
     """The trainer's side of a draft: the module the loop optimises, checkpoints and pushes.
@@ -128,10 +107,6 @@ class DraftBundle:
 
     def trainable_params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Global norm over all shards (DTensor reduces it); the same value on every trainer."""
-        return clip_grad_norm(self.trainable_params(), max_norm)
 
     def config_dict(self) -> dict[str, Any]:
         """The draft's config, JSON-ready: sent with online-evaluation weight pushes."""

@@ -23,6 +23,7 @@ from lib.launch.sharding import full_model_state
 from lib.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.trainer.metric_sinks import config_dict
 from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
+from lib.trainer.optim import build_optimizer, clipped_step
 from lib.eval.online import TrainerEvaluator, eval_enabled
 from lib.launch.runtime import RunContext, peak_memory
 from lib.launch.stopping import deadline, fault_nan_steps, fault_pause_in_save, stop_requested, write_stop_record
@@ -55,8 +56,7 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
     cfg = ctx.cfg
     strategy = get_strategy(cfg.draft.name)
     bundle = strategy.build(ctx)
-    optimizer = torch.optim.AdamW(bundle.trainable_params(), lr=cfg.train.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(bundle.trainable_params(), cfg.train.lr, cfg.train.weight_decay, ctx.device)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
     start_step, loader_state, counters = resume(ctx, bundle, optimizer, schedule)
@@ -184,12 +184,7 @@ def fresh_counters() -> dict[str, int]:
 def apply_update(bundle: DraftBundle, optimizer: torch.optim.Optimizer, max_norm: float) -> tuple[float, bool]:
     """Clip by the global norm and step, unless the norm is not finite: every rank sees the same
     global norm, so all skip together (never an early return on some ranks)."""
-    grad_norm = bundle.clip_grad_norm(max_norm)
-    applied = math.isfinite(grad_norm)
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, applied
+    return clipped_step(optimizer, bundle.trainable_params(), max_norm)
 
 
 def out_of_memory_hint(ctx: RunContext, step: int) -> str:
