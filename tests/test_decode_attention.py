@@ -45,8 +45,11 @@ def test_grouped_attention_equals_transformers_sdpa(queries):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_attention_in_bf16_errs_as_little_as_sdpa():
-    module, q, k, v, mask = _attention_case(torch.bfloat16, 4, cached=64, seed=1)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grouped_attention_in_bf16_errs_as_little_as_sdpa(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    module, q, k, v, mask = (t.to(device) for t in _attention_case(torch.bfloat16, 4, cached=64, seed=1))
     exact = torch.nn.functional.scaled_dot_product_attention(
         q.double(), repeat_kv(k, 4).double(), repeat_kv(v, 4).double(), attn_mask=mask.double(),
         scale=module.scaling).transpose(1, 2)
