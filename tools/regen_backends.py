@@ -24,6 +24,7 @@ class LocalTarget:
         import torch
         from transformers import AutoTokenizer
 
+        from lib.eval.sampling import StreamCounters
         from lib.eval.target import TargetRunner, stop_token_ids
         from lib.target.weights import load_causal_lm
 
@@ -38,7 +39,6 @@ class LocalTarget:
         self.cfg = cfg
         self.new_tokens, self.seconds = 0, 0.0
         self._streaming_since: Optional[float] = None
-        from lib.eval.sampling import StreamCounters
         self.counters = StreamCounters()
 
     def request(self, messages: list[dict]) -> Optional[tuple[list[int], int]]:

@@ -121,7 +121,7 @@ def grouped_experts_forward(
     # so the sum's order, and the captured states, are the same on every run.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return sum_gathered_rows(y, inverse, k).to(hidden.dtype)
+    return sum_gathered_rows(y, inverse, k)
 
 
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}

@@ -100,9 +100,12 @@ class TargetRunner:
         than inference_mode: a draft that is also trained must not pick up inference tensors (its
         cached rotary table)."""
         current = self.base.config._attn_implementation
-        wanted = _DECODE_ATTN if current != "eager" else current
-        if getattr(self.base.config, "model_type", None) == "gpt_oss":
-            wanted = current if current in ("sdpa", "eager") else "sdpa"
+        if current == "eager":
+            wanted = current
+        elif getattr(self.base.config, "model_type", None) == "gpt_oss":
+            wanted = "sdpa"
+        else:
+            wanted = _DECODE_ATTN
         switch = wanted != current
         if switch:
             self.base.set_attn_implementation(wanted)
