@@ -3,6 +3,7 @@
     python bench/engine.py --out engine.json                      # Qwen3-8B shape on one GPU
     python bench/engine.py --shape tiny --device cpu --steps 2    # smoke test
     python bench/engine.py --shape qwen3-30b-a3b --moe-impl grouped,hf   # MoE: engine's grouped vs transformers'
+    python bench/engine.py --shape qwen3-30b-a3b --paths varlen+compile --varlen-kernel flash,cudnn
 
 Random bf16 weights of the target's shape; every batch holds exactly --tokens tokens made of
 sequences of --min-len..--max-len tokens. FLOPs count 2 * (matmul parameters) per token, embeddings
@@ -105,14 +106,21 @@ def baseline_capture(backend: HFBackend, writer: AuxWriter, batch: PackedBatch, 
             out["final_hidden"][cu[i]:cu[i + 1]].copy_(hidden[0])
 
 
+def path_label(name: str, backend: HFBackend, kernel: str) -> str:
+    """path[/moe_impl][/cudnn]: the varlen kernel named when it is not the default flash."""
+    label = name if backend.moe_impl is None else f"{name}/{backend.moe_impl.value}"
+    return label + (f"/{kernel}" if PATHS[name][0] == "varlen" and kernel != "flash" else "")
+
+
 def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: torch.device,
-            moe_impl: str = "auto") -> dict:
+            moe_impl: str = "auto", kernel: str = "flash") -> dict:
     attn, compile_ = PATHS[name]
     target = TargetConfig(random_init=True, hf_config=shape, dtype=args.dtype)
     counters.clear()
     backend = HFBackend()
     t0 = time.perf_counter()
-    backend.load(target, EngineConfig(token_budget=args.tokens, attn_impl=attn, compile=compile_, moe_impl=moe_impl),
+    backend.load(target, EngineConfig(token_budget=args.tokens, attn_impl=attn, compile=compile_, moe_impl=moe_impl,
+                                      varlen_kernel=kernel),
                  device, None)
     load_s = time.perf_counter() - t0
     rows, width = args.tokens, backend.hidden_size
@@ -143,14 +151,15 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
     seconds = time.perf_counter() - start
     if args.profile:  # after the timing, so the figures above are unprofiled
         os.makedirs(args.profile, exist_ok=True)
-        label = (name if backend.moe_impl is None else f"{name}_{backend.moe_impl.value}").replace("+", "_")
+        label = path_label(name, backend, kernel).replace("+", "_").replace("/", "_")
         write_profile(os.path.join(args.profile, f"{label}.txt"), timed[:3], run, device.type == "cuda")
     tokens = sum(b.num_tokens for b in timed)
     flops = sum(flops_per_batch(shape, b) for b in timed)
     tflops = flops / seconds / 1e12
     result = {
-        "path": name if backend.moe_impl is None else f"{name}/{backend.moe_impl.value}",
+        "path": path_label(name, backend, kernel),
         "attn_impl": backend.attn_impl,
+        "varlen_kernel": kernel if attn == "varlen" else None,
         "compile": compile_,
         "tokens_per_s": tokens / seconds,
         "ms_per_batch": 1e3 * seconds / len(timed),
@@ -183,6 +192,8 @@ def main() -> None:
                    help=f"comma-separated, from {', '.join(PATHS)}")
     p.add_argument("--moe-impl", default="auto",
                    help="MoE shapes: comma-separated engine.moe_impl values to measure each path with (grouped, hf, eager)")
+    p.add_argument("--varlen-kernel", default="flash",
+                   help="comma-separated engine.varlen_kernel values (flash, cudnn) for the varlen paths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
@@ -209,8 +220,16 @@ def main() -> None:
     print(f"{'path':<16}{'tokens/s':>12}{'ms/batch':>10}{'TFLOP/s':>9}{'MFU989':>8}{'MFU790':>8}{'peak GiB':>10}"
           f"{'load s':>8}{'graphs':>7}", flush=True)
     moe_impls = [m.strip() for m in args.moe_impl.split(",") if m.strip()]
-    for name, moe_impl in ((n, m) for n in names for m in moe_impls):
-        r = measure(name, args, shape, batches, device, moe_impl)
+    kernels = [k.strip() for k in args.varlen_kernel.split(",") if k.strip()]
+    runs = [(n, m, k) for n in names for m in moe_impls for k in (kernels if PATHS[n][0] == "varlen" else ["flash"])]
+    for name, moe_impl, kernel in runs:
+        try:
+            r = measure(name, args, shape, batches, device, moe_impl, kernel)
+        except Exception as e:  # noqa: BLE001 - one path failing (a kernel this build lacks) leaves the others' figures
+            print(f"{name}/{moe_impl}/{kernel}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            info["results"].append({"path": f"{name}/{moe_impl}/{kernel}", "error": f"{type(e).__name__}: {e}"[:2000]})
+            gc.collect()
+            continue
         info["results"].append(r)
         print(f"{r['path']:<16}{r['tokens_per_s']:>12,.0f}{r['ms_per_batch']:>10.1f}{r['tflops']:>9.1f}"
               f"{r['mfu_peak']:>8.1%}{r['mfu_measured']:>8.1%}{r['peak_alloc_gib']:>10.1f}{r['load_s']:>8.1f}{r['compiled_graphs']:>7}",

@@ -56,6 +56,11 @@ class AttnImpl(str, enum.Enum):
     eager = "eager"
 
 
+class VarlenKernel(str, enum.Enum):
+    flash = "flash"  # torch's FlashAttention-2 kernel (every target: GQA, sliding windows, sinks)
+    cudnn = "cudnn"  # cuDNN's fused attention over the same cu_seqlens; gpt-oss layers keep flash
+
+
 class MoeImpl(str, enum.Enum):
     auto = "auto"  # grouped (lib/engine/moe.py); dense targets ignore it
     grouped = "grouped"  # the engine's own: one sort per layer, torch._grouped_mm, compiled with the layer
@@ -135,6 +140,7 @@ class EngineConfig:
     token_budget: int = 8192  # tokens per packed batch
     compile: Optional[bool] = None  # None: torch.compile the target layers on GPU (~30% faster), not on CPU
     attn_impl: AttnImpl = AttnImpl.auto
+    varlen_kernel: VarlenKernel = VarlenKernel.flash  # the kernel under attn_impl=varlen (docs/engine.md)
     moe_impl: MoeImpl = MoeImpl.auto  # how MoE targets run their experts (lib/engine/moe.py)
 
 
@@ -413,6 +419,7 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
     engine = replace(cfg.engine, backend=_as_enum("engine.backend", cfg.engine.backend, Backend),
                      attn_impl=resolve_attn_impl(cfg.engine.attn_impl, device.value, dtype),
                      moe_impl=_resolve_moe_impl(cfg.engine.moe_impl),
+                     varlen_kernel=_as_enum("engine.varlen_kernel", cfg.engine.varlen_kernel, VarlenKernel),
                      compile=cuda if cfg.engine.compile is None else cfg.engine.compile)
     # train.compile: fuse the draft step on GPU; on CPU compiling costs more than it saves.
     train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile)

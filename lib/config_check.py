@@ -24,7 +24,7 @@ from typing import Any, Optional
 from lib.config import (
     CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement,
     ProcessLayout,
-    TargetDtype, WandbMode, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
+    TargetDtype, VarlenKernel, WandbMode, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
 )
 
 
@@ -110,6 +110,7 @@ def _check_choices(cfg: Config, shape: LaunchShape) -> None:
     from lib.data.templates import TEMPLATES  # registry only; no tokenizer or torch import
 
     _as_enum("engine.backend", cfg.engine.backend, Backend)
+    _as_enum("engine.varlen_kernel", cfg.engine.varlen_kernel, VarlenKernel)
     _as_enum("target.dtype", cfg.target.dtype, TargetDtype)
     _as_enum("data.overlong", cfg.data.overlong, Overlong)
     _as_enum("draft.name", cfg.draft.name, DraftFamily)

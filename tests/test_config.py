@@ -103,6 +103,7 @@ def test_unknown_options_fail_at_composition(overrides, needle):
     ("engine.attn_impl=bogus", "engine.attn_impl", "auto, varlen, sdpa, eager"),
     ("target.dtype=bf17", "target.dtype", "auto, bfloat16, float16, float32"),
     ("engine.backend=vllm", "engine.backend", "hf, sglang"),
+    ("engine.varlen_kernel=fa3", "engine.varlen_kernel", "flash, cudnn"),
     ("data.overlong=drop", "data.overlong", "truncate, skip"),
     ("draft.name=medusa", "draft.name", "eagle3, dflash"),
 ])
@@ -117,6 +118,7 @@ def test_bad_enum_value_is_one_line_naming_key_value_and_allowed(override, key, 
 @pytest.mark.parametrize("field, value, key", [
     ("engine", EngineConfig(attn_impl="bogus"), "engine.attn_impl='bogus'"),
     ("engine", EngineConfig(backend="vllm"), "engine.backend='vllm'"),
+    ("engine", EngineConfig(varlen_kernel="fa3"), "engine.varlen_kernel='fa3'"),
     ("target", TargetConfig(path=compose([]).target.path, dtype="bf17"), "target.dtype='bf17'"),
     ("data", dataclasses.replace(compose([]).data, overlong="drop"), "data.overlong='drop'"),
     ("draft", dataclasses.replace(compose([]).draft, name="medusa"), "draft.name='medusa'"),

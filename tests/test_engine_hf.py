@@ -205,8 +205,10 @@ def test_config_errors_name_the_key():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attn,compile", [("varlen", False), ("varlen", True), ("sdpa", False)])
-def test_gpu_packed_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, attn, compile):
+@pytest.mark.parametrize("attn,compile,kernel", [("varlen", False, "flash"), ("varlen", True, "flash"),
+                                                 ("varlen", False, "cudnn"), ("varlen", True, "cudnn"),
+                                                 ("sdpa", False, "flash")])
+def test_gpu_packed_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, attn, compile, kernel):
     """Against fp32 per-sample forwards, the packed bf16 capture errs no more than plain bf16 forwards do.
 
     Attention leaking across samples would put the later samples' states off by O(1), far beyond that.
@@ -214,7 +216,7 @@ def test_gpu_packed_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, a
     gpu = torch.device("cuda")
     backend = make_backend("hf")
     backend.load(TargetConfig(path=checkpoints["qwen3"], dtype="bfloat16"),
-                 EngineConfig(token_budget=256, attn_impl=attn, compile=compile), gpu, None)
+                 EngineConfig(token_budget=256, attn_impl=attn, compile=compile, varlen_kernel=kernel), gpu, None)
     batch = random_batch(LENGTHS, seed=7)
     got = backend.capture(batch)
     assert_capture_as_accurate_as_plain_bf16(got, checkpoints["qwen3"], batch, backend.aux_layers, gpu,

@@ -4,7 +4,8 @@ Only the base model (embeddings, decoder layers, final norm) is loaded and run; 
 is never computed (the trainer applies the target's lm_head to the final hidden state itself, on the
 draft vocab only). Packed batches run as one sequence of T tokens whose attention never crosses
 sample boundaries:
-- `varlen` (CUDA, bf16/fp16): flash attention over cu_seqlens, no mask at all (the fast path);
+- `varlen` (CUDA, bf16/fp16): flash or cuDNN attention over cu_seqlens, no mask at all (the fast path,
+  lib/engine/varlen.py);
 - `sdpa` / `eager`: a block-diagonal causal [1, 1, T, T] mask (CPU default; O(T^2) memory).
 flex attention with a document BlockMask was tried and dropped: no faster than varlen, and on
 torch 2.11 its kernel failed to recompile once the batch length changed (docs/engine.md).
@@ -23,11 +24,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from lib.data.batch import PackedBatch
-from lib.config import AttnImpl, EngineConfig, TargetConfig
+from lib.config import AttnImpl, EngineConfig, TargetConfig, VarlenKernel
 from lib.config import resolve_attn_impl as resolve_attn_choice
 from lib.drafts.base import FINAL_HIDDEN, CapturePlan, default_capture_plan
 from lib.engine.base import (
@@ -39,61 +40,19 @@ from lib.engine.base import (
 )
 from lib.engine.moe import install_moe_impl
 from lib.engine.tp import TensorParallel
+from lib.engine.varlen import VARLEN_ATTN_NAME
 from lib.target.shape import resolve_dtype
 from lib.target.weights import load_pretrained
 
 log = logging.getLogger("specdraft.engine")
 ATTN_IMPLS = tuple(a.value for a in AttnImpl)
-_VARLEN_NAME = "engine_varlen"
-_HF_ATTN_NAMES = {"varlen": _VARLEN_NAME, "sdpa": "sdpa", "eager": "eager"}
-
-
-def _varlen_flash_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    scaling: Optional[float] = None,
-    dropout: float = 0.0,
-    engine_cu_seqlens: Optional[torch.Tensor] = None,
-    engine_max_seqlen: Optional[int] = None,
-    sliding_window: Optional[int] = None,
-    s_aux: Optional[torch.Tensor] = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention interface: [1, H, T, D] q/k/v of a packed batch -> [1, T, H, D].
-
-    Calls the aten flash kernel directly (stable across torch 2.4+, handles GQA natively) rather than
-    torch.nn.attention.varlen, whose signature changed between releases. gpt-oss: a sliding window
-    of W (a query sees itself and W-1 earlier tokens) is the kernel's left window; its per-head sink
-    logits (s_aux) join the softmax's denominator only, so the sink-free output is rescaled by
-    sum(exp(scores)) / (sum(exp(scores)) + exp(sink)) = sigmoid(lse - sink), lse from the kernel.
-    """
-    if engine_cu_seqlens is None:
-        raise RuntimeError("the varlen attention runs only inside HFBackend.capture (it needs the batch's cu_seqlens)")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    window = {} if not sliding_window else {"window_size_left": int(sliding_window) - 1, "window_size_right": 0}
-    out, lse = torch.ops.aten._flash_attention_forward(
-        q, k, v, engine_cu_seqlens, engine_cu_seqlens, engine_max_seqlen, engine_max_seqlen,
-        0.0, True, False, scale=scaling, **window,
-    )[:2]
-    if s_aux is not None:
-        if tuple(lse.shape) != (q.shape[1], q.shape[0]):
-            raise RuntimeError(f"varlen attention with sinks expects the kernel's logsumexp as [heads, tokens] = "
-                               f"{(q.shape[1], q.shape[0])}, got {tuple(lse.shape)}; use engine.attn_impl=eager")
-        keep = torch.sigmoid(lse - s_aux.float()[:, None]).transpose(0, 1)[..., None]
-        out = (out.float() * keep).to(out.dtype)
-    return out.unsqueeze(0), None
-
-
-AttentionInterface.register(_VARLEN_NAME, _varlen_flash_attention)
+_HF_ATTN_NAMES = {"varlen": VARLEN_ATTN_NAME, "sdpa": "sdpa", "eager": "eager"}
 
 
 def attention_for_target(config, impl: str) -> str:
     """The attention the target can run: gpt-oss (sinks) has no sdpa in transformers.
 
-    varlen handles its sinks and sliding windows itself (_varlen_flash_attention); under sdpa (CPU) a
+    varlen handles its sinks and sliding windows itself (lib/engine/varlen.py); under sdpa (CPU) a
     gpt-oss target falls back to eager with the packed block-diagonal (and sliding-window) masks:
     exact, but O(T^2) memory per layer.
     """
@@ -237,6 +196,7 @@ class HFBackend:
         if engine.token_budget < 1:
             raise ValueError(f"engine.token_budget={engine.token_budget} must be >= 1")
         self.token_budget = engine.token_budget
+        self.varlen_kernel = VarlenKernel(engine.varlen_kernel)
         group_size = dist.get_world_size(tp_group) if tp_group is not None else 1
         if engine.tp != group_size:
             raise ValueError(f"engine.tp={engine.tp} but the TP group passed to the engine has {group_size} members")
@@ -327,7 +287,8 @@ class HFBackend:
         if self.attn_impl == "varlen":
             cu = torch.zeros(len(inputs.lengths) + 1, dtype=torch.int32)
             torch.cumsum(lengths, 0, out=cu[1:])
-            return {"engine_cu_seqlens": cu.to(self.device, non_blocking=True), "engine_max_seqlen": max(inputs.lengths)}
+            return {"engine_cu_seqlens": cu.to(self.device, non_blocking=True), "engine_max_seqlen": max(inputs.lengths),
+                    "engine_varlen_kernel": self.varlen_kernel.value}
         n = inputs.num_tokens
         doc = torch.repeat_interleave(torch.arange(len(inputs.lengths), dtype=torch.int32), lengths).to(self.device)
         idx = torch.arange(n, device=self.device)
