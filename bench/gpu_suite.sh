@@ -2,7 +2,8 @@
 # One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
-#     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine moe_e2e regen
+#     family family_eagle3 family_dflash dflash_units dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
+#     moe_e2e regen
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -52,6 +53,10 @@ for p in "$@"; do case $p in
       --eagle-steps "${FAMILY_STEPS:-1500}" --limit-s 280 ;;
   family_dflash) part family_dflash 540 python3 bench/family_ab.py --out-dir "$WORK/family" --phase dflash \
       ${FAMILY_EAGLE_TRAIN_S:+--eagle-train-s $FAMILY_EAGLE_TRAIN_S} --limit-s 280 ;;
+  # Per-layer FSDP units (the default) against the whole draft as one unit, in one invocation.
+  dflash_units) part dflash_trainer_one_unit 200 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer_one_unit.json" \
+      --one-unit
+    part dflash_trainer 200 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" ;;
   dflash_trainer) part dflash_trainer 240 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" \
       --profile "$WORK/dflash_trainer_profile.txt" ;;
   # The DFlash step's flex attention (backward 4.3x its forward on the H200): Inductor's autotuned tiles,
@@ -72,6 +77,11 @@ for p in "$@"; do case $p in
       --moe-impl grouped,hf --profile "$WORK/moe_profile"
     part moe_engine_gpt_oss 240 python3 bench/engine.py --out "$WORK/moe_engine_gpt_oss.json" --shape gpt-oss-20b \
       --moe-impl grouped,hf --paths varlen+compile ;;
+  # The varlen attention kernels (engine.varlen_kernel), compiled capture: the 30B-A3B and the dense 8B shape.
+  varlen_kernels) part moe_kernels 240 python3 bench/engine.py --out "$WORK/moe_kernels.json" --shape qwen3-30b-a3b \
+      --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn
+    part dense_kernels 200 python3 bench/engine.py --out "$WORK/dense_kernels.json" --shape qwen3-8b \
+      --paths varlen+compile --varlen-kernel flash,cudnn ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;
   # Regeneration throughput of the built-in path (issue 19), Qwen3-8B shape with Qwen3's tokenizer.
