@@ -6,6 +6,10 @@ alone. Finished rows leave the batch (the cache keeps only the live rows). sampl
 refills the batch as rows finish (continuous batching): new prompts are prefilled on their own and
 joined to the running cache, left-padded to a common width, and the leading slots no live row sees
 any more are cut, so the cache stays as wide as the longest live row.
+
+Dense Llama-family targets decode through lib/eval/fast_decode.py (their own modules, a preallocated
+KV cache written in place); the rest through the transformers forward with a DynamicCache. Both give
+the same tokens; `lean=False` forces the transformers forward.
 """
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from lib.drafts.drafting import visible_keys
+from lib.eval.fast_decode import KVCache
 from lib.eval.target import TargetRunner
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
 
 class SamplingError(ValueError):
@@ -75,8 +82,9 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class _Batch:
-    """The live rows: a transformers DynamicCache (per layer keys/values [B, H, L, D]), the valid slots
-    [B, L], each row's next position, its (row, caller's key), and the logits of its next token [B, V]."""
+    """The live rows: a KVCache (the lean path) or a transformers DynamicCache (per layer keys/values
+    [B, H, L, D]), the valid slots [B, L], each row's next position, its (row, caller's key), and the
+    logits of its next token [B, V]."""
 
     def __init__(self, cache: Any, valid: torch.Tensor, next_position: torch.Tensor, keys: list,
                  logits: torch.Tensor):
@@ -84,9 +92,12 @@ class _Batch:
 
     def join(self, other: "_Batch") -> None:
         width = max(self.valid.shape[1], other.valid.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+        if isinstance(self.cache, KVCache):
+            self.cache.join(other.cache)
+        else:
+            for mine, theirs in zip(self.cache.layers, other.cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+                mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
         self.valid = torch.cat([_left_pad(self.valid, width, 1), _left_pad(other.valid, width, 1)])
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.logits = torch.cat([self.logits, other.logits])
@@ -94,11 +105,15 @@ class _Batch:
 
     def keep(self, index: list[int]) -> None:
         at = torch.tensor(index, device=self.valid.device)
-        self.cache.batch_select_indices(at)
         self.valid, self.next_position, self.logits = self.valid[at], self.next_position[at], self.logits[at]
         self.keys = [self.keys[i] for i in index]
         # Cut the leading slots no live row sees (they belonged to rows that left).
         first = int(self.valid.any(0).long().argmax())
+        if isinstance(self.cache, KVCache):
+            self.cache.keep(at, first)  # one copy per layer: rows and slots together
+            self.valid = self.valid[:, first:]
+            return
+        self.cache.batch_select_indices(at)
         if first:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
@@ -117,13 +132,16 @@ class StreamCounters:
 
 def sample_stream(runner: TargetRunner, feed: Callable[[int], list[Request]], stop_ids: Sequence[int],
                   cfg: SamplingConfig, max_batch: int, generator: Optional[torch.Generator] = None,
-                  counters: Optional[StreamCounters] = None) -> Iterator[tuple[Any, Generated]]:
+                  counters: Optional[StreamCounters] = None, lean: bool = True) -> Iterator[tuple[Any, Generated]]:
     """Decode requests with up to max_batch rows live, refilling from feed(n) (up to n new requests,
     [] when none are ready now) as rows finish; yields (key, Generated) as each row ends. The caller
     may feed more requests after a yield (the next turn of a conversation). `counters`, when given,
-    counts decode steps and live rows (a batch that runs mostly empty decodes slowly per token)."""
+    counts decode steps and live rows (a batch that runs mostly empty decodes slowly per token).
+    `lean=False` decodes through the transformers forward even where the lean path applies."""
     stops = set(int(t) for t in stop_ids)
     device = runner.device
+    decoder = runner.lean_decoder() if lean else None
+    step: Step = decoder.last_logits if decoder is not None else runner.last_logits
     batch: Optional[_Batch] = None
     outputs: dict[int, tuple[Generated, int]] = {}  # row -> (output so far, budget)
     serial = 0
@@ -138,7 +156,7 @@ def sample_stream(runner: TargetRunner, feed: Callable[[int], list[Request]], st
                     serial += len(new)
                     for row, (_, _, budget) in zip(rows, new):
                         outputs[row] = (Generated([], "length"), budget)
-                    fresh = _prefill(runner, [list(r[1]) for r in new], [(row, r[0]) for row, r in zip(rows, new)],
+                    fresh = _prefill(step, [list(r[1]) for r in new], [(row, r[0]) for row, r in zip(rows, new)],
                                      device)
                     if batch is None:
                         batch = fresh
@@ -169,14 +187,14 @@ def sample_stream(runner: TargetRunner, feed: Callable[[int], list[Request]], st
                 tokens = tokens[torch.tensor(keep, device=tokens.device)]
             if batch is not None:
                 batch.valid = torch.cat([batch.valid, torch.ones(len(keep), 1, dtype=torch.bool, device=device)], 1)
-                batch.logits, batch.cache = runner.last_logits(tokens[:, None], batch.next_position[:, None],
-                                                               visible_keys(batch.valid, 1), batch.cache)
+                batch.logits, batch.cache = step(tokens[:, None], batch.next_position[:, None],
+                                                 visible_keys(batch.valid, 1), batch.cache)
                 batch.next_position = batch.next_position + 1
             # Yield after the step: the caller's feed() for the next turn runs between steps.
             yield from finished
 
 
-def _prefill(runner: TargetRunner, prompts: list[list[int]], keys: list, device: torch.device) -> _Batch:
+def _prefill(step: Step, prompts: list[list[int]], keys: list, device: torch.device) -> _Batch:
     """Left-padded prefill of new prompts, as a batch of their own."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -186,5 +204,5 @@ def _prefill(runner: TargetRunner, prompts: list[list[int]], keys: list, device:
         valid[b, width - len(prompt):] = True
     ids, valid = ids.to(device), valid.to(device)
     positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-    logits, cache = runner.last_logits(ids, positions, visible_keys(valid, width), None)
+    logits, cache = step(ids, positions, visible_keys(valid, width), None)
     return _Batch(cache, valid, positions[:, -1] + 1, keys, logits)

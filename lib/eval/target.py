@@ -13,6 +13,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lib.eval.fast_decode import LeanDecoder, lean_decoder
+
 _DECODE_ATTN = "decode_grouped"
 _GROUPED_MAX_QUERIES = 16  # decode steps and verify chunks; longer queries (prefill) go to plain sdpa
 
@@ -58,6 +60,8 @@ class TargetRunner:
                              f"target's output projection (load_target_lm_head(target.path))")
         self.base = base
         self.lm_head = lm_head.detach()
+        self._lean: Optional[LeanDecoder] = None
+        self._lean_checked = False
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module) -> "TargetRunner":
@@ -115,6 +119,15 @@ class TargetRunner:
         finally:
             if switch:
                 self.base.set_attn_implementation(current)
+
+    def lean_decoder(self) -> Optional[LeanDecoder]:
+        """The lean decode path (lib/eval/fast_decode.py) when this target supports it, else None.
+
+        Built once: it holds only references to the model's modules. forward() (aux layers, hooks,
+        speculative verification) stays on the transformers forward."""
+        if not self._lean_checked:
+            self._lean, self._lean_checked = lean_decoder(self.base, self.lm_head), True
+        return self._lean
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, cache: Any,
                 aux_layers: Sequence[int] = ()):
