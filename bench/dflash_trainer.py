@@ -55,7 +55,6 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--flex-mode", help="torch.compile mode for flex attention, e.g. max-autotune-no-cudagraphs")
-    p.add_argument("--one-unit", action="store_true", help="the whole draft one FSDP unit (before per-layer units)")
     p.add_argument("--flex-options", type=json.loads, help='flex kernel_options as JSON, e.g. \'{"BLOCK_M1": 64}\'')
     args = parse_step_args(p, argv)
     mask.FLEX_COMPILE_MODE, mask.FLEX_KERNEL_OPTIONS = args.flex_mode, args.flex_options
@@ -78,8 +77,7 @@ def main(argv=None) -> int:
     draft.set_target_weights(torch.randn(c.vocab_size, c.hidden_size, device=device, dtype=dtype) * 0.02,
                              torch.randn(c.vocab_size, c.hidden_size, device=device, dtype=dtype) * 0.02)
     options = DFlashOptions(block_size=args.block)
-    module = shard(DFlashModule(draft, options, use_flex=cuda), dist.group.WORLD, device,
-                   units=[] if args.one_unit else None)  # None: as training shards it
+    module = shard(DFlashModule(draft, options, use_flex=cuda), dist.group.WORLD, device)
     params = [q for q in module.parameters() if q.requires_grad]
     opt = build_optimizer(params, 1e-4, 0.0, device)  # as training builds it
     rng, gen = random.Random(0), torch.Generator(device=device).manual_seed(0)
@@ -114,8 +112,7 @@ def main(argv=None) -> int:
         write_profile(args.profile, [(b, bl) for b, bl, _ in batches[:3]], train_step, cuda)
     report_step(f"dflash trainer step ({args.shape}, {args.tokens} tok, block {args.block}, {args.layers} layers)",
                 args, step_s, tflops, cuda, compile=args.compile, flex_mode=args.flex_mode,
-                flex_options=args.flex_options, one_unit=args.one_unit, block=args.block, layers=args.layers,
-                target_layers=layers)
+                flex_options=args.flex_options, block=args.block, layers=args.layers, target_layers=layers)
     return 0
 
 

@@ -142,10 +142,6 @@ class DFlashModule(nn.Module):
         self.options = options
         self.use_flex = use_flex
 
-    def fsdp_units(self) -> list[nn.Module]:
-        """The decoder layers, each an FSDP unit of its own (lib.launch.sharding.shard says why)."""
-        return list(self.draft.layers)
-
     def forward(self, batch, blocks: Blocks, normaliser: torch.Tensor, grad_scale: float = 1.0):
         decay = self.options.decay(normaliser.device)
         loss, sums = block_loss(self.draft, batch, blocks, decay, normaliser, self.use_flex)
