@@ -2,7 +2,7 @@
 # One device call's worth of GPU checks and benchmarks; every part logs under $WORK and has its own
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
-#     family family_eagle3 family_dflash dflash_units dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
+#     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
 #     moe_e2e regen
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
@@ -53,10 +53,6 @@ for p in "$@"; do case $p in
       --eagle-steps "${FAMILY_STEPS:-1500}" --limit-s 280 ;;
   family_dflash) part family_dflash 540 python3 bench/family_ab.py --out-dir "$WORK/family" --phase dflash \
       ${FAMILY_EAGLE_TRAIN_S:+--eagle-train-s $FAMILY_EAGLE_TRAIN_S} --limit-s 280 ;;
-  # Per-layer FSDP units (the default) against the whole draft as one unit, in one invocation.
-  dflash_units) part dflash_trainer_one_unit 200 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer_one_unit.json" \
-      --one-unit
-    part dflash_trainer 200 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" ;;
   dflash_trainer) part dflash_trainer 240 python3 bench/dflash_trainer.py --out "$WORK/dflash_trainer.json" \
       --profile "$WORK/dflash_trainer_profile.txt" ;;
   # The DFlash step's flex attention (backward 4.3x its forward on the H200): Inductor's autotuned tiles,

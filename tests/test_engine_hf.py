@@ -221,3 +221,32 @@ def test_gpu_packed_capture_is_as_accurate_as_plain_bf16_forwards(checkpoints, a
     got = backend.capture(batch)
     assert_capture_as_accurate_as_plain_bf16(got, checkpoints["qwen3"], batch, backend.aux_layers, gpu,
                                              attn_implementation="sdpa")
+
+
+def test_varlen_longest_sample_argument_per_kernel():
+    """flash gets the exact longest sample; cuDNN a power-of-two bound (>= 128) its plans are keyed on."""
+    from lib.config import VarlenKernel
+    from lib.engine.varlen import max_seqlen_arg
+
+    for longest in (1, 7, 128, 129, 3974, 4096, 4097):
+        assert max_seqlen_arg(longest, VarlenKernel.flash) == longest
+        bound = max_seqlen_arg(longest, VarlenKernel.cudnn)
+        assert bound >= max(longest, 128) and bound & (bound - 1) == 0 and bound < 2 * max(longest, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
+def test_gpu_compiled_capture_keeps_one_graph_across_batches_of_other_lengths(checkpoints, kernel):
+    """Batches whose longest samples differ reuse the compiled layer: a value derived from the batch's
+    longest sample inside the layer made dynamo recompile per batch (cuDNN path, 2026-11-29)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    backend = make_backend("hf")
+    backend.load(TargetConfig(path=checkpoints["qwen3"], dtype="bfloat16"),
+                 EngineConfig(token_budget=256, attn_impl="varlen", compile=True, varlen_kernel=kernel),
+                 torch.device("cuda"), None)
+    for seed, lengths in enumerate([(7, 30, 1, 19, 64), (200, 3), (90, 90, 40), (33,), (250,)]):
+        backend.capture(random_batch(lengths, seed=seed))
+    torch.cuda.synchronize()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -40,7 +40,7 @@ from lib.engine.base import (
 )
 from lib.engine.moe import install_moe_impl
 from lib.engine.tp import TensorParallel
-from lib.engine.varlen import VARLEN_ATTN_NAME
+from lib.engine.varlen import VARLEN_ATTN_NAME, max_seqlen_arg
 from lib.target.shape import resolve_dtype
 from lib.target.weights import load_pretrained
 
@@ -287,7 +287,8 @@ class HFBackend:
         if self.attn_impl == "varlen":
             cu = torch.zeros(len(inputs.lengths) + 1, dtype=torch.int32)
             torch.cumsum(lengths, 0, out=cu[1:])
-            return {"engine_cu_seqlens": cu.to(self.device, non_blocking=True), "engine_max_seqlen": max(inputs.lengths),
+            return {"engine_cu_seqlens": cu.to(self.device, non_blocking=True),
+                    "engine_max_seqlen": max_seqlen_arg(max(inputs.lengths), self.varlen_kernel),
                     "engine_varlen_kernel": self.varlen_kernel.value}
         n = inputs.num_tokens
         doc = torch.repeat_interleave(torch.arange(len(inputs.lengths), dtype=torch.int32), lengths).to(self.device)
