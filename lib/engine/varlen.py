@@ -4,8 +4,9 @@ samples laid end to end, kept inside each sample by cu_seqlens, with no mask ten
 Two kernels behind one transformers attention interface (engine.varlen_kernel):
 - flash: torch's FlashAttention-2 kernel, called through aten directly (stable across torch 2.4+,
   GQA native, sliding windows as its left window; gpt-oss sinks rescale its output, below);
-- cudnn: cuDNN's fused attention over the same cu_seqlens (ragged layout). On Hopper its kernels are
-  FlashAttention-3 class (FA2 reaches about 200 TFLOP/s on the 30B-A3B capture). It has no
+- cudnn: cuDNN's fused attention over the same cu_seqlens (ragged layout), NVIDIA's own Hopper
+  kernels: the candidate for the capture's slowest part (FA2 reaches about 235 TFLOP/s in the
+  30B-A3B capture; bench/engine.py --varlen-kernel flash,cudnn decides, docs/engine.md). It has no
   sliding window or sink, so gpt-oss's layers keep flash; cuDNN plans a graph per shape key, so the
   longest sample is rounded up to a power of two (any bound above the true longest is valid) to keep
   the number of plans small across batches. The rounding happens where the batch's arguments are
