@@ -75,7 +75,7 @@ for p in "$@"; do case $p in
       --moe-impl grouped,hf --paths varlen+compile ;;
   # The varlen attention kernels (engine.varlen_kernel), compiled capture: the 30B-A3B and the dense 8B shape.
   varlen_kernels) part moe_kernels 240 python3 bench/engine.py --out "$WORK/moe_kernels.json" --shape qwen3-30b-a3b \
-      --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn
+      --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn --profile "$WORK/varlen_profile"
     part dense_kernels 200 python3 bench/engine.py --out "$WORK/dense_kernels.json" --shape qwen3-8b \
       --paths varlen+compile --varlen-kernel flash,cudnn ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
