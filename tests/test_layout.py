@@ -33,7 +33,7 @@ LIB = os.path.join(REPO, "lib")
 ENTRY_MODULES = {"train", "eval", "engine_worker", "launch", "bench", "tools", "tests"}
 
 # Modules outside a lib/<package>/ folder that belong to a layer.
-LAYER_OF_MODULE = {"lib.config_check": "lib.config"}
+LAYER_OF_MODULE = {"lib.config_check": "lib.config", "lib.config_choices": "lib.config"}
 _BELOW_DRAFTS = {"lib.config", "lib.launch", "lib.data", "lib.target"}
 _BELOW_HANDOFF = _BELOW_DRAFTS | {"lib.drafts"}
 ALLOWED = {
