@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
-_GROUPED_MAX_QUERIES = 16  # as lib/eval/target.py: fold query heads for a few queries, repeat K/V for a prefill
+# Decode steps and verify chunks fold a key head's query heads into one attention (the cache read once);
+# longer queries (prefills) repeat K/V instead. lib/eval/target.py's decode attention uses the same bound.
+GROUPED_MAX_QUERIES = 16
 # Growth when the buffers are full: geometric (so growing copies O(1) slots per step amortised) but by a
 # quarter rather than doubling: at the 8B shape with 64 rows a 4k-slot cache is ~38 GB, and doubling
 # would reserve up to that much again. Each step reads the whole cache anyway, so the copies stay small.
@@ -198,7 +200,7 @@ class LeanDecoder:
         mask = torch.zeros(b, s, -(-width // 16) * 16, dtype=hidden.dtype, device=hidden.device)[..., :width]
         mask = mask.masked_fill_(~visible, torch.finfo(hidden.dtype).min)[:, None]
         group = self.heads // self.kv_heads
-        fold = s <= _GROUPED_MAX_QUERIES and group > 1
+        fold = s <= GROUPED_MAX_QUERIES and group > 1
         if fold and s > 1:
             # Folded queries are (query head, slot) pairs; each head of a group sees the same mask.
             mask = mask[:, :, None].expand(b, 1, group, s, mask.shape[-1]).reshape(b, 1, group * s, -1)

@@ -13,10 +13,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lib.eval.fast_decode import LeanDecoder, lean_decoder
+from lib.eval.fast_decode import GROUPED_MAX_QUERIES, LeanDecoder, lean_decoder
 
 _DECODE_ATTN = "decode_grouped"
-_GROUPED_MAX_QUERIES = 16  # decode steps and verify chunks; longer queries (prefill) go to plain sdpa
 
 
 def _grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -31,7 +30,7 @@ def _grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.
     """
     b, heads, s, d = query.shape
     kv_heads = key.shape[1]
-    if s > _GROUPED_MAX_QUERIES or attention_mask is None or heads == kv_heads or kwargs.get("s_aux") is not None:
+    if s > GROUPED_MAX_QUERIES or attention_mask is None or heads == kv_heads or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     group = heads // kv_heads
