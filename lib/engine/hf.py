@@ -332,4 +332,11 @@ class HFBackend:
                 f"engine warm-up with engine.token_budget={n} ran out of GPU memory under the engine's memory cap "
                 "(infer_frac): lower engine.token_budget or raise infer_frac"
             ) from e
+        except RuntimeError as e:
+            if self.attn_impl == "varlen" and self.varlen_kernel is VarlenKernel.cudnn:
+                # cuDNN refuses shapes and versions its kernels lack (head sizes, old releases) with
+                # errors that name neither the key nor the way back.
+                raise RuntimeError(f"engine warm-up with engine.varlen_kernel=cudnn failed on this GPU and cuDNN "
+                                   f"({e}); use engine.varlen_kernel=flash") from e
+            raise
         torch.cuda.synchronize(self.device)
