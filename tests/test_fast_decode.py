@@ -168,3 +168,31 @@ def test_bf16_lean_logits_match_the_transformers_forward_on_cuda():
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += a.shape[0]
     assert agree >= 0.9 * total, (agree, total)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "llama"])
+def test_compiled_decode_steps_equal_the_eager_lean_path_with_one_graph_for_every_layer(model_type):
+    """--compile: the one-token steps run compiled (lib/eval/compiled_decode.py). Same logits as the eager
+    lean path through prefill, rows leaving and joining and the cache growing; and one graph per function
+    serves all layers and every step (a batch of one row may add its own), never one per layer."""
+    from torch._dynamo.utils import counters
+
+    runner = TargetRunner.from_causal_lm(_model(model_type, num_hidden_layers=6))
+    eager, compiled = runner.lean_decoder(), runner.lean_decoder(compile=True)
+    assert eager.compiled is None and compiled.compiled is not None
+    torch._dynamo.reset()  # graphs another test compiled from the same functions would be reused
+    counters.clear()
+    with runner.decoding():
+        want, _ = _drive(eager.last_logits, runner.device, steps=70)  # past the first capacity (64 + prompt)
+        got, batch = _drive(compiled.last_logits, runner.device, steps=70)
+    assert batch.cache.capacity > 64 + len(PROMPTS[2])
+    assert len(got) == len(want) > 140
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a - b).abs().max() < 1e-4, (i, float((a - b).abs().max()))
+    graphs = counters["stats"]["unique_graphs"]
+    assert 2 <= graphs <= 4, dict(counters["stats"])  # compiled per layer: 12 or more
+
+
+def test_compile_falls_back_to_eager_for_layers_it_cannot_write():
+    runner = TargetRunner.from_causal_lm(_model("llama", hidden_act="gelu"))
+    assert runner.lean_decoder(compile=True).compiled is None  # logged; the eager lean path decodes

@@ -205,6 +205,9 @@ def test_a_torn_part_line_is_answered_again(tmp_path):
 def test_settings_are_checked():
     with pytest.raises(RegenError, match="exactly one"):
         regenerate.parse_args(["--input", __file__, "--output", "/tmp/x.jsonl"])
+    with pytest.raises(RegenError, match="--compile: only the built-in path"):
+        regenerate.parse_args(["--server", "http://127.0.0.1:9", "--input", __file__, "--output", "/tmp/x.jsonl",
+                               "--compile"])
     from lib.eval.sampling import SamplingError
     with pytest.raises(SamplingError, match=r"top_p=0.0: must be in \(0, 1\]"):
         regenerate.parse_args(["--server", "http://127.0.0.1:9", "--input", __file__, "--output", "/tmp/x.jsonl",
@@ -246,3 +249,22 @@ def test_continuous_batching_decodes_each_row_as_alone(max_batch):
             expect = w[:w.index(stop)] if stop in w else w
             assert got[i].tokens == expect, (i, got[i].tokens, expect)
             assert got[i].finish == ("stop" if stop in w else "length")
+
+
+def test_compiled_decoding_writes_the_same_answers(tmp_path):
+    """--compile (the lean decode steps compiled) answers as the eager path does, on CPU in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from lib.eval.target import TargetRunner
+
+    tiny = TargetRunner.from_causal_lm(AutoModelForCausalLM.from_pretrained(TINY_TARGET_DIR, dtype=torch.float32))
+    assert tiny.lean_decoder(compile=True).compiled is not None  # the tiny target takes the compiled steps
+    src = tmp_path / "in.jsonl"
+    write_input(src, n=4)
+    outputs = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        assert main(["--target", TINY_TARGET_DIR, "--input", str(src), "--output", str(out), "--max-new-tokens", "16",
+                     "--batch-size", "3", "--device", "cpu", *flags]) == 0
+        outputs[bool(flags)] = [o["conversations"][-1] for o in read_jsonl(out)]
+    assert len(outputs[True]) == 5 and outputs[True] == outputs[False]

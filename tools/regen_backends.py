@@ -60,7 +60,8 @@ class LocalTarget:
         self._streaming_since = time.perf_counter()
         try:
             for key, generated in sample_stream(self.runner, feed, self.stop_ids, self.cfg.sampling,
-                                                self.cfg.batch_size, generator, self.counters):
+                                                self.cfg.batch_size, generator, self.counters,
+                                                compile=self.cfg.compile):
                 self.new_tokens += len(generated.tokens)
                 yield key, (self.tokenizer.decode(generated.tokens, skip_special_tokens=False), generated.finish)
         finally:

@@ -58,6 +58,7 @@ class RegenConfig:
     chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false} for Qwen3
     device: str = "auto"
     timeout_s: float = 600.0  # one server request
+    compile: bool = False  # built-in path: the lean decode steps compiled (lib/eval/compiled_decode.py)
 
     def __post_init__(self) -> None:
         if (self.target is None) == (self.server is None):
@@ -67,6 +68,8 @@ class RegenConfig:
             raise RegenError(f"--target={self.target!r}: no config.json there; point it at a local HF checkpoint")
         if self.server is not None and not self.server.startswith(("http://", "https://")):
             raise RegenError(f"--server={self.server!r}: must be a URL, e.g. http://127.0.0.1:30000")
+        if self.server is not None and self.compile:
+            raise RegenError("--compile: only the built-in path (--target) decodes here; drop it with --server")
         if not os.path.isfile(self.input):
             raise RegenError(f"--input={self.input!r}: file not found; point it at a JSON Lines data set")
         if os.path.abspath(self.input) == os.path.abspath(self.output):
@@ -350,10 +353,13 @@ def parse_args(argv: list[str]) -> RegenConfig:
     ap.add_argument("--chat-template-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"enable_thinking": false}\'')
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--timeout-s", type=float, default=600.0)
+    ap.add_argument("--compile", action="store_true",
+                    help="built-in path: compile the decode step's layers (dense Llama-family targets; the first "
+                         "steps wait for the compiler)")
     a = ap.parse_args(argv)
     sampling = SamplingConfig(a.temperature, a.top_p, a.max_new_tokens, a.seed)
     return RegenConfig(a.input, a.output, sampling, a.target, a.server, a.model, a.batch_size, a.max_length,
-                       a.max_lines, a.chat_template_kwargs, a.device, a.timeout_s)
+                       a.max_lines, a.chat_template_kwargs, a.device, a.timeout_s, a.compile)
 
 
 def main(argv: list[str]) -> int:

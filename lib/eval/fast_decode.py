@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.eval.compiled_decode import CompiledLayers, rotate
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 # Decode steps and verify chunks fold a key head's query heads into one attention (the cache read once);
 # longer queries (prefills) repeat K/V instead. lib/eval/target.py's decode attention uses the same bound.
@@ -62,14 +64,6 @@ def unsupported_reason(base: nn.Module) -> Optional[str]:
             if getattr(getattr(attn, name, None), "out_features", None) != width:
                 return f"layer {i} self_attn.{name} does not produce {width} features (sharded or unknown)"
     return None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb for one tensor, x * cos + rotate_half(x) * sin, in 4 ops instead
-    of 7: rotate_half(x) = cat(-x2, x1) is x's halves swapped (one flip) with the first negated, and that
-    sign is folded into signed_sin = cat(-sin1, sin2) once per step (negation is exact, so equal bits)."""
-    d = x.shape[-1]
-    return x * cos + x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2) * signed_sin
 
 
 class _Norm:
@@ -163,7 +157,7 @@ def _with_headroom(need: int) -> int:
 class LeanDecoder:
     """The target's forward for decoding, through its own submodules and a KVCache (see the module doc)."""
 
-    def __init__(self, base: nn.Module, lm_head: torch.Tensor):
+    def __init__(self, base: nn.Module, lm_head: torch.Tensor, compile: bool = False):
         reason = unsupported_reason(base)
         if reason is not None:
             raise ValueError(f"the lean decode path cannot run this target: {reason}; decode through "
@@ -180,6 +174,9 @@ class LeanDecoder:
                                       getattr(l.self_attn, "q_norm", None), getattr(l.self_attn, "k_norm", None)))
                       for l in self.layers]
         self.final_norm = _Norm(base.norm, like)
+        # compile: the one-token decode step's layers run compiled (lib/eval/compiled_decode.py).
+        self.compiled = CompiledLayers.build(self.layers, self.norms, getattr(config, "hidden_act", None), self.heads,
+                                             self.kv_heads, self.head_dim) if compile else None
 
     def last_logits(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
                     cache: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
@@ -208,6 +205,13 @@ class LeanDecoder:
             cache = KVCache.empty(len(self.layers), b, self.kv_heads, self.head_dim, _with_headroom(s), hidden)
         else:
             cache.reserve(cached + s)
+        if s == 1 and cached and self.compiled is not None:
+            flat = mask.contiguous()  # the compiled layers guard on strides: a fresh contiguous mask each step
+            # TargetRunner.decoding() keeps the engine's compiled layers eager; these are compiled for this.
+            with torch.compiler.set_stance("default"):
+                for i in range(len(self.layers)):
+                    hidden = self.compiled.layer(i, hidden, cos, sin, flat, cache.keys[i], cache.values[i], cached)
+            return self._finish(hidden, cache, cached + s)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             input_norm, post_norm, q_norm, k_norm = self.norms[i]
@@ -217,7 +221,7 @@ class LeanDecoder:
             v = attn.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
-            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+            q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
             cache.keys[i][:, :, cached:cached + s].copy_(k)
             cache.values[i][:, :, cached:cached + s].copy_(v)
             if cached:
@@ -233,11 +237,14 @@ class LeanDecoder:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
             hidden = hidden + layer.mlp(post_norm(hidden))
-        cache.length = cached + s
+        return self._finish(hidden, cache, cached + s)
+
+    def _finish(self, hidden: torch.Tensor, cache: KVCache, length: int) -> tuple[torch.Tensor, KVCache]:
+        cache.length = length
         last = self.final_norm(hidden[:, -1])
         return F.linear(last, self.lm_head).float(), cache
 
 
-def lean_decoder(base: nn.Module, lm_head: torch.Tensor) -> Optional[LeanDecoder]:
+def lean_decoder(base: nn.Module, lm_head: torch.Tensor, compile: bool = False) -> Optional[LeanDecoder]:
     """A LeanDecoder when the target is supported, else None (the caller keeps the transformers forward)."""
-    return None if unsupported_reason(base) is not None else LeanDecoder(base, lm_head)
+    return None if unsupported_reason(base) is not None else LeanDecoder(base, lm_head, compile)

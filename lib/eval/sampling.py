@@ -132,15 +132,17 @@ class StreamCounters:
 
 def sample_stream(runner: TargetRunner, feed: Callable[[int], list[Request]], stop_ids: Sequence[int],
                   cfg: SamplingConfig, max_batch: int, generator: Optional[torch.Generator] = None,
-                  counters: Optional[StreamCounters] = None, lean: bool = True) -> Iterator[tuple[Any, Generated]]:
+                  counters: Optional[StreamCounters] = None, lean: bool = True,
+                  compile: bool = False) -> Iterator[tuple[Any, Generated]]:
     """Decode requests with up to max_batch rows live, refilling from feed(n) (up to n new requests,
     [] when none are ready now) as rows finish; yields (key, Generated) as each row ends. The caller
     may feed more requests after a yield (the next turn of a conversation). `counters`, when given,
     counts decode steps and live rows (a batch that runs mostly empty decodes slowly per token).
-    `lean=False` decodes through the transformers forward even where the lean path applies."""
+    `lean=False` decodes through the transformers forward even where the lean path applies; `compile`
+    runs the lean path's one-token steps compiled (lib/eval/compiled_decode.py)."""
     stops = set(int(t) for t in stop_ids)
     device = runner.device
-    decoder = runner.lean_decoder() if lean else None
+    decoder = runner.lean_decoder(compile) if lean else None
     step: Step = decoder.last_logits if decoder is not None else runner.last_logits
     batch: Optional[_Batch] = None
     outputs: dict[int, tuple[Generated, int]] = {}  # row -> (output so far, budget)

@@ -59,8 +59,7 @@ class TargetRunner:
                              f"target's output projection (load_target_lm_head(target.path))")
         self.base = base
         self.lm_head = lm_head.detach()
-        self._lean: Optional[LeanDecoder] = None
-        self._lean_checked = False
+        self._lean: dict[bool, Optional[LeanDecoder]] = {}  # by compile
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module) -> "TargetRunner":
@@ -119,14 +118,15 @@ class TargetRunner:
             if switch:
                 self.base.set_attn_implementation(current)
 
-    def lean_decoder(self) -> Optional[LeanDecoder]:
-        """The lean decode path (lib/eval/fast_decode.py) when this target supports it, else None.
+    def lean_decoder(self, compile: bool = False) -> Optional[LeanDecoder]:
+        """The lean decode path (lib/eval/fast_decode.py) when this target supports it, else None;
+        `compile`: its one-token decode steps run compiled (lib/eval/compiled_decode.py).
 
         Built once: it holds only references to the model's modules. forward() (aux layers, hooks,
         speculative verification) stays on the transformers forward."""
-        if not self._lean_checked:
-            self._lean, self._lean_checked = lean_decoder(self.base, self.lm_head), True
-        return self._lean
+        if compile not in self._lean:
+            self._lean[compile] = lean_decoder(self.base, self.lm_head, compile)
+        return self._lean[compile]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, cache: Any,
                 aux_layers: Sequence[int] = ()):
