@@ -32,6 +32,29 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return x * cos + x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2) * signed_sin
 
 
+def fold_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """A [B, 1, S, L] mask for folded_attention's queries: each of a key head's `group` query heads sees
+    the same S rows, so they repeat along the folded axis ([B, 1, group*S, L]); S = 1 broadcasts as is."""
+    b, _, s, width = mask.shape
+    if s == 1:
+        return mask
+    return mask[:, :, None].expand(b, 1, group, s, width).reshape(b, 1, group * s, width)
+
+
+def folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: Optional[float]) -> torch.Tensor:
+    """q [B, H, S, D], k/v [B, Hkv, L, D], mask from fold_mask -> [B, H, S, D].
+
+    With an explicit mask, grouped-query attention has no fused kernel: sdpa would need K/V repeated
+    H/Hkv times (a copy of the whole cache per layer). The query heads sharing a key head are adjacent
+    (repeat_kv's order), so they fold into the query axis instead and one masked kernel reads the cache once."""
+    b, heads, s, d = q.shape
+    kv_heads = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads * s, d), k, v, attn_mask=mask,
+                                         scale=scale)
+    return out.reshape(b, heads, s, d)
+
+
 class LayerWeights(NamedTuple):
     """One decoder layer's tensors (references to the model's own, no copies) and its norms' epsilon."""
     input_norm: torch.Tensor
@@ -92,12 +115,10 @@ def _project(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: Laye
 
 def _attend(hidden: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
             w: LayerWeights, scale: float) -> torch.Tensor:
-    """The rest of the layer: a key head's query heads folded into the query axis (the cache read once),
-    attention over the filled slots keys/values [B, kv_heads, L, D], output projection, MLP, residuals."""
+    """The rest of the layer: folded attention over the filled slots keys/values [B, kv_heads, L, D],
+    output projection, MLP, residuals."""
     b, heads, _, d = q.shape
-    kv_heads = keys.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads, d), keys, values,
-                                         attn_mask=mask, scale=scale)
+    out = folded_attention(q, keys, values, mask, scale)
     hidden = hidden + F.linear(out.reshape(b, 1, heads * d), w.o, w.o_bias)
     x = w.post_norm * F.rms_norm(hidden, (hidden.shape[-1],), eps=w.eps)
     return hidden + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)

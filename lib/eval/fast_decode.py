@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.eval.compiled_decode import CompiledLayers, rotate
+from lib.eval.compiled_decode import CompiledLayers, fold_mask, folded_attention, rotate
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 # Decode steps and verify chunks fold a key head's query heads into one attention (the cache read once);
@@ -198,9 +198,8 @@ class LeanDecoder:
         mask = mask.masked_fill_(~visible, torch.finfo(hidden.dtype).min)[:, None]
         group = self.heads // self.kv_heads
         fold = s <= GROUPED_MAX_QUERIES and group > 1
-        if fold and s > 1:
-            # Folded queries are (query head, slot) pairs; each head of a group sees the same mask.
-            mask = mask[:, :, None].expand(b, 1, group, s, mask.shape[-1]).reshape(b, 1, group * s, -1)
+        if fold:
+            mask = fold_mask(mask, group)  # once per step, not per layer
         if cache is None:
             cache = KVCache.empty(len(self.layers), b, self.kv_heads, self.head_dim, _with_headroom(s), hidden)
         else:
@@ -227,10 +226,7 @@ class LeanDecoder:
             if cached:
                 k, v = cache.keys[i][:, :, :cached + s], cache.values[i][:, :, :cached + s]
             if fold:
-                # A key head's query heads are adjacent (repeat_kv's order): one kernel reads the cache once.
-                out = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, group * s, self.head_dim), k, v,
-                                                     attn_mask=mask, scale=attn.scaling)
-                out = out.reshape(b, self.heads, s, self.head_dim)
+                out = folded_attention(q, k, v, mask, attn.scaling)
             else:
                 if group > 1:
                     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lib.eval.compiled_decode import fold_mask, folded_attention
 from lib.eval.fast_decode import GROUPED_MAX_QUERIES, LeanDecoder, lean_decoder
 
 _DECODE_ATTN = "decode_grouped"
@@ -23,21 +24,17 @@ def _grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.
                              dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention interface for decoding: q [B, H, S, D], k/v [B, Hkv, L, D] -> [B, S, H, D].
 
-    With an explicit mask, transformers' sdpa copies every cached key and value H/Hkv times per layer
-    (repeat_kv: masked GQA has no fused kernel), which dominates a batched decode step over a long
-    cache. For a few queries the heads sharing a key head are folded into the query axis instead, so
-    one fused masked kernel reads the cache once; the mask is repeated along the folded axis only.
+    transformers' sdpa copies every cached key and value H/Hkv times per layer under an explicit mask,
+    which dominates a batched decode step over a long cache; a few queries take folded_attention
+    (lib/eval/compiled_decode.py) instead, which reads the cache once.
     """
-    b, heads, s, d = query.shape
+    heads, s = query.shape[1], query.shape[2]
     kv_heads = key.shape[1]
     if s > GROUPED_MAX_QUERIES or attention_mask is None or heads == kv_heads or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    group = heads // kv_heads
-    q = query.reshape(b, kv_heads, group * s, d)  # a key head's query heads are adjacent (repeat_kv's order)
-    mask = attention_mask.unsqueeze(2).expand(b, 1, group, s, attention_mask.shape[-1]).reshape(b, 1, group * s, -1)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), None
+    out = folded_attention(query, key, value, fold_mask(attention_mask, heads // kv_heads), scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(_DECODE_ATTN, _grouped_query_attention)

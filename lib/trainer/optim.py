@@ -28,7 +28,6 @@ def build_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: flo
                              fused=device.type == "cuda")
 
 
-
 def clipped_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter],
                  max_norm: float) -> tuple[float, bool]:
     """Clip by the global norm and step, then clear the gradients; returns (norm, stepped).
