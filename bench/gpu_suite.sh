@@ -3,7 +3,7 @@
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
 #     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
-#     moe_e2e regen
+#     moe_e2e regen decode_step
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -81,6 +81,9 @@ for p in "$@"; do case $p in
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;
   # Regeneration throughput of the built-in path (issue 19), Qwen3-8B shape with Qwen3's tokenizer.
-  regen) part regen 450 python3 bench/regen.py --shape qwen3_8b --out "$WORK/regen.json" --work "$WORK/regen" ${REGEN_ARGS:-} ;;
+  regen) part regen "${REGEN_LIMIT:-450}" python3 bench/regen.py --shape qwen3_8b --out "$WORK/regen.json" --work "$WORK/regen" ${REGEN_ARGS:-} ;;
+  # One decode step of the lean path alone (no refills), eager and compiled, profiled.
+  decode_step) part decode_step 240 python3 bench/decode_step.py --shape qwen3_8b --out "$WORK/decode_step.json" \
+      --profile "$WORK/decode_profile" ${DECODE_ARGS:-} ;;
   *) echo "unknown part $p" ;;
 esac; done

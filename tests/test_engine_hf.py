@@ -241,6 +241,7 @@ def test_gpu_compiled_capture_keeps_one_graph_across_batches_of_other_lengths(ch
     longest sample inside the layer made dynamo recompile per batch (cuDNN path, 2026-11-29)."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # an earlier test's graph of the same layer code would be reused and not counted
     counters.clear()
     backend = make_backend("hf")
     backend.load(TargetConfig(path=checkpoints["qwen3"], dtype="bfloat16"),
@@ -250,3 +251,52 @@ def test_gpu_compiled_capture_keeps_one_graph_across_batches_of_other_lengths(ch
         backend.capture(random_batch(lengths, seed=seed))
     torch.cuda.synchronize()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_cudnn_ragged_metadata_pads_with_empty_samples_at_the_batch_end():
+    """The sample count rounds up to a power of two (>= 8) so few cuDNN graphs serve a run; the padding
+    samples are empty and start where the batch ends, so they cover no token."""
+    from lib.engine.cudnn_attention import MIN_SAMPLES, ragged_metadata
+
+    for lengths in ([5], [3, 9, 1], list(range(1, 10)), [7] * 16):
+        cu, seq = ragged_metadata(lengths)
+        n = len(lengths)
+        assert seq.numel() == max(MIN_SAMPLES, 1 << (n - 1).bit_length()) and cu.numel() == seq.numel() + 1
+        assert seq[:n].tolist() == lengths and not seq[n:].any()
+        assert cu[0] == 0 and (cu[1:] - cu[:-1]).tolist() == seq.tolist() and (cu[n:] == sum(lengths)).all()
+
+
+def test_cudnn_kernel_without_its_package_names_the_key_and_the_fix():
+    import importlib.util
+
+    from lib.engine.cudnn_attention import missing_reason
+
+    if importlib.util.find_spec("cudnn") is not None:
+        pytest.skip("nvidia-cudnn-frontend is installed here")
+    reason = missing_reason()
+    assert "engine.varlen_kernel=cudnn" in reason and "nvidia-cudnn-frontend" in reason
+    assert "engine.varlen_kernel=flash" in reason
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 4, 128), (16, 8, 64)])
+def test_gpu_cudnn_packed_attention_equals_per_sample_causal_attention(heads, kv_heads, dim):
+    """The cached cuDNN graph, padding samples included, against fp32 causal attention run per sample;
+    a second batch of other lengths reuses or adds graphs and stays right."""
+    from lib.engine.cudnn_attention import MIN_BOUND, packed_causal_attention, pow2_at_least, ragged_metadata
+
+    gen = torch.Generator().manual_seed(0)
+    for lengths in ([5, 130, 1, 77], [300, 2, 64, 64, 9, 1, 40, 100, 33]):
+        total = sum(lengths)
+        q = torch.randn(total, heads, dim, generator=gen).cuda().bfloat16()
+        k = torch.randn(total, kv_heads, dim, generator=gen).cuda().bfloat16()
+        v = torch.randn(total, kv_heads, dim, generator=gen).cuda().bfloat16()
+        cu, seq = (t.cuda() for t in ragged_metadata(lengths))
+        got = packed_causal_attention(q, k, v, cu, seq, pow2_at_least(max(lengths), MIN_BOUND), dim ** -0.5)
+        start = 0
+        for n in lengths:
+            part = [t[start:start + n].float().transpose(0, 1) for t in (q, k, v)]
+            want = torch.nn.functional.scaled_dot_product_attention(
+                *part, is_causal=True, enable_gqa=True).transpose(0, 1)
+            torch.testing.assert_close(got[start:start + n].float(), want, atol=2e-2, rtol=2e-2)
+            start += n

@@ -40,6 +40,7 @@ from lib.engine.base import (
 )
 from lib.engine.moe import install_moe_impl
 from lib.engine.tp import TensorParallel
+from lib.engine.cudnn_attention import missing_reason as cudnn_missing_reason, ragged_metadata
 from lib.engine.varlen import VARLEN_ATTN_NAME, max_seqlen_arg
 from lib.target.shape import resolve_dtype
 from lib.target.weights import load_pretrained
@@ -197,6 +198,10 @@ class HFBackend:
             raise ValueError(f"engine.token_budget={engine.token_budget} must be >= 1")
         self.token_budget = engine.token_budget
         self.varlen_kernel = VarlenKernel(engine.varlen_kernel)
+        if self.attn_impl == "varlen" and self.varlen_kernel is VarlenKernel.cudnn:
+            reason = cudnn_missing_reason()  # before the weights load
+            if reason is not None:
+                raise ValueError(reason)
         group_size = dist.get_world_size(tp_group) if tp_group is not None else 1
         if engine.tp != group_size:
             raise ValueError(f"engine.tp={engine.tp} but the TP group passed to the engine has {group_size} members")
@@ -287,9 +292,14 @@ class HFBackend:
         if self.attn_impl == "varlen":
             cu = torch.zeros(len(inputs.lengths) + 1, dtype=torch.int32)
             torch.cumsum(lengths, 0, out=cu[1:])
-            return {"engine_cu_seqlens": cu.to(self.device, non_blocking=True),
-                    "engine_max_seqlen": max_seqlen_arg(max(inputs.lengths), self.varlen_kernel),
-                    "engine_varlen_kernel": self.varlen_kernel.value}
+            kwargs = {"engine_cu_seqlens": cu.to(self.device, non_blocking=True),
+                      "engine_max_seqlen": max_seqlen_arg(max(inputs.lengths), self.varlen_kernel),
+                      "engine_varlen_kernel": self.varlen_kernel.value}
+            if self.varlen_kernel is VarlenKernel.cudnn:
+                cudnn_cu, cudnn_seq = ragged_metadata(inputs.lengths)
+                kwargs |= {"engine_cudnn_cu": cudnn_cu.to(self.device, non_blocking=True),
+                           "engine_cudnn_seq": cudnn_seq.to(self.device, non_blocking=True)}
+            return kwargs
         n = inputs.num_tokens
         doc = torch.repeat_interleave(torch.arange(len(inputs.lengths), dtype=torch.int32), lengths).to(self.device)
         idx = torch.arange(n, device=self.device)

@@ -4,15 +4,13 @@ samples laid end to end, kept inside each sample by cu_seqlens, with no mask ten
 Two kernels behind one transformers attention interface (engine.varlen_kernel):
 - flash: torch's FlashAttention-2 kernel, called through aten directly (stable across torch 2.4+,
   GQA native, sliding windows as its left window; gpt-oss sinks rescale its output, below);
-- cudnn: cuDNN's fused attention over the same cu_seqlens (ragged layout), NVIDIA's own Hopper
-  kernels: the candidate for the capture's slowest part (FA2 reaches about 235 TFLOP/s in the
-  30B-A3B capture; bench/engine.py --varlen-kernel flash,cudnn decides, docs/engine.md). It has no
-  sliding window or sink, so gpt-oss's layers keep flash; cuDNN plans a graph per shape key, so the
-  longest sample is rounded up to a power of two (any bound above the true longest is valid) to keep
-  the number of plans small across batches. The rounding happens where the batch's arguments are
-  built (HFBackend), outside the compiled layers: rounded inside, dynamo specialised each layer on
-  the batch's longest sample and recompiled per batch until its recompile limit (measured on the
-  H200, 2026-11-29: 2k tokens/s instead of 60k).
+- cudnn: cuDNN's fused attention over the same packed rows (lib/engine/cudnn_attention.py, cached
+  cudnn-frontend graphs): NVIDIA's Hopper kernel, about twice FA2's speed on the capture's attention.
+  It has no sliding window or sink here, so gpt-oss's layers keep flash. The longest-sample argument
+  is rounded up to a power of two (any bound above the true longest is valid) to keep the number of
+  cuDNN graphs small; the rounding happens where the batch's arguments are built (HFBackend), outside
+  the compiled layers: rounded inside, dynamo specialised each layer on the batch's longest sample
+  and recompiled per batch.
 """
 from __future__ import annotations
 
@@ -23,23 +21,22 @@ from torch import nn
 from transformers import AttentionInterface
 
 from lib.config import VarlenKernel
+from lib.engine.cudnn_attention import MIN_BOUND, packed_causal_attention, pow2_at_least
 
 VARLEN_ATTN_NAME = "engine_varlen"
 
 
 @torch.library.custom_op("specdraft::cudnn_varlen_attention", mutates_args=())
-def cudnn_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           max_seqlen: int, scale: float) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv), causal within each cu_seqlens span -> [T, Hq, D].
+def cudnn_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, seq: torch.Tensor,
+                           bound: int, scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], causal within each sample of cudnn_attention.ragged_metadata -> [T, Hq, D].
 
-    An opaque op, so torch.compile keeps cuDNN's call as it is (the aten op's fake kernel does not
-    cover the ragged form on every release)."""
-    return torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, False, 0.0, True, False, scale=scale)[0]
+    An opaque op, so torch.compile leaves the cuDNN graph's execution to the runtime."""
+    return packed_causal_attention(q, k, v, cu, seq, bound, scale)
 
 
 @cudnn_varlen_attention.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
+def _(q, k, v, cu, seq, bound, scale):
     return torch.empty_like(q)
 
 
@@ -47,7 +44,7 @@ def max_seqlen_arg(longest: int, kernel: VarlenKernel) -> int:
     """The longest-sample argument of the kernel: exact for flash (it sizes its grid), for cuDNN the
     next power of two of at least 128 (the bound its plans are keyed on)."""
     if kernel is VarlenKernel.cudnn:
-        return max(128, 1 << (int(longest) - 1).bit_length())
+        return pow2_at_least(longest, MIN_BOUND)
     return int(longest)
 
 
@@ -62,6 +59,8 @@ def varlen_attention(
     engine_cu_seqlens: Optional[torch.Tensor] = None,
     engine_max_seqlen: Optional[int] = None,
     engine_varlen_kernel: str = VarlenKernel.flash.value,
+    engine_cudnn_cu: Optional[torch.Tensor] = None,
+    engine_cudnn_seq: Optional[torch.Tensor] = None,
     sliding_window: Optional[int] = None,
     s_aux: Optional[torch.Tensor] = None,
     **kwargs,
@@ -77,7 +76,7 @@ def varlen_attention(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if engine_varlen_kernel == VarlenKernel.cudnn.value and not sliding_window and s_aux is None:
         scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
-        out = cudnn_varlen_attention(q, k, v, engine_cu_seqlens, engine_max_seqlen, scale)
+        out = cudnn_varlen_attention(q, k, v, engine_cudnn_cu, engine_cudnn_seq, engine_max_seqlen, scale)
         return out.unsqueeze(0), None
     window = {} if not sliding_window else {"window_size_left": int(sliding_window) - 1, "window_size_right": 0}
     out, lse = torch.ops.aten._flash_attention_forward(

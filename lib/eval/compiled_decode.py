@@ -20,8 +20,15 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger("specdraft.eval")
+
+# Every sdpa backend but cuDNN's. For masked bf16 attention on Hopper torch picks cuDNN, whose graphs are
+# keyed on the exact shape; a decode step's key width grows by one each step, so every step built new
+# graphs: ~1.3 ms of CPU per layer call, 47 ms of a 62 ms Qwen3-8B step at 64 rows (profiled on the H200,
+# 2026-11-29, bench/decode_step.py). The memory-efficient kernel serves masks without a per-shape build.
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -50,8 +57,9 @@ def folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     (repeat_kv's order), so they fold into the query axis instead and one masked kernel reads the cache once."""
     b, heads, s, d = q.shape
     kv_heads = k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads * s, d), k, v, attn_mask=mask,
-                                         scale=scale)
+    with sdpa_kernel(_DECODE_BACKENDS):
+        out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads * s, d), k, v, attn_mask=mask,
+                                             scale=scale)
     return out.reshape(b, heads, s, d)
 
 
