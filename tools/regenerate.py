@@ -355,7 +355,8 @@ def parse_args(argv: list[str]) -> RegenConfig:
     ap.add_argument("--timeout-s", type=float, default=600.0)
     ap.add_argument("--compile", action="store_true",
                     help="built-in path: compile the decode step's layers (dense Llama-family targets; the first "
-                         "steps wait for the compiler)")
+                         "steps wait for the compiler). Measured slower than eager for Qwen3-8B at 64 rows on an "
+                         "H200 (docs/real_model.md); try it on smaller targets")
     a = ap.parse_args(argv)
     sampling = SamplingConfig(a.temperature, a.top_p, a.max_new_tokens, a.seed)
     return RegenConfig(a.input, a.output, sampling, a.target, a.server, a.model, a.batch_size, a.max_length,

@@ -24,10 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger("specdraft.eval")
 
-# Every sdpa backend but cuDNN's. For masked bf16 attention on Hopper torch picks cuDNN, whose graphs are
-# keyed on the exact shape; a decode step's key width grows by one each step, so every step built new
-# graphs: ~1.3 ms of CPU per layer call, 47 ms of a 62 ms Qwen3-8B step at 64 rows (profiled on the H200,
-# 2026-11-29, bench/decode_step.py). The memory-efficient kernel serves masks without a per-shape build.
+# Every sdpa backend but cuDNN's. For masked bf16 attention on Hopper torch picks cuDNN, whose graph setup
+# is keyed on exact shapes while a decode step's key width grows by one each step: ~1.3 ms of CPU on every
+# layer call, 47 ms of a 62 ms Qwen3-8B step at 64 rows (profiled on the H200, 2026-11-29,
+# bench/decode_step.py). The memory-efficient kernel serves masks with no per-shape setup.
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
