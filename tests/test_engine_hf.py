@@ -278,6 +278,17 @@ def test_cudnn_kernel_without_its_package_names_the_key_and_the_fix():
     assert "engine.varlen_kernel=flash" in reason
 
 
+def test_cudnn_kernel_refuses_a_batch_its_int32_offsets_cannot_address():
+    from lib.engine.cudnn_attention import packed_causal_attention
+
+    tokens = 2 ** 31 // (64 * 128)
+    q = torch.empty(tokens, 64, 128, device="meta")
+    kv = torch.empty(tokens, 8, 128, device="meta")
+    seq = torch.empty(8, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match=f"engine.token_budget below {tokens}"):
+        packed_causal_attention(q, kv, kv, seq, seq, 1 << 18, 0.1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 4, 128), (16, 8, 64)])
 def test_gpu_cudnn_packed_attention_equals_per_sample_causal_attention(heads, kv_heads, dim):

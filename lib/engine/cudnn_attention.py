@@ -105,6 +105,10 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     """q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv), causal inside each sample -> [T, Hq, D].
 
     cu/seq from ragged_metadata (on q's device); bound >= the longest sample."""
+    if q.numel() >= 2 ** 31:  # the ragged offsets are int32 element counts
+        raise ValueError(f"engine.varlen_kernel=cudnn: a packed batch of {q.shape[0]} tokens x {q.shape[1]} heads x "
+                         f"{q.shape[2]} overflows cuDNN's int32 offsets; lower engine.token_budget below "
+                         f"{2 ** 31 // (q.shape[1] * q.shape[2])} or use engine.varlen_kernel=flash")
     import cudnn
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
