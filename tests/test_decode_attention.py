@@ -85,3 +85,18 @@ def test_decoding_runs_the_grouped_attention_and_restores_the_model(monkeypatch)
     layers = model.config.num_hidden_layers
     assert seen == [4] * layers + [1] * layers
     assert model.config._attn_implementation == before
+
+
+def test_decode_attention_without_grouped_heads_equals_transformers_sdpa():
+    """Every head with its own keys (MHA): the fold is the identity and the result is sdpa's."""
+    config = AutoConfig.for_model("qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=4, head_dim=16, vocab_size=64)
+    module = AutoModelForCausalLM.from_config(config).model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (4, 20, 20))
+    valid = torch.rand(2, 20, generator=g) > 0.3
+    valid[:, -4:] = True
+    mask = torch.zeros(2, 1, 4, 20).masked_fill_(~visible_keys(valid, 4)[:, None], torch.finfo(torch.float32).min)
+    ours, _ = _grouped_query_attention(module, q, k, v, mask, scaling=module.scaling)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -28,8 +28,9 @@ from torch import nn
 from lib.eval.compiled_decode import CompiledLayers, fold_mask, folded_attention, rotate
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
-# Decode steps and verify chunks fold a key head's query heads into one attention (the cache read once);
-# longer queries (prefills) repeat K/V instead. lib/eval/target.py's decode attention uses the same bound.
+# Decode steps and verify chunks take folded_attention (a key head's query heads folded into one attention
+# that reads the cache once; a plain one when every head has its own keys); longer queries (prefills) repeat
+# K/V instead. lib/eval/target.py's decode attention uses the same bound.
 GROUPED_MAX_QUERIES = 16
 # Growth when the buffers are full: geometric (so growing copies O(1) slots per step amortised) but by a
 # quarter rather than doubling: at the 8B shape with 64 rows a 4k-slot cache is ~38 GB, and doubling
@@ -197,7 +198,7 @@ class LeanDecoder:
         mask = torch.zeros(b, s, -(-width // 16) * 16, dtype=hidden.dtype, device=hidden.device)[..., :width]
         mask = mask.masked_fill_(~visible, torch.finfo(hidden.dtype).min)[:, None]
         group = self.heads // self.kv_heads
-        fold = s <= GROUPED_MAX_QUERIES and group > 1
+        fold = s <= GROUPED_MAX_QUERIES
         if fold:
             mask = fold_mask(mask, group)  # once per step, not per layer
         if cache is None:

@@ -30,7 +30,7 @@ def _grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.
     """
     heads, s = query.shape[1], query.shape[2]
     kv_heads = key.shape[1]
-    if s > GROUPED_MAX_QUERIES or attention_mask is None or heads == kv_heads or kwargs.get("s_aux") is not None:
+    if s > GROUPED_MAX_QUERIES or attention_mask is None or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = folded_attention(query, key, value, fold_mask(attention_mask, heads // kv_heads), scaling)
