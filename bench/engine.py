@@ -178,6 +178,24 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
     return result
 
 
+def apply_inductor_settings(spec: str) -> dict:
+    """'key=value,...' onto torch._inductor.config (ints and booleans as written, others as strings)."""
+    import torch._inductor.config as inductor_config
+
+    settings = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor {item!r}: expected key=value with a torch._inductor.config key")
+        current = getattr(inductor_config, key)
+        if isinstance(current, bool):
+            settings[key] = value.lower() in ("1", "true", "yes")
+        else:
+            settings[key] = int(value) if value.lstrip("-").isdigit() else value
+        setattr(inductor_config, key, settings[key])
+    return settings
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
@@ -197,8 +215,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
+    p.add_argument("--inductor", default="", help="comma-separated torch._inductor.config settings for the "
+                   "compiled paths, e.g. max_autotune_gemm=1 (recorded in the JSON)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    inductor = apply_inductor_settings(args.inductor)
     device = torch.device(args.device)
     if device.type == "cpu":
         args.min_len, args.max_len, args.tokens = min(args.min_len, 16), min(args.max_len, 64), min(args.tokens, 256)
@@ -214,7 +235,7 @@ def main() -> None:
     info = {
         "shape": args.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "tokens_per_batch": args.tokens,
-        "steps": args.steps, "seq_len_range": [args.min_len, args.max_len], "results": [],
+        "steps": args.steps, "seq_len_range": [args.min_len, args.max_len], "inductor": inductor, "results": [],
     }
     print(f"{args.shape} on {info['device']}, {args.tokens} tokens/batch, {args.steps} timed batches", flush=True)
     print(f"{'path':<16}{'tokens/s':>12}{'ms/batch':>10}{'TFLOP/s':>9}{'MFU989':>8}{'MFU790':>8}{'peak GiB':>10}"

@@ -1,0 +1,110 @@
+"""The grouped MoE block's parts, timed alone at one MoE layer of a target shape (GPU).
+
+    python bench/moe_parts.py --shape qwen3-30b-a3b --out moe_parts.json
+
+Each row times a part the old way and the way lib/engine/moe.py runs it now, in the same process:
+the router (transformers' forward vs the kernel top-k), the expert sort (4-byte vs 1-byte keys), the
+SwiGLU (Inductor's fused kernel vs lib/engine/moe_kernels.py's), and the whole MoE block compiled
+with Inductor's default GEMMs vs max_autotune_gemm (Triton grouped-GEMM templates benchmarked against
+torch._grouped_mm). Random bf16 weights and hidden states; routing of a random router is near uniform.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.engine import SHAPES  # noqa: E402
+from lib.engine.moe import install_moe_impl  # noqa: E402
+from lib.engine.moe_kernels import silu_mul_scaled, silu_mul_scaled_reference  # noqa: E402
+from lib.engine.moe_router import install_fast_routers  # noqa: E402
+
+
+def cuda_ms(fn, iters: int = 30, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def one_layer_model(shape: dict):
+    cfg = dict(shape, num_hidden_layers=1)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-30b-a3b", choices=[s for s in SHAPES if "a3b" in s or "oss" in s])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = one_layer_model(SHAPES[args.shape])
+    block = model.model.layers[0].mlp
+    router = getattr(block, "gate", None) or block.router
+    x = torch.randn(args.tokens, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    rows = []
+
+    def row(part: str, old: float, new: float, note: str = "") -> None:
+        rows.append({"part": part, "old_ms": old, "new_ms": new, "ratio": old / new, "note": note})
+        print(f"{part:<28}{old:>9.3f}{new:>9.3f}{old / new:>8.2f}x  {note}", flush=True)
+
+    print(f"{args.shape}, {args.tokens} tokens, one MoE layer on {torch.cuda.get_device_name()}")
+    print(f"{'part (ms per layer)':<28}{'old':>9}{'new':>9}{'ratio':>9}")
+    with torch.inference_mode():
+        old_router = torch.compile(router.forward, dynamic=True)
+        t_old = cuda_ms(lambda: old_router(x))
+        install_fast_routers(model.model.layers)
+        torch._dynamo.reset()
+        new_router = torch.compile(router.forward, dynamic=True)
+        row("router (softmax + top-k)", t_old, cuda_ms(lambda: new_router(x)), "compiled, transformers' vs kernel top-k")
+
+        _, _, experts = router(x)
+        flat = experts.reshape(-1)
+        row("expert sort (argsort)", cuda_ms(lambda: torch.argsort(flat.to(torch.int32), stable=True)),
+            cuda_ms(lambda: torch.argsort(flat.to(torch.uint8), stable=True)), "4-byte vs 1-byte keys")
+
+        inter = block.experts.gate_up_proj.shape[1] // 2
+        gate_up = torch.randn(flat.numel(), 2 * inter, device="cuda", dtype=torch.bfloat16)
+        weight = torch.rand(flat.numel(), device="cuda")
+        inductor_swiglu = torch.compile(silu_mul_scaled_reference, dynamic=True)
+        row("SwiGLU x weight", cuda_ms(lambda: inductor_swiglu(gate_up, weight)),
+            cuda_ms(lambda: silu_mul_scaled(gate_up, weight)), "Inductor vs Triton kernel")
+
+        install_moe_impl(model.model.layers, "grouped")
+        torch._dynamo.reset()
+        default_block = torch.compile(block.forward, dynamic=True)
+        t_default = cuda_ms(lambda: default_block(x[None]))
+        torch._dynamo.reset()
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(max_autotune_gemm=True):
+            tuned_block = torch.compile(block.forward, dynamic=True)
+            t_tuned = cuda_ms(lambda: tuned_block(x[None]))
+        row("MoE block (compiled)", t_default, t_tuned, "Inductor default vs max_autotune_gemm")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"shape": args.shape, "tokens": args.tokens, "device": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
