@@ -3,7 +3,7 @@
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
 #     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
-#     moe_e2e regen decode_step moe_parts
+#     moe_e2e regen decode_step moe_parts moe_capture
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -78,13 +78,12 @@ for p in "$@"; do case $p in
       --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn --profile "$WORK/varlen_profile"
     part dense_kernels 200 python3 bench/engine.py --out "$WORK/dense_kernels.json" --shape qwen3-8b \
       --paths varlen+compile --varlen-kernel flash,cudnn ;;
-  # The MoE block's parts alone (old vs new kernels), then the 30B-A3B capture with the cuDNN kernel,
-  # Inductor's default GEMMs and max_autotune_gemm (MOE_ARGS: extra bench/engine.py flags).
-  moe_parts) part moe_parts 200 python3 bench/moe_parts.py --out "$WORK/moe_parts.json"
-    part moe_capture 200 python3 bench/engine.py --out "$WORK/moe_capture.json" --shape qwen3-30b-a3b \
-      --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn --profile "$WORK/moe_capture_profile" ${MOE_ARGS:-}
-    part moe_capture_tuned 280 python3 bench/engine.py --out "$WORK/moe_capture_tuned.json" --shape qwen3-30b-a3b \
-      --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn --inductor max_autotune_gemm=1 ${MOE_ARGS:-} ;;
+  # The MoE block's parts alone (old vs new kernels; Inductor's default GEMMs vs max_autotune_gemm).
+  moe_parts) part moe_parts 200 python3 bench/moe_parts.py --out "$WORK/moe_parts.json" ;;
+  # The 30B-A3B capture with the cuDNN kernel, profiled with its GPU timeline (MOE_ARGS: extra flags,
+  # e.g. --inductor max_autotune_gemm=1).
+  moe_capture) part moe_capture 200 python3 bench/engine.py --out "$WORK/moe_capture.json" --shape qwen3-30b-a3b \
+      --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn --profile "$WORK/moe_capture_profile" ${MOE_ARGS:-} ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;
   # Regeneration throughput of the built-in path (issue 19), Qwen3-8B shape with Qwen3's tokenizer.

@@ -6,7 +6,7 @@ Each row times a part the old way and the way lib/engine/moe.py runs it now, in 
 the router (transformers' forward vs the kernel top-k), the expert sort (4-byte vs 1-byte keys), the
 SwiGLU (Inductor's fused kernel vs lib/engine/moe_kernels.py's), and the whole MoE block compiled
 with Inductor's default GEMMs vs max_autotune_gemm (Triton grouped-GEMM templates benchmarked against
-torch._grouped_mm). Random bf16 weights and hidden states; routing of a random router is near uniform.
+torch._grouped_mm). GPU times are CUDA-graph replays (no host launch time). Random bf16 weights and hidden states; routing of a random router is near uniform.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -27,13 +28,20 @@ from lib.engine.moe_router import install_fast_routers  # noqa: E402
 
 
 def cuda_ms(fn, iters: int = 30, warmup: int = 5) -> float:
+    """GPU time per call: the calls replayed from a CUDA graph, so the host's launch time is left out
+    (the parts are small kernels; timed from the host they measure Python, not the GPU)."""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(iters):
-        fn()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
@@ -100,6 +108,15 @@ def main() -> None:
             tuned_block = torch.compile(block.forward, dynamic=True)
             t_tuned = cuda_ms(lambda: tuned_block(x[None]))
         row("MoE block (compiled)", t_default, t_tuned, "Inductor default vs max_autotune_gemm")
+        # Host time per block call, launches included (what a launch-bound capture pays per layer).
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            default_block(x[None])
+        host_ms = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        print(f"MoE block host time per call (no sync): {host_ms:.3f} ms", flush=True)
+        rows.append({"part": "MoE block host ms per call", "new_ms": host_ms})
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"shape": args.shape, "tokens": args.tokens, "device": torch.cuda.get_device_name(),

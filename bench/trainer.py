@@ -80,6 +80,13 @@ def write_profile(path: str, batches: list, train_step, cuda: bool) -> None:
     sort = "cuda_time_total" if cuda else "cpu_time_total"
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+        if cuda:
+            from bench.timeline import idle_summary
+
+            with tempfile.TemporaryDirectory() as tmp:
+                trace = os.path.join(tmp, "trace.json")
+                prof.export_chrome_trace(trace)
+                f.write("\n" + idle_summary(trace))
 
 
 def add_step_args(p: argparse.ArgumentParser) -> None:

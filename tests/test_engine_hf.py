@@ -286,7 +286,7 @@ def test_cudnn_kernel_refuses_a_batch_its_int32_offsets_cannot_address():
     kv = torch.empty(tokens, 8, 128, device="meta")
     seq = torch.empty(8, dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match=f"engine.token_budget below {tokens}"):
-        packed_causal_attention(q, kv, kv, seq, seq, 1 << 18, 0.1)
+        packed_causal_attention(q, kv, kv, seq, seq, seq, 1 << 18, 0.1)
 
 
 @pytest.mark.gpu
@@ -303,7 +303,8 @@ def test_gpu_cudnn_packed_attention_equals_per_sample_causal_attention(heads, kv
         k = torch.randn(total, kv_heads, dim, generator=gen).cuda().bfloat16()
         v = torch.randn(total, kv_heads, dim, generator=gen).cuda().bfloat16()
         cu, seq = (t.cuda() for t in ragged_metadata(lengths))
-        got = packed_causal_attention(q, k, v, cu, seq, pow2_at_least(max(lengths), MIN_BOUND), dim ** -0.5)
+        got = packed_causal_attention(q, k, v, cu * (heads * dim), cu * (kv_heads * dim), seq,
+                                      pow2_at_least(max(lengths), MIN_BOUND), dim ** -0.5)
         start = 0
         for n in lengths:
             part = [t[start:start + n].float().transpose(0, 1) for t in (q, k, v)]

@@ -98,11 +98,12 @@ def _build(samples: int, bound: int, hq: int, hkv: int, d: int, scale: float, dt
     return _Plan(g, t, g.get_workspace_size())
 
 
-def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                            seq: torch.Tensor, bound: int, scale: float) -> torch.Tensor:
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, off_q: torch.Tensor,
+                            off_kv: torch.Tensor, seq: torch.Tensor, bound: int, scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv), causal inside each sample -> [T, Hq, D].
 
-    cu/seq from ragged_metadata (on q's device); bound >= the longest sample."""
+    seq and the cumulative starts cu from ragged_metadata (on q's device), off_q = cu * Hq * D and
+    off_kv = cu * Hkv * D (element offsets); bound >= the longest sample."""
     if q.numel() >= 2 ** 31:  # the ragged offsets are int32 element counts
         raise ValueError(f"engine.varlen_kernel=cudnn: a packed batch of {q.shape[0]} tokens x {q.shape[1]} heads x "
                          f"{q.shape[2]} overflows cuDNN's int32 offsets; lower engine.token_budget below "
@@ -123,6 +124,6 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     t = plan.tensors
     workspace = torch.empty(max(plan.workspace, 1), dtype=torch.uint8, device=q.device)
     plan.graph.execute({t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["seq"]: seq.view(samples, 1, 1, 1),
-                        t["off_q"]: (cu * (hq * d)).view(shape), t["off_kv"]: (cu * (hkv * d)).view(shape)},
+                        t["off_q"]: off_q.view(shape), t["off_kv"]: off_kv.view(shape)},
                        workspace, handle=handle)
     return out

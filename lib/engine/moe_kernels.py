@@ -15,8 +15,10 @@ The dispatch (each routed row's token states, 8x the tokens) is the same gather 
 had fused it with the RMSNorm before it, recomputing the norm per routed row and loading elementwise
 (0.13 ms per layer); as an opaque op the norm runs once per token and the rows move as blocks.
 
-It is an opaque custom op (torch.library.custom_op), so a compiled decoder layer calls it as one
-kernel without a graph break.
+The kernels are launched from plain functions, not custom ops: dynamo traces a Triton launch into the
+compiled decoder layer's graph (a user-defined Triton kernel) and Inductor's wrapper launches it
+directly, where a torch.library custom op added its Python dispatch on every call (four calls per
+layer; the compiled 30B-A3B capture was bound by the host's launch rate, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -53,8 +55,7 @@ if triton is not None:
         target = token.to(tl.int64)[:, None] * width + column[None, :]
         tl.store(out_ptr + target, acc.to(out_ptr.dtype.element_ty), mask=live)
 
-    @torch.library.custom_op("specdraft::sum_gathered_rows", mutates_args=())
-    def _sum_gathered_rows_op(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
         src, index = src.contiguous(), index.contiguous()
         tokens, width = index.numel() // k, src.shape[1]
         out = src.new_empty(tokens, width)
@@ -62,10 +63,6 @@ if triton is not None:
         _sum_gathered_rows_kernel[grid](src, index, out, tokens, width, K=k, BLOCK_TOKENS=_BLOCK_TOKENS,
                                         BLOCK_COLUMNS=_BLOCK_COLUMNS)
         return out
-
-    @_sum_gathered_rows_op.register_fake
-    def _(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-        return src.new_empty(index.numel() // k, src.shape[1])
 
 
 # The router's top-k. torch.topk on [8192, 128] fp32 probabilities (k=8) takes a radix-select kernel and a
@@ -104,8 +101,7 @@ if triton is not None:
             tl.store(indices_ptr + row * K + j, pick.to(tl.int64), mask=live_row)
             open_ = open_ & ~chosen
 
-    @torch.library.custom_op("specdraft::topk_rows", mutates_args=())
-    def _topk_rows_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _launch_topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.contiguous()
         rows, width = x.numel() // x.shape[-1], x.shape[-1]
         values = x.new_empty(*x.shape[:-1], k)
@@ -113,12 +109,8 @@ if triton is not None:
         if rows:
             _topk_rows_kernel[(triton.cdiv(rows, _TOPK_BLOCK_ROWS),)](
                 x, values, indices, rows, width, K=k, BLOCK_ROWS=_TOPK_BLOCK_ROWS,
-                BLOCK_WIDTH=triton.next_power_of_2(width))
+                BLOCK_WIDTH=triton.next_power_of_2(int(width)))
         return values, indices
-
-    @_topk_rows_op.register_fake
-    def _(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.new_empty(*x.shape[:-1], k), x.new_empty(*x.shape[:-1], k, dtype=torch.int64)
 
 
 _TOPK_MAX_WIDTH = 1024  # a row lives in one program's registers
@@ -127,7 +119,7 @@ _TOPK_MAX_WIDTH = 1024  # a row lives in one program's registers
 def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(x, k, dim=-1) (largest first, sorted) for router-sized rows."""
     if kernel_available(x) and x.shape[-1] <= _TOPK_MAX_WIDTH and 0 < k <= x.shape[-1]:
-        return _topk_rows_op(x, k)
+        return _launch_topk_rows(x, k)
     return topk_rows_reference(x, k)
 
 
@@ -160,8 +152,7 @@ if triton is not None:
         tl.store(out_ptr + row.to(tl.int64)[:, None] * features + feature[None, :],
                  h.to(out_ptr.dtype.element_ty), mask=live)
 
-    @torch.library.custom_op("specdraft::silu_mul_scaled", mutates_args=())
-    def _silu_mul_scaled_op(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _launch_silu_mul_scaled(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         gate_up, weight = gate_up.contiguous(), weight.contiguous()
         rows, features = gate_up.shape[0], gate_up.shape[1] // 2
         out = gate_up.new_empty(rows, features)
@@ -170,15 +161,11 @@ if triton is not None:
                                       BLOCK_FEATURES=_SWIGLU_BLOCK_FEATURES)
         return out
 
-    @_silu_mul_scaled_op.register_fake
-    def _(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-
 
 def silu_mul_scaled(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[R, 2I] gate|up rows, [R] weights -> silu(gate) * up * weight in fp32, rounded once to gate_up's dtype."""
     if kernel_available(gate_up):
-        return _silu_mul_scaled_op(gate_up, weight)
+        return _launch_silu_mul_scaled(gate_up, weight)
     return silu_mul_scaled_reference(gate_up, weight)
 
 
@@ -189,12 +176,12 @@ def kernel_available(t: torch.Tensor) -> bool:
 def sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """[R, W] rows, [T*k] row indices -> [T, W]: each token's k rows summed in fp32, rounded once."""
     if kernel_available(src):
-        return _sum_gathered_rows_op(src, index, k)
+        return _launch_sum_gathered_rows(src, index, k)
     return sum_gathered_rows_reference(src, index, k)
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """src[index] for [R, W] rows: on CUDA the same kernel with k=1 (a one-row fp32 sum is the row)."""
     if kernel_available(src):
-        return _sum_gathered_rows_op(src, index, 1)
+        return _launch_sum_gathered_rows(src, index, 1)
     return src[index]

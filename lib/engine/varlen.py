@@ -27,16 +27,17 @@ VARLEN_ATTN_NAME = "engine_varlen"
 
 
 @torch.library.custom_op("specdraft::cudnn_varlen_attention", mutates_args=())
-def cudnn_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, seq: torch.Tensor,
-                           bound: int, scale: float) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D], causal within each sample of cudnn_attention.ragged_metadata -> [T, Hq, D].
+def cudnn_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, off_q: torch.Tensor,
+                           off_kv: torch.Tensor, seq: torch.Tensor, bound: int, scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], causal within each sample of cudnn_attention.ragged_metadata -> [T, Hq, D];
+    off_q/off_kv: the samples' starts in elements of q and of k/v.
 
     An opaque op, so torch.compile leaves the cuDNN graph's execution to the runtime."""
-    return packed_causal_attention(q, k, v, cu, seq, bound, scale)
+    return packed_causal_attention(q, k, v, off_q, off_kv, seq, bound, scale)
 
 
 @cudnn_varlen_attention.register_fake
-def _(q, k, v, cu, seq, bound, scale):
+def _(q, k, v, off_q, off_kv, seq, bound, scale):
     return torch.empty_like(q)
 
 
@@ -76,7 +77,9 @@ def varlen_attention(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if engine_varlen_kernel == VarlenKernel.cudnn.value and not sliding_window and s_aux is None:
         scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
-        out = cudnn_varlen_attention(q, k, v, engine_cudnn_cu, engine_cudnn_seq, engine_max_seqlen, scale)
+        # The starts in elements, computed here so a compiled layer fuses them into its own kernels.
+        off_q, off_kv = (engine_cudnn_cu * (t.shape[1] * t.shape[2]) for t in (q, k))
+        out = cudnn_varlen_attention(q, k, v, off_q, off_kv, engine_cudnn_seq, engine_max_seqlen, scale)
         return out.unsqueeze(0), None
     window = {} if not sliding_window else {"window_size_left": int(sliding_window) - 1, "window_size_right": 0}
     out, lse = torch.ops.aten._flash_attention_forward(
