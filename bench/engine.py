@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import random
 import sys
@@ -220,6 +221,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     inductor = apply_inductor_settings(args.inductor)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("specdraft.engine").setLevel(logging.INFO)  # the engine's choices (kernels, plans)
     device = torch.device(args.device)
     if device.type == "cpu":
         args.min_len, args.max_len, args.tokens = min(args.min_len, 16), min(args.max_len, 64), min(args.tokens, 256)

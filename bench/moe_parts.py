@@ -62,6 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=[s for s in SHAPES if "a3b" in s or "oss" in s])
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--autotune", action="store_true", help="also the MoE block under max_autotune_gemm (~1 min)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -87,6 +88,7 @@ def main() -> None:
 
         _, _, experts = router(x)
         flat = experts.reshape(-1)
+        experts_count = block.experts.gate_up_proj.shape[0]
         row("expert sort (argsort)", cuda_ms(lambda: torch.argsort(flat.to(torch.int32), stable=True)),
             cuda_ms(lambda: torch.argsort(flat.to(torch.uint8), stable=True)), "4-byte vs 1-byte keys")
 
@@ -97,17 +99,54 @@ def main() -> None:
         row("SwiGLU x weight", cuda_ms(lambda: inductor_swiglu(gate_up, weight)),
             cuda_ms(lambda: silu_mul_scaled(gate_up, weight)), "Inductor vs Triton kernel")
 
+        # The dispatch gather (k=1: 8 copies of each token's row) at other block shapes.
+        from lib.engine.moe_kernels import _launch_sum_gathered_rows
+
+        order = torch.argsort(flat.to(torch.uint8), stable=True)
+        source = order // experts.shape[-1]
+        base = cuda_ms(lambda: _launch_sum_gathered_rows(x, source, 1))
+        for bt, bc, nw in ((32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 512, 8), (64, 256, 8), (4, 2048, 8)):
+            row(f"dispatch gather {bt}x{bc}/{nw}w", base, cuda_ms(lambda: _launch_sum_gathered_rows(x, source, 1, bt, bc, nw)),
+                "16x256/4w vs this block")
+
+        # torch._grouped_mm picks its tile from rows/groups: 128x256 tiles above 128 rows per group, 64x128
+        # (pingpong) at or below. The routed batch's groups are ~512 rows; cut into chunks of <= 128 * groups
+        # rows, each call takes the small tile (partial tiles cost less, the boundaries split some groups).
+        sorted_expert = flat[order]
+        ends = torch.arange(1, experts_count + 1, device="cuda", dtype=flat.dtype)
+        offs = torch.searchsorted(sorted_expert, ends, out_int32=True)
+        a = x[source]
+        w_up = block.experts.gate_up_proj.transpose(1, 2)
+        w_down = block.experts.down_proj.transpose(1, 2)
+        h = torch.randn(a.shape[0], w_down.shape[1], device="cuda", dtype=torch.bfloat16)
+        rows_total, chunk = a.shape[0], 128 * experts_count
+        starts = list(range(0, rows_total, chunk))
+
+        def chunked(inp, w):
+            return [torch._grouped_mm(inp[s:s + chunk], w, offs=(offs - s).clamp(0, min(chunk, rows_total - s)))
+                    for s in starts]
+
+        for label, inp, w in (("gate_up", a, w_up), ("down", h, w_down)):
+            whole = cuda_ms(lambda: torch._grouped_mm(inp, w, offs=offs))
+            parts = cuda_ms(lambda: chunked(inp, w))
+            err = (torch.cat(chunked(inp, w)).float() - torch._grouped_mm(inp, w, offs=offs).float()).abs().max().item()
+            row(f"grouped GEMM {label}", whole, parts, f"one call vs {len(starts)} chunks (max diff {err:.3g})")
+
         install_moe_impl(model.model.layers, "grouped")
         torch._dynamo.reset()
         default_block = torch.compile(block.forward, dynamic=True)
         t_default = cuda_ms(lambda: default_block(x[None]))
-        torch._dynamo.reset()
-        import torch._inductor.config as inductor_config
+        if args.autotune:
+            torch._dynamo.reset()
+            import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(max_autotune_gemm=True):
-            tuned_block = torch.compile(block.forward, dynamic=True)
-            t_tuned = cuda_ms(lambda: tuned_block(x[None]))
-        row("MoE block (compiled)", t_default, t_tuned, "Inductor default vs max_autotune_gemm")
+            with inductor_config.patch(max_autotune_gemm=True):
+                tuned_block = torch.compile(block.forward, dynamic=True)
+                t_tuned = cuda_ms(lambda: tuned_block(x[None]))
+            row("MoE block (compiled)", t_default, t_tuned, "Inductor default vs max_autotune_gemm")
+        else:
+            print(f"MoE block (compiled): {t_default:.3f} ms", flush=True)
+            rows.append({"part": "MoE block (compiled)", "new_ms": t_default})
         # Host time per block call, launches included (what a launch-bound capture pays per layer).
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -55,13 +55,14 @@ if triton is not None:
         target = token.to(tl.int64)[:, None] * width + column[None, :]
         tl.store(out_ptr + target, acc.to(out_ptr.dtype.element_ty), mask=live)
 
-    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int, block_tokens: int = _BLOCK_TOKENS,
+                                  block_columns: int = _BLOCK_COLUMNS, num_warps: int = 4) -> torch.Tensor:
         src, index = src.contiguous(), index.contiguous()
         tokens, width = index.numel() // k, src.shape[1]
         out = src.new_empty(tokens, width)
-        grid = (triton.cdiv(tokens, _BLOCK_TOKENS), triton.cdiv(width, _BLOCK_COLUMNS))
-        _sum_gathered_rows_kernel[grid](src, index, out, tokens, width, K=k, BLOCK_TOKENS=_BLOCK_TOKENS,
-                                        BLOCK_COLUMNS=_BLOCK_COLUMNS)
+        grid = (triton.cdiv(tokens, block_tokens), triton.cdiv(width, block_columns))
+        _sum_gathered_rows_kernel[grid](src, index, out, tokens, width, K=k, BLOCK_TOKENS=block_tokens,
+                                        BLOCK_COLUMNS=block_columns, num_warps=num_warps)
         return out
 
 
