@@ -32,6 +32,10 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    return save_checkpoints(tmp_path_factory)
+
+
+def save_checkpoints(tmp_path_factory) -> dict[str, str]:
     paths = {}
     for name, shape in SHAPES.items():
         torch.manual_seed(0)

@@ -50,6 +50,10 @@ def build(name: str, experts: str = "eager"):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    return save_checkpoints(tmp_path_factory)
+
+
+def save_checkpoints(tmp_path_factory) -> dict[str, str]:
     paths = {}
     for name in FAMILIES:
         path = tmp_path_factory.mktemp(name)

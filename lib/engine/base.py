@@ -156,6 +156,15 @@ def drop_samples(batch: PackedBatch, indices: list[int]) -> PackedBatch:
     return PackedBatch.from_samples(samples, ids)
 
 
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor in page-locked memory (GPU tensors as they are), for non_blocking copies to the GPU:
+    a copy from pageable memory first waits for the stream to drain (CUDA's rule for pageable
+    transfers), idling the GPU at every batch while the host prepares the next one."""
+    if t.is_cuda or not torch.cuda.is_available() or t.is_pinned():
+        return t
+    return t.pin_memory()
+
+
 def capture_destination(
     out: Optional[dict[str, torch.Tensor]],
     rows: int,

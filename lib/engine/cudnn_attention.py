@@ -7,20 +7,14 @@ its Hopper kernel ran the same attention in 396 us against FlashAttention-2's 76
 H200, 2026-11-29). Here a graph is built once per (samples, longest-sample bound, heads, head size) and
 reused; both the sample count and the bound are rounded up to powers of two so a run needs few graphs.
 Padding samples have length 0 and start at the batch's end: cuDNN's padding mask leaves them empty.
-Every execution plan cuDNN offers for a graph (heuristics A, B and fallback) is built, and the first
-call of each graph times them on its own inputs and keeps the fastest (logged).
 
 Needs the optional package nvidia-cudnn-frontend (tested: 1.12.0) and the libcudnn that torch loads.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-
-log = logging.getLogger("specdraft.engine")
 
 MIN_SAMPLES = 8
 MIN_BOUND = 128
@@ -60,8 +54,6 @@ class _Plan:
     graph: object
     tensors: dict
     workspace: int
-    plans: int = 1
-    chosen: Optional[int] = None  # the execution plan index, once timed
 
 
 def _handle(device: torch.device):
@@ -74,8 +66,7 @@ def _handle(device: torch.device):
     return _handles[index]
 
 
-def _build(samples: int, bound: int, hq: int, hkv: int, d: int, scale: float, dtype: torch.dtype, handle,
-           every_plan: bool = True) -> _Plan:
+def _build(samples: int, bound: int, hq: int, hkv: int, d: int, scale: float, dtype: torch.dtype, handle) -> _Plan:
     import cudnn
 
     io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
@@ -101,42 +92,10 @@ def _build(samples: int, bound: int, hq: int, hkv: int, d: int, scale: float, dt
     t["o"] = o
     g.validate()
     g.build_operation_graph()
-    if not every_plan:
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
-        return _Plan(g, t, g.get_workspace_size())
-    try:
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans(cudnn.build_plan_policy.ALL)
-        plans = g.get_execution_plan_count()
-        workspace = max(g.get_workspace_size_plan_at_index(i) for i in range(plans))
-        return _Plan(g, t, workspace, plans)
-    except Exception as e:  # noqa: BLE001 - a mode or policy this cuDNN lacks: the heuristic's first choice
-        log.info("cuDNN attention: building every plan failed (%s); using the heuristic's first", e)
-        return _build(samples, bound, hq, hkv, d, scale, dtype, handle, every_plan=False)
-
-
-def _choose(plan: _Plan, pack: dict, workspace: torch.Tensor, handle, key: tuple) -> int:
-    """Time each execution plan on this call's inputs (a few runs each) and return the fastest's index."""
-    times = []
-    for i in range(plan.plans):
-        try:
-            plan.graph.execute_plan_at_index(pack, workspace, i, handle=handle)  # warm
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                plan.graph.execute_plan_at_index(pack, workspace, i, handle=handle)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 3)
-        except Exception:  # noqa: BLE001 - a plan that built but does not run here is skipped
-            times.append(float("inf"))
-    best = min(range(len(times)), key=times.__getitem__)
-    log.info("cuDNN attention %s: %d plans, ms per call %s, using plan %d", key[:5],
-             plan.plans, [round(t, 3) for t in times], best)
-    return best
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return _Plan(g, t, g.get_workspace_size())
 
 
 def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, off_q: torch.Tensor,
@@ -164,12 +123,7 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     shape = (samples + 1, 1, 1, 1)
     t = plan.tensors
     workspace = torch.empty(max(plan.workspace, 1), dtype=torch.uint8, device=q.device)
-    pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["seq"]: seq.view(samples, 1, 1, 1),
-            t["off_q"]: off_q.view(shape), t["off_kv"]: off_kv.view(shape)}
-    if plan.plans == 1:
-        plan.graph.execute(pack, workspace, handle=handle)
-        return out
-    if plan.chosen is None:
-        plan.chosen = _choose(plan, pack, workspace, handle, key)
-    plan.graph.execute_plan_at_index(pack, workspace, plan.chosen, handle=handle)
+    plan.graph.execute({t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["seq"]: seq.view(samples, 1, 1, 1),
+                        t["off_q"]: off_q.view(shape), t["off_kv"]: off_kv.view(shape)},
+                       workspace, handle=handle)
     return out
