@@ -107,21 +107,21 @@ def baseline_capture(backend: HFBackend, writer: AuxWriter, batch: PackedBatch, 
             out["final_hidden"][cu[i]:cu[i + 1]].copy_(hidden[0])
 
 
-def path_label(name: str, backend: HFBackend, kernel: str, graph: bool = False) -> str:
-    """path[/moe_impl][/cudnn][+graph]: the varlen kernel named when it is not the default flash."""
+def path_label(name: str, backend: HFBackend, kernel: str) -> str:
+    """path[/moe_impl][/cudnn]: the varlen kernel named when it is not the default flash."""
     label = name if backend.moe_impl is None else f"{name}/{backend.moe_impl.value}"
-    return label + (f"/{kernel}" if PATHS[name][0] == "varlen" and kernel != "flash" else "") + ("+graph" if graph else "")
+    return label + (f"/{kernel}" if PATHS[name][0] == "varlen" and kernel != "flash" else "")
 
 
 def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: torch.device,
-            moe_impl: str = "auto", kernel: str = "flash", graph: bool = False) -> dict:
+            moe_impl: str = "auto", kernel: str = "flash") -> dict:
     attn, compile_ = PATHS[name]
     target = TargetConfig(random_init=True, hf_config=shape, dtype=args.dtype)
     counters.clear()
     backend = HFBackend()
     t0 = time.perf_counter()
     backend.load(target, EngineConfig(token_budget=args.tokens, attn_impl=attn, compile=compile_, moe_impl=moe_impl,
-                                      varlen_kernel=kernel, cuda_graph=graph),
+                                      varlen_kernel=kernel),
                  device, None)
     load_s = time.perf_counter() - t0
     rows, width = args.tokens, backend.hidden_size
@@ -152,14 +152,13 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
     seconds = time.perf_counter() - start
     if args.profile:  # after the timing, so the figures above are unprofiled
         os.makedirs(args.profile, exist_ok=True)
-        label = path_label(name, backend, kernel, graph).replace("+", "_").replace("/", "_")
+        label = path_label(name, backend, kernel).replace("+", "_").replace("/", "_")
         write_profile(os.path.join(args.profile, f"{label}.txt"), timed[:3], run, device.type == "cuda")
     tokens = sum(b.num_tokens for b in timed)
     flops = sum(flops_per_batch(shape, b) for b in timed)
     tflops = flops / seconds / 1e12
     result = {
-        "path": path_label(name, backend, kernel, graph),
-        "cuda_graph": graph,
+        "path": path_label(name, backend, kernel),
         "attn_impl": backend.attn_impl,
         "varlen_kernel": kernel if attn == "varlen" else None,
         "compile": compile_,
@@ -214,7 +213,6 @@ def main() -> None:
                    help="MoE shapes: comma-separated engine.moe_impl values to measure each path with (grouped, hf, eager)")
     p.add_argument("--varlen-kernel", default="flash",
                    help="comma-separated engine.varlen_kernel values (flash, cudnn) for the varlen paths")
-    p.add_argument("--cuda-graph", default="off", help="comma-separated off,on: engine.cuda_graph for the varlen paths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
@@ -247,14 +245,12 @@ def main() -> None:
           f"{'load s':>8}{'graphs':>7}", flush=True)
     moe_impls = [m.strip() for m in args.moe_impl.split(",") if m.strip()]
     kernels = [k.strip() for k in args.varlen_kernel.split(",") if k.strip()]
-    graphs = [g.strip() == "on" for g in args.cuda_graph.split(",") if g.strip()]
-    runs = [(n, m, k, g) for n in names for m in moe_impls for k in (kernels if PATHS[n][0] == "varlen" else ["flash"])
-            for g in (graphs if PATHS[n][0] == "varlen" and device.type == "cuda" else [False])]
-    for name, moe_impl, kernel, graph in runs:
+    runs = [(n, m, k) for n in names for m in moe_impls for k in (kernels if PATHS[n][0] == "varlen" else ["flash"])]
+    for name, moe_impl, kernel in runs:
         try:
-            r = measure(name, args, shape, batches, device, moe_impl, kernel, graph)
+            r = measure(name, args, shape, batches, device, moe_impl, kernel)
         except Exception as e:  # noqa: BLE001 - one path failing (a kernel this build lacks) leaves the others' figures
-            label = f"{name}/{moe_impl}/{kernel}" + ("+graph" if graph else "")
+            label = f"{name}/{moe_impl}/{kernel}"
             print(f"{label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
             info["results"].append({"path": label, "error": f"{type(e).__name__}: {e}"[:2000]})
             gc.collect()

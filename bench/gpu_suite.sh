@@ -83,7 +83,7 @@ for p in "$@"; do case $p in
   # The 30B-A3B capture with the cuDNN kernel, profiled with its GPU timeline (MOE_ARGS: extra flags,
   # e.g. --inductor max_autotune_gemm=1).
   moe_capture) part moe_capture 300 python3 bench/engine.py --out "$WORK/moe_capture.json" --shape qwen3-30b-a3b \
-      --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn --cuda-graph off,on \
+      --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn \
       --profile "$WORK/moe_capture_profile" ${MOE_ARGS:-} ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;

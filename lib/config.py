@@ -79,8 +79,6 @@ class EngineConfig:
     attn_impl: AttnImpl = AttnImpl.auto
     varlen_kernel: VarlenKernel = VarlenKernel.flash  # the kernel under attn_impl=varlen (docs/engine.md)
     moe_impl: MoeImpl = MoeImpl.auto  # how MoE targets run their experts (lib/engine/moe.py)
-    # Replay the packed forward from CUDA graphs (lib/engine/graphs.py): GPU, attn_impl=varlen, tp=1 only.
-    cuda_graph: bool = False
 
 
 @dataclass

@@ -39,7 +39,6 @@ from lib.engine.base import (
     find_sample_problems,
     pinned,
 )
-from lib.engine.graphs import GraphedForward, GraphKey, flash_cu_seqlens
 from lib.engine.moe import install_moe_impl
 from lib.engine.tp import TensorParallel
 from lib.engine.cudnn_attention import missing_reason as cudnn_missing_reason, ragged_metadata
@@ -207,9 +206,7 @@ class HFBackend:
         group_size = dist.get_world_size(tp_group) if tp_group is not None else 1
         if engine.tp != group_size:
             raise ValueError(f"engine.tp={engine.tp} but the TP group passed to the engine has {group_size} members")
-        if engine.cuda_graph and (device.type != "cuda" or self.attn_impl != "varlen" or group_size > 1):
-            raise ValueError(f"engine.cuda_graph=true needs a GPU, engine.attn_impl=varlen and engine.tp=1 (here: "
-                             f"{device.type}, attn_impl={self.attn_impl}, tp={group_size}); set engine.cuda_graph=false")
+
         tp = TensorParallel(tp_group, device) if group_size > 1 else None
         # TP members load a checkpoint on CPU and move only their shard to the GPU. Random weights
         # are drawn on the engine device whatever the TP degree, so every engine and trainer that
@@ -237,11 +234,6 @@ class HFBackend:
         self._aux = AuxWriter(model.layers, self.aux_layers, self.hidden_size)
         if engine.compile:
             self._compile(model.layers)
-        self._graphs = None
-        if engine.cuda_graph:
-            self._graphs = GraphedForward(self._graph_forward, self._graph_metadata, self._graph_attention,
-                                          self.token_budget, len(self.aux_layers) * self.hidden_size,
-                                          self.hidden_size, self.dtype, device)
         if device.type == "cuda":
             self._warmup()
 
@@ -268,24 +260,14 @@ class HFBackend:
         else:
             if problems:
                 raise EngineInputError(problems)
-            # Graph replay copies the host tensors into its own static inputs.
-            move = (lambda t: t) if self._graphs is not None else self._to_device
-            inputs = ForwardInputs(move(batch.input_ids), move(batch.position_ids), batch.lengths,
-                                   slice(0, batch.num_tokens))
+            inputs = ForwardInputs(self._to_device(batch.input_ids), self._to_device(batch.position_ids),
+                                   batch.lengths, slice(0, batch.num_tokens))
         dst = capture_destination(out, batch.num_tokens, self.plan, self.dtype, self.device)
         if inputs.num_tokens > 0:
             self._forward(inputs, dst)
         return dst
 
     def _forward(self, inputs: ForwardInputs, dst: dict[str, torch.Tensor]) -> None:
-        if self._graphs is not None:
-            with torch.inference_mode():
-                aux, final = self._graphs.run(inputs.input_ids, inputs.position_ids, inputs.lengths)
-                if self.aux_layers:
-                    dst["aux_hidden"].copy_(aux[inputs.rows])
-                if FINAL_HIDDEN in dst:
-                    dst[FINAL_HIDDEN].copy_(final[inputs.rows])
-            return
         with torch.inference_mode():
             attention = self._attention_inputs(inputs)
             if self.aux_layers:
@@ -304,32 +286,6 @@ class HFBackend:
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return pinned(t).to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
-
-    def _graph_forward(self, ids: torch.Tensor, positions: torch.Tensor, attention: dict, aux: torch.Tensor,
-                       final: torch.Tensor) -> None:
-        """What a CUDA graph records: the forward over static buffers (lib/engine/graphs.py)."""
-        with torch.inference_mode():
-            if self.aux_layers:
-                self._aux.arm(aux, slice(None))
-            try:
-                hidden = self._model(input_ids=ids[None], position_ids=positions[None], use_cache=False,
-                                     **attention).last_hidden_state
-            finally:
-                self._aux.disarm()
-            final.copy_(hidden[0])
-
-    def _graph_metadata(self, lengths: list[int], key: GraphKey) -> dict[str, torch.Tensor]:
-        host = {"cu": flash_cu_seqlens(lengths, key.samples)}
-        if self.varlen_kernel is VarlenKernel.cudnn:
-            host["cudnn_cu"], host["cudnn_seq"] = ragged_metadata(lengths)
-        return host
-
-    def _graph_attention(self, metadata: dict[str, torch.Tensor], key: GraphKey) -> dict:
-        kwargs = {"engine_cu_seqlens": metadata["cu"], "engine_max_seqlen": key.bound,
-                  "engine_varlen_kernel": self.varlen_kernel.value}
-        if self.varlen_kernel is VarlenKernel.cudnn:
-            kwargs |= {"engine_cudnn_cu": metadata["cudnn_cu"], "engine_cudnn_seq": metadata["cudnn_seq"]}
-        return kwargs
 
     def _attention_inputs(self, inputs: ForwardInputs) -> dict:
         """Keyword arguments that keep attention inside each sample, for the chosen implementation."""
