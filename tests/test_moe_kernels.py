@@ -103,3 +103,40 @@ def test_gpu_swiglu_kernel_is_within_one_rounding_of_fp32(rows, features, dtype)
     reference_err = (silu_mul_scaled_reference(gate_up, weight).double() - exact).abs()
     assert ((ours.double() - exact).abs() <= bound).all()
     assert (reference_err <= bound).all()
+
+
+@pytest.mark.parametrize("name,fusable", [("tiny_moe", True), ("tiny_gpt_oss", False)])
+def test_residual_fused_moe_layers_equal_the_separate_add(name, fusable):
+    """The Qwen3-MoE decoder layers with the residual add in the combine give the model's outputs bit for
+    bit (fp32, CPU) against the same grouped path with transformers' separate add; other families
+    keep transformers' decoder layers."""
+    from lib.engine.moe import fuse_moe_residual_adds, install_moe_impl
+
+    separate, fused = build(name), build(name)
+    install_moe_impl(separate.model.layers, "grouped")
+    install_moe_impl(fused.model.layers, "grouped", fuse_residual=True)
+    n = len(fused.model.layers)
+    assert fuse_moe_residual_adds(fused.model.layers) == (n if fusable else 0)  # idempotent
+    assert all(type(layer).__name__.startswith("ResidualFused") == fusable for layer in fused.model.layers)
+    assert len({type(layer) for layer in fused.model.layers}) == 1  # one class: one compiled graph
+    ids = torch.randint(0, separate.config.vocab_size, (1, 45), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = separate.model(input_ids=ids).last_hidden_state
+        got = fused.model(input_ids=ids).last_hidden_state
+    assert want.abs().max() > 0.1 and torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_combine_with_the_residual_equals_the_separate_add():
+    from lib.engine.moe_kernels import sum_gathered_rows
+
+    device = _gpu()
+    g = torch.Generator(device=device).manual_seed(5)
+    tokens, k, width = 999, 8, 2048
+    src = torch.randn(tokens * k, width, device=device, generator=g).bfloat16()
+    index = torch.randperm(tokens * k, device=device, generator=g)
+    residual = torch.randn(tokens, width, device=device, generator=g).bfloat16()
+    separate = residual + sum_gathered_rows(src, index, k)
+    for fused in (sum_gathered_rows(src, index, k, residual),
+                  torch.compile(sum_gathered_rows, fullgraph=True, dynamic=True)(src, index, k, residual)):
+        assert torch.equal(fused, separate)
