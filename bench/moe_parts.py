@@ -99,9 +99,19 @@ def main() -> None:
         row("SwiGLU x weight", cuda_ms(lambda: inductor_swiglu(gate_up, weight)),
             cuda_ms(lambda: silu_mul_scaled(gate_up, weight)), "Inductor vs Triton kernel")
 
+        # The dispatch gather (k=1: 8 copies of each token's row) at other block shapes.
+        from lib.engine.moe_kernels import _launch_sum_gathered_rows
+
         order = torch.argsort(flat.to(torch.uint8), stable=True)
         source = order // experts.shape[-1]
+        base = cuda_ms(lambda: _launch_sum_gathered_rows(x, source, 1))
+        for bt, bc, nw in ((32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 512, 8), (64, 256, 8), (4, 2048, 8)):
+            row(f"dispatch gather {bt}x{bc}/{nw}w", base, cuda_ms(lambda: _launch_sum_gathered_rows(x, source, 1, bt, bc, nw)),
+                "16x256/4w vs this block")
 
+        # torch._grouped_mm picks its tile from rows/groups: 128x256 tiles above 128 rows per group, 64x128
+        # (pingpong) at or below. The routed batch's groups are ~512 rows; cut into chunks of <= 128 * groups
+        # rows, each call takes the small tile (partial tiles cost less, the boundaries split some groups).
         sorted_expert = flat[order]
         ends = torch.arange(1, experts_count + 1, device="cuda", dtype=flat.dtype)
         offs = torch.searchsorted(sorted_expert, ends, out_int32=True)
@@ -109,34 +119,18 @@ def main() -> None:
         w_up = block.experts.gate_up_proj.transpose(1, 2)
         w_down = block.experts.down_proj.transpose(1, 2)
         h = torch.randn(a.shape[0], w_down.shape[1], device="cuda", dtype=torch.bfloat16)
-        rows_total = a.shape[0]
+        rows_total, chunk = a.shape[0], 128 * experts_count
+        starts = list(range(0, rows_total, chunk))
 
-        # Whole tiles and remainders: each expert's rows split into whole 128-row tiles, run by one call with
-        # no partial tiles, and the rest (< 128 rows per expert) moved to a tail of 128 * groups rows, run by
-        # a second call whose rows/groups <= 128 takes the small tiles.
-        counts = torch.diff(offs, prepend=offs.new_zeros(1))
-        full = counts // 128 * 128
-        full_offs = torch.cumsum(full, 0, dtype=torch.int32)
-        rest_offs = torch.cumsum(counts - full, 0, dtype=torch.int32)
-        rank = torch.arange(rows_total, device="cuda") - (offs - counts).long().repeat_interleave(counts.long())
-        grp = sorted_expert.long()
-        in_full = rank < full[grp]
-        where = torch.where(in_full, (full_offs - full)[grp] + rank, rows_total + (rest_offs - (counts - full))[grp]
-                            + rank - full[grp])
-        tail_rows = 128 * experts_count
+        def chunked(inp, w):
+            return [torch._grouped_mm(inp[s:s + chunk], w, offs=(offs - s).clamp(0, min(chunk, rows_total - s)))
+                    for s in starts]
+
         for label, inp, w in (("gate_up", a, w_up), ("down", h, w_down)):
-            split = inp.new_empty(rows_total + tail_rows, inp.shape[1])
-            split[where] = inp
-            head, tail = split[:rows_total], split[rows_total:]
-
-            def two_calls():
-                return (torch._grouped_mm(head, w, offs=full_offs), torch._grouped_mm(tail, w, offs=rest_offs))
-
             whole = cuda_ms(lambda: torch._grouped_mm(inp, w, offs=offs))
-            parts = cuda_ms(two_calls)
-            one, (x1, x2) = torch._grouped_mm(inp, w, offs=offs), two_calls()
-            err = (torch.cat([x1, x2])[where].float() - one.float()).abs().max().item()
-            row(f"grouped GEMM {label} split", whole, parts, f"one call vs whole tiles + remainders (max diff {err:.3g})")
+            parts = cuda_ms(lambda: chunked(inp, w))
+            err = (torch.cat(chunked(inp, w)).float() - torch._grouped_mm(inp, w, offs=offs).float()).abs().max().item()
+            row(f"grouped GEMM {label}", whole, parts, f"one call vs {len(starts)} chunks (max diff {err:.3g})")
 
         install_moe_impl(model.model.layers, "grouped")
         torch._dynamo.reset()

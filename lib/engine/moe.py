@@ -100,10 +100,9 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
 
 def grouped_experts_forward(
     experts: nn.Module, info: ExpertsInfo, hidden: torch.Tensor, top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor, residual: Optional[torch.Tensor] = None,
+    top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """[T, H] hidden states, [T, k] routed experts and weights -> [T, H], as the experts module computes;
-    with `residual` ([T, H]), residual + that, as the decoder layer adds it."""
+    """[T, H] hidden states, [T, k] routed experts and weights -> [T, H], as the experts module computes."""
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     # Stable, so each expert's rows stay in token order and the grouping is the same on every run.
@@ -134,7 +133,7 @@ def grouped_experts_forward(
     # so the sum's order, and the captured states, are the same on every run.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return sum_gathered_rows(y, inverse, k, residual)
+    return sum_gathered_rows(y, inverse, k)
 
 
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
@@ -161,56 +160,8 @@ def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
     experts.grouped_info = _INFOS.setdefault(info, info)
 
 
-def _residual_fused_layer_forward(self, hidden_states, **kwargs):
-    """Qwen3-MoE's decoder layer as transformers writes it, except that the MoE block's output and the
-    residual add are one kernel (the combine adds the residual): on the H200 the separate add was a
-    37 us pass over the token states per layer. The model passes everything but the states by
-    keyword, and the attention takes those keywords as the layer does."""
-    residual = hidden_states
-    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-    hidden_states = residual + attended
-    normed = self.post_attention_layernorm(hidden_states)
-    shape = normed.shape
-    flat = normed.reshape(-1, shape[-1])
-    _, weights, chosen = self.mlp.gate(flat)
-    experts = self.mlp.experts
-    out = grouped_experts_forward(experts, experts.grouped_info, flat, chosen, weights,
-                                  residual=hidden_states.reshape(-1, shape[-1]))
-    return out.reshape(shape)
-
-
-# Decoder layers whose MoE block is only a router and experts (no shared expert), by class name.
-_RESIDUAL_FUSABLE = {("Qwen3MoeDecoderLayer", "Qwen3MoeSparseMoeBlock")}
-_FUSED_LAYER_CLASSES: dict[type, type] = {}
-
-
-def fuse_moe_residual_adds(layers: nn.ModuleList) -> int:
-    """Give the known MoE decoder layers with grouped experts the residual-fused forward; returns how many.
-
-    Not under engine TP, where the MoE block's output is a partial sum that an all-reduce hook on the
-    block completes before the residual add."""
-    fused = 0
-    for layer in layers:
-        block = getattr(layer, "mlp", None)
-        cls = type(layer)
-        if cls in _FUSED_LAYER_CLASSES.values():
-            fused += 1
-            continue
-        if ((cls.__name__, type(block).__name__) not in _RESIDUAL_FUSABLE
-                or not hasattr(getattr(block, "experts", None), "grouped_info")):
-            continue
-        if cls not in _FUSED_LAYER_CLASSES:
-            _FUSED_LAYER_CLASSES[cls] = type(f"ResidualFused{cls.__name__}", (cls,),
-                                             {"forward": _residual_fused_layer_forward})
-        layer.__class__ = _FUSED_LAYER_CLASSES[cls]
-        fused += 1
-    return fused
-
-
-def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str, fuse_residual: bool = False) -> Optional[MoeImpl]:
-    """Run the target's experts with `impl` (auto = grouped). Returns what runs, or None for a dense target.
-
-    fuse_residual: also fold the MoE layers' residual adds into the grouped combine (not under TP)."""
+def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str) -> Optional[MoeImpl]:
+    """Run the target's experts with `impl` (auto = grouped). Returns what runs, or None for a dense target."""
     try:
         impl = MoeImpl(impl)
     except ValueError:
@@ -234,8 +185,6 @@ def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str, fuse_residual: 
     for m in modules:
         _use_grouped_forward(m, experts_info(m))
     install_fast_routers(layers)
-    if fuse_residual:
-        fuse_moe_residual_adds(layers)
     return MoeImpl.grouped
 
 

@@ -22,8 +22,6 @@ layer; the compiled 30B-A3B capture was bound by the host's launch rate, docs/be
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 try:
@@ -36,19 +34,16 @@ _BLOCK_TOKENS = 16
 _BLOCK_COLUMNS = 256
 
 
-def sum_gathered_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int,
-                                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """out[t] = sum over j < k of src[index[t*k + j]], in fp32, rounded to src's dtype (+ residual[t])."""
-    out = src[index].view(index.numel() // k, k, src.shape[1]).float().sum(1).to(src.dtype)
-    return out if residual is None else residual + out
+def sum_gathered_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """out[t] = sum over j < k of src[index[t*k + j]], in fp32, rounded to src's dtype."""
+    return src[index].view(index.numel() // k, k, src.shape[1]).float().sum(1).to(src.dtype)
 
 
 if triton is not None:
 
     @triton.jit
-    def _sum_gathered_rows_kernel(src_ptr, index_ptr, residual_ptr, out_ptr, tokens, width, K: tl.constexpr,
-                                  HAS_RESIDUAL: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
-                                  BLOCK_COLUMNS: tl.constexpr):
+    def _sum_gathered_rows_kernel(src_ptr, index_ptr, out_ptr, tokens, width, K: tl.constexpr,
+                                  BLOCK_TOKENS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
         token = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
         column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
         live_token = token < tokens
@@ -58,21 +53,15 @@ if triton is not None:
             row = tl.load(index_ptr + token * K + j, mask=live_token, other=0).to(tl.int64)
             acc += tl.load(src_ptr + row[:, None] * width + column[None, :], mask=live, other=0.0).to(tl.float32)
         target = token.to(tl.int64)[:, None] * width + column[None, :]
-        out = acc.to(out_ptr.dtype.element_ty)
-        if HAS_RESIDUAL:  # residual + (the rounded sum), rounded: a separate add of the two, bit for bit
-            out = (out.to(tl.float32) + tl.load(residual_ptr + target, mask=live, other=0.0).to(tl.float32)
-                   ).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + target, out, mask=live)
+        tl.store(out_ptr + target, acc.to(out_ptr.dtype.element_ty), mask=live)
 
-    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int,
-                                  residual: Optional[torch.Tensor] = None, block_tokens: int = _BLOCK_TOKENS,
+    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int, block_tokens: int = _BLOCK_TOKENS,
                                   block_columns: int = _BLOCK_COLUMNS, num_warps: int = 4) -> torch.Tensor:
         src, index = src.contiguous(), index.contiguous()
         tokens, width = index.numel() // k, src.shape[1]
         out = src.new_empty(tokens, width)
         grid = (triton.cdiv(tokens, block_tokens), triton.cdiv(width, block_columns))
-        _sum_gathered_rows_kernel[grid](src, index, out if residual is None else residual.contiguous(), out, tokens,
-                                        width, K=k, HAS_RESIDUAL=residual is not None, BLOCK_TOKENS=block_tokens,
+        _sum_gathered_rows_kernel[grid](src, index, out, tokens, width, K=k, BLOCK_TOKENS=block_tokens,
                                         BLOCK_COLUMNS=block_columns, num_warps=num_warps)
         return out
 
@@ -185,13 +174,11 @@ def kernel_available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
-def sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int,
-                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[R, W] rows, [T*k] row indices -> [T, W]: each token's k rows summed in fp32, rounded once;
-    plus `residual` ([T, W]) when given, as a separate add of the rounded sum would give."""
+def sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, W] rows, [T*k] row indices -> [T, W]: each token's k rows summed in fp32, rounded once."""
     if kernel_available(src):
-        return _launch_sum_gathered_rows(src, index, k, residual)
-    return sum_gathered_rows_reference(src, index, k, residual)
+        return _launch_sum_gathered_rows(src, index, k)
+    return sum_gathered_rows_reference(src, index, k)
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
