@@ -102,35 +102,35 @@ def main() -> None:
         # The dispatch gather (k=1: 8 copies of each token's row) at other block shapes.
         from lib.engine.moe_kernels import _launch_sum_gathered_rows
 
+        # The first projection: gather + torch._grouped_mm + SwiGLU kernel (the grouped path) against one
+        # fused Triton kernel (lib/engine/moe_fused.py) at several tile shapes.
+        from lib.engine.moe_fused import gathered_swiglu
+        from lib.engine.moe_kernels import gather_rows
+
+        k = experts.shape[-1]
         order = torch.argsort(flat.to(torch.uint8), stable=True)
-        source = order // experts.shape[-1]
-        base = cuda_ms(lambda: _launch_sum_gathered_rows(x, source, 1))
-        for bt, bc, nw in ((32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 512, 8), (64, 256, 8), (4, 2048, 8)):
-            row(f"dispatch gather {bt}x{bc}/{nw}w", base, cuda_ms(lambda: _launch_sum_gathered_rows(x, source, 1, bt, bc, nw)),
-                "16x256/4w vs this block")
-
-        # torch._grouped_mm picks its tile from rows/groups: 128x256 tiles above 128 rows per group, 64x128
-        # (pingpong) at or below. The routed batch's groups are ~512 rows; cut into chunks of <= 128 * groups
-        # rows, each call takes the small tile (partial tiles cost less, the boundaries split some groups).
+        token = order // k
         sorted_expert = flat[order]
-        ends = torch.arange(1, experts_count + 1, device="cuda", dtype=flat.dtype)
-        offs = torch.searchsorted(sorted_expert, ends, out_int32=True)
-        a = x[source]
-        w_up = block.experts.gate_up_proj.transpose(1, 2)
-        w_down = block.experts.down_proj.transpose(1, 2)
-        h = torch.randn(a.shape[0], w_down.shape[1], device="cuda", dtype=torch.bfloat16)
-        rows_total, chunk = a.shape[0], 128 * experts_count
-        starts = list(range(0, rows_total, chunk))
+        ends = torch.searchsorted(sorted_expert, torch.arange(1, experts_count + 1, device="cuda", dtype=flat.dtype),
+                                  out_int32=True)
+        w_gate_up = block.experts.gate_up_proj
+        routing = torch.rand(flat.numel(), device="cuda")
 
-        def chunked(inp, w):
-            return [torch._grouped_mm(inp[s:s + chunk], w, offs=(offs - s).clamp(0, min(chunk, rows_total - s)))
-                    for s in starts]
+        def separate():
+            gu = torch._grouped_mm(gather_rows(x, token), w_gate_up.transpose(1, 2), offs=ends)
+            return silu_mul_scaled(gu, routing)
 
-        for label, inp, w in (("gate_up", a, w_up), ("down", h, w_down)):
-            whole = cuda_ms(lambda: torch._grouped_mm(inp, w, offs=offs))
-            parts = cuda_ms(lambda: chunked(inp, w))
-            err = (torch.cat(chunked(inp, w)).float() - torch._grouped_mm(inp, w, offs=offs).float()).abs().max().item()
-            row(f"grouped GEMM {label}", whole, parts, f"one call vs {len(starts)} chunks (max diff {err:.3g})")
+        want = separate().float()
+        t_old = cuda_ms(separate)
+        for bm, bn, bk, nw, ns in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                   (128, 128, 32, 8, 4), (64, 64, 64, 4, 5), (128, 256, 64, 8, 3)):
+            try:
+                fused = lambda: gathered_swiglu(x, w_gate_up, token, routing, ends, bm, bn, bk, nw, ns)  # noqa: E731
+                err = ((fused().float() - want).abs().max() / want.abs().max()).item()
+                row(f"gather+gate_up+SwiGLU {bm}x{bn}x{bk}/{nw}w{ns}s", t_old, cuda_ms(fused),
+                    f"3 kernels vs fused (max diff {err:.2g} of max)")
+            except Exception as e:  # noqa: BLE001 - a tile shape that does not fit the GPU's shared memory
+                print(f"fused {bm}x{bn}x{bk}/{nw}w{ns}s failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
         install_moe_impl(model.model.layers, "grouped")
         torch._dynamo.reset()
