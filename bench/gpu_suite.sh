@@ -3,7 +3,7 @@
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
 #     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
-#     moe_e2e regen decode_step moe_parts moe_capture
+#     moe_e2e regen decode_step moe_parts moe_capture moe_final
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -85,6 +85,12 @@ for p in "$@"; do case $p in
   moe_capture) part moe_capture 300 python3 bench/engine.py --out "$WORK/moe_capture.json" --shape qwen3-30b-a3b \
       --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn \
       --profile "$WORK/moe_capture_profile" ${MOE_ARGS:-} ;;
+  # The 30B-A3B capture with either varlen kernel, with and without the fused first projection, and
+  # the gpt-oss-20b capture (issue 17's figures).
+  moe_final) part moe_final 260 python3 bench/engine.py --out "$WORK/moe_final.json" --shape qwen3-30b-a3b \
+      --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn --unfused-too
+    part moe_final_gpt_oss 120 python3 bench/engine.py --out "$WORK/moe_final_gpt_oss.json" --shape gpt-oss-20b \
+      --paths varlen+compile --moe-impl grouped ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" ;;
   # Regeneration throughput of the built-in path (issue 19), Qwen3-8B shape with Qwen3's tokenizer.

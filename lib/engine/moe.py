@@ -27,10 +27,14 @@ import torch
 from torch import nn
 
 from lib.config import MoeImpl
+from lib.engine.moe_fused import fused_available, gathered_swiglu
 from lib.engine.moe_kernels import gather_rows, silu_mul_scaled, sum_gathered_rows
 from lib.engine.moe_router import install_fast_routers
 
 log = logging.getLogger("specdraft.engine")
+# The first projection (gather, gate/up GEMM, SwiGLU) as one kernel where it applies (lib/engine/moe_fused.py);
+# bench/engine.py --unfused-too measures the path without it in the same process.
+FUSE_FIRST_PROJECTION = True
 
 
 class ExpertsLayout(enum.Enum):
@@ -115,14 +119,18 @@ def grouped_experts_forward(
     # Each row's routing weight scales the down projection's input (the projection is linear), in the
     # elementwise kernel that feeds it, so the combine below is a plain sum.
     weight = top_k_weights.reshape(-1)[order].float()[:, None]
-    x = gather_rows(hidden, order // k)
+    fused = info.layout is ExpertsLayout.concatenated and info.silu and FUSE_FIRST_PROJECTION and fused_available(hidden)
+    x = None if fused else gather_rows(hidden, order // k)
     if info.layout is ExpertsLayout.concatenated:
-        gate_up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs)
-        if info.silu:
-            h = silu_mul_scaled(gate_up, weight[:, 0])
+        if fused:
+            h = gathered_swiglu(hidden, experts.gate_up_proj, order // k, weight[:, 0], offs)
         else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = (experts.act_fn(gate.float()) * up.float() * weight).to(x.dtype)  # rounded once
+            gate_up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs)
+            if info.silu:
+                h = silu_mul_scaled(gate_up, weight[:, 0])
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                h = (experts.act_fn(gate.float()) * up.float() * weight).to(x.dtype)  # rounded once
         y = _grouped_matmul(h, experts.down_proj.transpose(1, 2), offs)
     else:
         gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
