@@ -91,7 +91,7 @@ def gathered_swiglu(hidden: torch.Tensor, gate_up: torch.Tensor, token: torch.Te
     expert_of_tile = torch.searchsorted(tile_ends, torch.arange(max_tiles, device=hidden.device, dtype=torch.int32),
                                         right=True, out_int32=True)
     num_n = triton.cdiv(inter, block_n)
-    even = width % block_k == 0 and inter % block_n == 0
+    even = bool(width % block_k == 0 and inter % block_n == 0)  # a constant: weights of symbolic shape specialise
     _gathered_swiglu_kernel[(max_tiles * num_n,)](
         hidden.contiguous(), gate_up, token.contiguous(), weight.contiguous(), ends, tile_ends, expert_of_tile, out,
         width, inter, experts, num_n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
