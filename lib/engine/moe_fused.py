@@ -82,7 +82,9 @@ def gathered_swiglu(hidden: torch.Tensor, gate_up: torch.Tensor, token: torch.Te
                     num_warps: int = 8, num_stages: int = 4) -> torch.Tensor:
     """hidden [T, H], gate_up [E, 2I, H] (gate rows, then up rows), token [R] (each routed row's token, rows
     grouped by expert), weight [R], ends [E] (int32 group ends) -> [R, I]: silu(x W_g) * (x W_u) * weight."""
-    experts, two_i, width = gate_up.shape
+    # Plain ints: the weights never change shape, and under torch.compile with dynamic shapes a symbolic
+    # width passed to the kernel failed in dynamo (torch 2.11) when the weights were graph inputs.
+    experts, two_i, width = (int(d) for d in gate_up.shape)
     inter, rows = two_i // 2, token.numel()
     out = hidden.new_empty(rows, inter)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
@@ -91,7 +93,7 @@ def gathered_swiglu(hidden: torch.Tensor, gate_up: torch.Tensor, token: torch.Te
     expert_of_tile = torch.searchsorted(tile_ends, torch.arange(max_tiles, device=hidden.device, dtype=torch.int32),
                                         right=True, out_int32=True)
     num_n = triton.cdiv(inter, block_n)
-    even = bool(width % block_k == 0 and inter % block_n == 0)  # a constant: weights of symbolic shape specialise
+    even = width % block_k == 0 and inter % block_n == 0
     _gathered_swiglu_kernel[(max_tiles * num_n,)](
         hidden.contiguous(), gate_up, token.contiguous(), weight.contiguous(), ends, tile_ends, expert_of_tile, out,
         width, inter, experts, num_n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
