@@ -129,8 +129,16 @@ def test_gpu_fused_first_projection_equals_the_three_kernels(tokens, hidden, int
     exact = torch.cat([torch.nn.functional.silu(x[token[s:e]].float() @ w[i, :inter].float().T)
                        * (x[token[s:e]].float() @ w[i, inter:].float().T)
                        for i, (s, e) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist()))]) * weight[:, None]
-    for run in (gathered_swiglu, torch.compile(gathered_swiglu, fullgraph=True, dynamic=True)):
-        got = run(x, w, token, weight, ends)
+    class Projection(torch.nn.Module):  # the weights as parameters, as the compiled decoder layer holds them
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(w, requires_grad=False)
+
+        def forward(self, x, token, weight, ends):
+            return gathered_swiglu(x, self.w, token, weight, ends)
+
+    for run in (Projection(), torch.compile(Projection(), fullgraph=True, dynamic=True)):
+        got = run(x, token, weight, ends)
         assert got.shape == (tokens * k, inter) and got.dtype == torch.bfloat16
         # At least as close to the fp32 product as the three-kernel path (which rounds gate and up first).
         fused_err = (got.float() - exact).abs().mean()

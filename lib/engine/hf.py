@@ -206,7 +206,6 @@ class HFBackend:
         group_size = dist.get_world_size(tp_group) if tp_group is not None else 1
         if engine.tp != group_size:
             raise ValueError(f"engine.tp={engine.tp} but the TP group passed to the engine has {group_size} members")
-
         tp = TensorParallel(tp_group, device) if group_size > 1 else None
         # TP members load a checkpoint on CPU and move only their shard to the GPU. Random weights
         # are drawn on the engine device whatever the TP degree, so every engine and trainer that
