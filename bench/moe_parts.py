@@ -4,9 +4,11 @@
 
 Each row times a part the old way and the way lib/engine/moe.py runs it now, in the same process:
 the router (transformers' forward vs the kernel top-k), the expert sort (4-byte vs 1-byte keys), the
-SwiGLU (Inductor's fused kernel vs lib/engine/moe_kernels.py's), and the whole MoE block compiled
-with Inductor's default GEMMs vs max_autotune_gemm (Triton grouped-GEMM templates benchmarked against
-torch._grouped_mm). GPU times are CUDA-graph replays (no host launch time). Random bf16 weights and hidden states; routing of a random router is near uniform.
+SwiGLU (Inductor's fused kernel vs lib/engine/moe_kernels.py's), and the first projection (gather +
+torch._grouped_mm + SwiGLU kernel vs lib/engine/moe_fused.py at several tile shapes); then the whole
+MoE block compiled, and with --autotune also under Inductor's max_autotune_gemm. GPU times are
+CUDA-graph replays (no host launch time). Random bf16 weights and hidden states; routing of a random
+router is near uniform.
 """
 from __future__ import annotations
 
@@ -98,9 +100,6 @@ def main() -> None:
         inductor_swiglu = torch.compile(silu_mul_scaled_reference, dynamic=True)
         row("SwiGLU x weight", cuda_ms(lambda: inductor_swiglu(gate_up, weight)),
             cuda_ms(lambda: silu_mul_scaled(gate_up, weight)), "Inductor vs Triton kernel")
-
-        # The dispatch gather (k=1: 8 copies of each token's row) at other block shapes.
-        from lib.engine.moe_kernels import _launch_sum_gathered_rows
 
         # The first projection: gather + torch._grouped_mm + SwiGLU kernel (the grouped path) against one
         # fused Triton kernel (lib/engine/moe_fused.py) at several tile shapes.

@@ -119,11 +119,12 @@ def grouped_experts_forward(
     # Each row's routing weight scales the down projection's input (the projection is linear), in the
     # elementwise kernel that feeds it, so the combine below is a plain sum.
     weight = top_k_weights.reshape(-1)[order].float()[:, None]
+    token = order // k  # each sorted row's token
     fused = info.layout is ExpertsLayout.concatenated and info.silu and FUSE_FIRST_PROJECTION and fused_available(hidden)
-    x = None if fused else gather_rows(hidden, order // k)
+    x = None if fused else gather_rows(hidden, token)
     if info.layout is ExpertsLayout.concatenated:
         if fused:
-            h = gathered_swiglu(hidden, experts.gate_up_proj, order // k, weight[:, 0], offs)
+            h = gathered_swiglu(hidden, experts.gate_up_proj, token, weight[:, 0], offs)
         else:
             gate_up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs)
             if info.silu:

@@ -18,7 +18,7 @@ had fused it with the RMSNorm before it, recomputing the norm per routed row and
 The kernels are launched from plain functions, not custom ops: dynamo traces a Triton launch into the
 compiled decoder layer's graph (a user-defined Triton kernel) and Inductor's wrapper launches it
 directly, where a torch.library custom op added its Python dispatch on every call (four calls per
-layer; the compiled 30B-A3B capture was bound by the host's launch rate, docs/benchmarks.md).
+layer). That saves host time only: the compiled 30B-A3B capture is GPU-bound (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -55,14 +55,13 @@ if triton is not None:
         target = token.to(tl.int64)[:, None] * width + column[None, :]
         tl.store(out_ptr + target, acc.to(out_ptr.dtype.element_ty), mask=live)
 
-    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int, block_tokens: int = _BLOCK_TOKENS,
-                                  block_columns: int = _BLOCK_COLUMNS, num_warps: int = 4) -> torch.Tensor:
+    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
         src, index = src.contiguous(), index.contiguous()
         tokens, width = index.numel() // k, src.shape[1]
         out = src.new_empty(tokens, width)
-        grid = (triton.cdiv(tokens, block_tokens), triton.cdiv(width, block_columns))
-        _sum_gathered_rows_kernel[grid](src, index, out, tokens, width, K=k, BLOCK_TOKENS=block_tokens,
-                                        BLOCK_COLUMNS=block_columns, num_warps=num_warps)
+        grid = (triton.cdiv(tokens, _BLOCK_TOKENS), triton.cdiv(width, _BLOCK_COLUMNS))
+        _sum_gathered_rows_kernel[grid](src, index, out, tokens, width, K=k, BLOCK_TOKENS=_BLOCK_TOKENS,
+                                        BLOCK_COLUMNS=_BLOCK_COLUMNS)
         return out
 
 

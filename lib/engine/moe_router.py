@@ -4,8 +4,8 @@ Each known router class keeps its module (weights, attributes) and gets a forwar
 transformers' forward computes, term for term, except that torch.topk is lib/engine/moe_kernels.py's
 topk_rows (exact: the same values and experts, the kernel only picks among equal values by lowest
 expert id). The classes are known by name because their routing rules differ (softmax before or
-after the top-k, renormalised or not); any other router keeps transformers' forward. tests/test_moe.py
-holds each formula equal to transformers' own router.
+after the top-k, renormalised or not); any other router keeps transformers' forward.
+tests/test_moe_kernels.py holds each formula equal to transformers' own router.
 """
 from __future__ import annotations
 
