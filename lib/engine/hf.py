@@ -40,6 +40,7 @@ from lib.engine.base import (
     pinned,
 )
 from lib.engine.moe import install_moe_impl
+from lib.engine.qk_norm_rope import install_fast_attention
 from lib.engine.tp import TensorParallel
 from lib.engine.cudnn_attention import missing_reason as cudnn_missing_reason, ragged_metadata
 from lib.engine.varlen import VARLEN_ATTN_NAME, max_seqlen_arg
@@ -228,6 +229,9 @@ class HFBackend:
         self.moe_impl = install_moe_impl(model.layers, engine.moe_impl)
         if self.moe_impl is not None:
             log.info("engine: MoE target, experts run with engine.moe_impl=%s", self.moe_impl.value)
+        fused_qk = install_fast_attention(model.layers)
+        if fused_qk:
+            log.info("engine: %d attention modules run q/k norm + rope fused (one Triton kernel on CUDA)", fused_qk)
         self._tp = tp
         self._model = model
         self._aux = AuxWriter(model.layers, self.aux_layers, self.hidden_size)
