@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib.data.batch import PackedBatch  # noqa: E402
 from lib.config import EngineConfig, TargetConfig  # noqa: E402
-from lib.engine import moe  # noqa: E402
+from lib.engine import moe, moe_sort, qk_norm_rope  # noqa: E402
 from lib.engine.hf import AuxWriter, HFBackend  # noqa: E402
 from bench.flops import _window_pairs, mlp_matmul_params  # noqa: E402
 from bench.trainer import write_profile  # noqa: E402
@@ -216,6 +216,9 @@ def main() -> None:
                    help="comma-separated engine.varlen_kernel values (flash, cudnn) for the varlen paths")
     p.add_argument("--unfused-too", action="store_true", help="MoE grouped paths: also measure them without the "
                    "fused first projection (lib/engine/moe_fused.py), in the same process")
+    p.add_argument("--previous-too", action="store_true", help="MoE grouped paths: also measure them with torch's "
+                   "expert sort (not lib/engine/moe_sort.py) and transformers' q/k norm + rope (not "
+                   "lib/engine/qk_norm_rope.py), in the same process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
@@ -248,17 +251,18 @@ def main() -> None:
           f"{'load s':>8}{'graphs':>7}", flush=True)
     moe_impls = [m.strip() for m in args.moe_impl.split(",") if m.strip()]
     kernels = [k.strip() for k in args.varlen_kernel.split(",") if k.strip()]
-    runs = [(n, m, k, True) for n in names for m in moe_impls for k in (kernels if PATHS[n][0] == "varlen" else ["flash"])]
-    if args.unfused_too:
-        runs += [(n, m, k, False) for n, m, k, _ in runs if m in ("grouped", "auto")]
-    for name, moe_impl, kernel, fused in runs:
-        moe.FUSE_FIRST_PROJECTION = fused
+    runs = [(n, m, k, "") for n in names for m in moe_impls for k in (kernels if PATHS[n][0] == "varlen" else ["flash"])]
+    grouped = [(n, m, k) for n, m, k, _ in runs if m in ("grouped", "auto")]
+    runs += [(n, m, k, "unfused") for n, m, k in grouped if args.unfused_too]
+    runs += [(n, m, k, "previous") for n, m, k in grouped if args.previous_too]
+    for name, moe_impl, kernel, variant in runs:
+        moe.FUSE_FIRST_PROJECTION = variant != "unfused"
+        moe_sort.COUNTING_SORT = qk_norm_rope.FUSED_ATTENTION = variant != "previous"
         try:
             r = measure(name, args, shape, batches, device, moe_impl, kernel)
-            if not fused:
-                r["path"] += "/unfused"
+            r["path"] += f"/{variant}" if variant else ""
         except Exception as e:  # noqa: BLE001 - one path failing (a kernel this build lacks) leaves the others' figures
-            label = f"{name}/{moe_impl}/{kernel}" + ("" if fused else "/unfused")
+            label = f"{name}/{moe_impl}/{kernel}" + (f"/{variant}" if variant else "")
             print(f"{label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
             info["results"].append({"path": label, "error": f"{type(e).__name__}: {e}"[:2000]})
             gc.collect()

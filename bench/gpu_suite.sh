@@ -3,7 +3,7 @@
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
 #     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
-#     moe_e2e regen decode_step moe_parts moe_capture moe_final
+#     moe_e2e regen decode_step moe_parts moe_capture moe_final moe_inductor
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -23,7 +23,7 @@ part() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; lo
   echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-15}" "$WORK/$name.log"; }
 for p in "$@"; do case $p in
   env) part env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.device_count())"' ;;
-  tests) part tests 300 python3 -m pytest -q -m gpu ${TESTS:-tests} ;;  # every test marked gpu, in one process
+  tests) part tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu ${TESTS:-tests} ${PYTEST_ARGS:-} ;;  # every test marked gpu, in one process
   handoff) part handoff 120 python3 bench/handoff.py --out "$WORK/handoff.json" --engine-work-ms 10 --trainer-work-ms 20 ;;
   engine) part engine 240 python3 bench/engine.py --out "$WORK/engine.json" ;;
   trainer) part trainer 240 python3 bench/trainer.py --out "$WORK/trainer.json" ${TRAINER_ARGS:-} ;;
@@ -85,10 +85,23 @@ for p in "$@"; do case $p in
   moe_capture) part moe_capture 300 python3 bench/engine.py --out "$WORK/moe_capture.json" --shape qwen3-30b-a3b \
       --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn \
       --profile "$WORK/moe_capture_profile" ${MOE_ARGS:-} ;;
-  # The 30B-A3B capture with either varlen kernel, with and without the fused first projection, and
-  # the gpt-oss-20b capture (issue 17's figures).
-  moe_final) part moe_final 260 python3 bench/engine.py --out "$WORK/moe_final.json" --shape qwen3-30b-a3b \
-      --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn --unfused-too
+  # The 30B-A3B cuDNN capture once per Inductor setting (INDUCTOR_VARIANTS: space-separated key=value,...
+  # lists; "base" is none), one process each, profiled; each variant's generated Triton kernels are kept
+  # as text (inductor_VARIANT/) so the kernels a setting changed can be read.
+  moe_inductor) n=0
+    for v in ${INDUCTOR_VARIANTS:-base coordinate_descent_tuning=1}; do n=$((n + 1)); cache="$WORK/inductor_cache_$n"
+      flags=(); [[ $v != base ]] && flags=(--inductor "$v")
+      part "moe_inductor_$n" 300 env TORCHINDUCTOR_CACHE_DIR="$cache" python3 bench/engine.py --out "$WORK/moe_inductor_$n.json" \
+        --shape qwen3-30b-a3b --paths varlen+compile --moe-impl grouped --varlen-kernel cudnn \
+        --profile "$WORK/moe_inductor_profile_$n" "${flags[@]}"
+      mkdir -p "$WORK/inductor_$n"; grep -rl --include='*.py' '@triton.jit' "$cache" 2>/dev/null | head -200 \
+        | while read -r f; do cp "$f" "$WORK/inductor_$n/$(basename "$f" .py).txt"; done
+    done ;;
+  # The 30B-A3B capture with either varlen kernel, with and without the counting sort and the fused q/k
+  # norm + rope (--previous-too; FINAL_ARGS adds e.g. --unfused-too), and the gpt-oss-20b capture (issue
+  # 17's figures).
+  moe_final) part moe_final 300 python3 bench/engine.py --out "$WORK/moe_final.json" --shape qwen3-30b-a3b \
+      --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn --previous-too ${FINAL_ARGS:-}
     part moe_final_gpt_oss 120 python3 bench/engine.py --out "$WORK/moe_final_gpt_oss.json" --shape gpt-oss-20b \
       --paths varlen+compile --moe-impl grouped ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \
