@@ -61,7 +61,7 @@ if triton is not None:
 
     @triton.jit
     def _norm_rope_rows(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, block, tokens, row_stride, cos_stride, sin_stride,
-                        eps, HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                        EPS: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         # Head rows in token-major order (row = token * HEADS + head), so a block's rows are contiguous in
         # both the input and the [T, HEADS, D] output; each row is loaded as its two halves, once.
         row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -72,7 +72,7 @@ if triton is not None:
         src = token.to(tl.int64)[:, None] * row_stride + (row % HEADS)[:, None] * D + d
         x1 = tl.load(x_ptr + src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + src + HALF, mask=live, other=0.0).to(tl.float32)
-        r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
+        r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + EPS)[:, None]
         n1 = tl.load(w_ptr + d).to(tl.float32) * (x1 * r)
         n2 = tl.load(w_ptr + HALF + d).to(tl.float32) * (x2 * r)
         c = token.to(tl.int64)[:, None] * cos_stride + d
@@ -87,16 +87,18 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, tokens,
-                             q_stride, k_stride, cos_stride, sin_stride, eps, q_blocks, Q_HEADS: tl.constexpr,
+                             q_stride, k_stride, cos_stride, sin_stride, q_blocks, EPS: tl.constexpr, Q_HEADS: tl.constexpr,
                              K_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-        # The first q_blocks programs take q's head rows, the rest k's: one launch for both.
+        # The first q_blocks programs take q's head rows, the rest k's: one launch for both. eps is a
+        # constant: passed as an argument, the compiled layer's launcher typed it fp64 (the eager launch
+        # fp32), and the two rounded differently (H200 test, 2026-11-29).
         pid = tl.program_id(0)
         if pid < q_blocks:
             _norm_rope_rows(q_ptr, qw_ptr, q_out_ptr, cos_ptr, sin_ptr, pid, tokens, q_stride, cos_stride, sin_stride,
-                            eps, Q_HEADS, D, HALF, BLOCK_ROWS)
+                            EPS, Q_HEADS, D, HALF, BLOCK_ROWS)
         else:
             _norm_rope_rows(k_ptr, kw_ptr, k_out_ptr, cos_ptr, sin_ptr, pid - q_blocks, tokens, k_stride, cos_stride,
-                            sin_stride, eps, K_HEADS, D, HALF, BLOCK_ROWS)
+                            sin_stride, EPS, K_HEADS, D, HALF, BLOCK_ROWS)
 
     def _rows(t: torch.Tensor, tokens) -> torch.Tensor:
         """[T, width] with unit column stride; a row stride of its own is fine (e.g. a slice of fused qkv)."""
@@ -121,8 +123,8 @@ if triton is not None:
         grid = (q_blocks + triton.cdiv(tokens * k_heads, block_rows),)
         _qk_norm_rope_kernel[grid](
             q2, k2, q_weight.contiguous(), k_weight.contiguous(), cos2d, sin2d, q_out, k_out, tokens,
-            int(q2.stride(0)), int(k2.stride(0)), int(cos2d.stride(0)), int(sin2d.stride(0)), float(eps), q_blocks,
-            Q_HEADS=q_heads, K_HEADS=k_heads, D=d, HALF=d // 2, BLOCK_ROWS=block_rows, num_warps=_NUM_WARPS)
+            int(q2.stride(0)), int(k2.stride(0)), int(cos2d.stride(0)), int(sin2d.stride(0)), q_blocks,
+            EPS=float(eps), Q_HEADS=q_heads, K_HEADS=k_heads, D=d, HALF=d // 2, BLOCK_ROWS=block_rows, num_warps=_NUM_WARPS)
         return q_out, k_out
 
 
