@@ -100,10 +100,6 @@ def test_swapped_attention_equals_transformers_attention(family, attn_impl):
         assert type(attn) is not original and isinstance(attn, original)
         got, got_weights = attn(hidden, pe, None)
         got_batch, _ = attn(batch, pe_batch, None)
-        with pytest.raises(RuntimeError, match="KV cache"):
-            attn(hidden, pe, None, cache=object())
-        with pytest.raises(RuntimeError, match="KV cache"):
-            attn(hidden, pe, None, past_key_values=object())
         got_none, _ = attn(hidden, pe, None, cache=None, past_key_values=None)
     assert got.shape == want.shape == (1, tokens, TINY["hidden_size"])
     assert_close(got, want)
@@ -126,6 +122,31 @@ def test_whole_model_unchanged_by_install(family):
         want = model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         assert install_fast_attention(model.layers) == TINY["num_hidden_layers"]
         got = model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_with_a_kv_cache_is_transformers_decoding(family):
+    """The online evaluation decodes with the engine's model and a KV cache: a prefill then one-token steps
+    give what they gave before the swap."""
+    from lib.eval.target import _cache_kwarg, _output_cache
+
+    model = build(family)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(11))
+
+    def decode():
+        out = model(input_ids=ids[:, :20], use_cache=True)
+        states = [out.last_hidden_state]
+        for t in range(20, 24):
+            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{_cache_kwarg(model): _output_cache(out)})
+            states.append(out.last_hidden_state)
+        return torch.cat(states, dim=1)
+
+    with torch.no_grad():
+        want = decode()
+        assert install_fast_attention(model.layers) == len(model.layers)
+        got = decode()
+    assert got.shape == (1, 24, TINY["hidden_size"])
     assert_close(got, want)
 
 

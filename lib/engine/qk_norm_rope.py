@@ -183,11 +183,11 @@ def _engine_forward(base: type) -> Callable:
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: Optional[torch.Tensor] = None, cache=None, past_key_values=None, **kwargs):
-        if cache is not None or past_key_values is not None:
-            raise RuntimeError(f"{type(self).__name__} (engine attention) keeps no KV cache, but one was passed; "
-                               "the engine runs the target with use_cache=False")
-        if hidden_states.shape[0] != 1:
-            return base.forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+        if cache is not None or past_key_values is not None or hidden_states.shape[0] != 1:
+            # Decoding with a KV cache (the online evaluation runs the engine's model that way) and batches of
+            # several rows are transformers' own forward; the capture is one packed row without a cache.
+            given = {name: c for name, c in (("cache", cache), ("past_key_values", past_key_values)) if c is not None}
+            return base.forward(self, hidden_states, position_embeddings, attention_mask, **given, **kwargs)
         input_shape = hidden_states.shape[:-1]
         cos, sin = position_embeddings
         q, k = qk_norm_rope(self.q_proj(hidden_states), self.k_proj(hidden_states), self.q_norm.weight,
