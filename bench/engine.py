@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib.data.batch import PackedBatch  # noqa: E402
 from lib.config import EngineConfig, TargetConfig  # noqa: E402
-from lib.engine import moe, moe_sort, qk_norm_rope  # noqa: E402
+from lib.engine import moe, qk_norm_rope  # noqa: E402
 from lib.engine.hf import AuxWriter, HFBackend  # noqa: E402
 from bench.flops import _window_pairs, mlp_matmul_params  # noqa: E402
 from bench.trainer import write_profile  # noqa: E402
@@ -216,9 +216,9 @@ def main() -> None:
                    help="comma-separated engine.varlen_kernel values (flash, cudnn) for the varlen paths")
     p.add_argument("--unfused-too", action="store_true", help="MoE grouped paths: also measure them without the "
                    "fused first projection (lib/engine/moe_fused.py), in the same process")
-    p.add_argument("--previous-too", action="store_true", help="MoE grouped paths: also measure them with torch's "
-                   "expert sort (not lib/engine/moe_sort.py) and transformers' q/k norm + rope (not "
-                   "lib/engine/qk_norm_rope.py), in the same process")
+    p.add_argument("--previous-too", action="store_true", help="MoE grouped paths: also measure them with "
+                   "transformers' attention forward (q/k norm + rope by Inductor, not lib/engine/qk_norm_rope.py), "
+                   "in the same process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
@@ -257,7 +257,7 @@ def main() -> None:
     runs += [(n, m, k, "previous") for n, m, k in grouped if args.previous_too]
     for name, moe_impl, kernel, variant in runs:
         moe.FUSE_FIRST_PROJECTION = variant != "unfused"
-        moe_sort.COUNTING_SORT = qk_norm_rope.FUSED_ATTENTION = variant != "previous"
+        qk_norm_rope.FUSED_ATTENTION = variant != "previous"
         try:
             r = measure(name, args, shape, batches, device, moe_impl, kernel)
             r["path"] += f"/{variant}" if variant else ""

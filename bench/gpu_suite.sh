@@ -97,8 +97,8 @@ for p in "$@"; do case $p in
       mkdir -p "$WORK/inductor_$n"; grep -rl --include='*.py' '@triton.jit' "$cache" 2>/dev/null | head -200 \
         | while read -r f; do cp "$f" "$WORK/inductor_$n/$(basename "$f" .py).txt"; done
     done ;;
-  # The 30B-A3B capture with either varlen kernel, with and without the counting sort and the fused q/k
-  # norm + rope (--previous-too; FINAL_ARGS adds e.g. --unfused-too), and the gpt-oss-20b capture (issue
+  # The 30B-A3B capture with either varlen kernel, with and without the fused q/k norm + rope
+  # (--previous-too; FINAL_ARGS adds e.g. --unfused-too), and the gpt-oss-20b capture (issue
   # 17's figures).
   moe_final) part moe_final 300 python3 bench/engine.py --out "$WORK/moe_final.json" --shape qwen3-30b-a3b \
       --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn --previous-too ${FINAL_ARGS:-}

@@ -4,8 +4,7 @@
 
 Each row times a part the old way and the way lib/engine/moe.py runs it now, in the same process:
 the router (transformers' forward vs the kernel top-k), the expert sort (4-byte vs 1-byte keys), the
-whole grouping by expert (torch ops vs lib/engine/moe_sort.py's counting sort), attention's q/k norm +
-rope (Inductor vs lib/engine/qk_norm_rope.py), the SwiGLU (Inductor's fused kernel vs lib/engine/moe_kernels.py's), and the first projection (gather +
+attention's q/k norm + rope (Inductor vs lib/engine/qk_norm_rope.py), the SwiGLU (Inductor's fused kernel vs lib/engine/moe_kernels.py's), and the first projection (gather +
 torch._grouped_mm + SwiGLU kernel vs lib/engine/moe_fused.py at several tile shapes); then the whole
 MoE block compiled, and with --autotune also under Inductor's max_autotune_gemm. GPU times are
 CUDA-graph replays (no host launch time). Random bf16 weights and hidden states; routing of a random
@@ -28,7 +27,6 @@ from bench.engine import SHAPES  # noqa: E402
 from lib.engine.moe import install_moe_impl  # noqa: E402
 from lib.engine.moe_kernels import silu_mul_scaled, silu_mul_scaled_reference  # noqa: E402
 from lib.engine.moe_router import install_fast_routers  # noqa: E402
-from lib.engine.moe_sort import group_by_expert, group_by_expert_reference  # noqa: E402
 
 
 def cuda_ms(fn, iters: int = 30, warmup: int = 5) -> float:
@@ -95,14 +93,6 @@ def main() -> None:
         experts_count = block.experts.gate_up_proj.shape[0]
         row("expert sort (argsort)", cuda_ms(lambda: torch.argsort(flat.to(torch.int32), stable=True)),
             cuda_ms(lambda: torch.argsort(flat.to(torch.uint8), stable=True)), "4-byte vs 1-byte keys")
-
-        # The whole grouping (order, group ends, inverse, tokens, weights) as the compiled layer runs it:
-        # argsort + searchsorted + index_put + gathers vs the counting-sort kernels.
-        weights_k = torch.rand(experts.shape, device="cuda").to(x.dtype)
-        torch_grouping = torch.compile(group_by_expert_reference, dynamic=True)
-        kernel_grouping = torch.compile(group_by_expert, dynamic=True)
-        row("grouping by expert", cuda_ms(lambda: torch_grouping(experts, weights_k, experts_count)),
-            cuda_ms(lambda: kernel_grouping(experts, weights_k, experts_count)), "compiled torch ops vs counting sort")
 
         # Attention's q/k RMSNorm + rope (Qwen3 families): Inductor's kernels for the torch formula vs one Triton kernel.
         if hasattr(model.model.layers[0].self_attn, "q_norm"):

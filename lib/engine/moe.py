@@ -3,8 +3,8 @@
 transformers keeps each MoE layer's experts as 3-D weights ([experts, out, in] or transposed) and
 routes with a per-layer router. The engine's grouped path (engine.moe_impl=grouped, the default)
 replaces only the experts' forward: the T*k routed (token, expert) pairs are sorted by expert ONCE per
-layer (a counting sort on CUDA, lib/engine/moe_sort.py), each expert's tokens then run as one group of
-a grouped GEMM (torch._grouped_mm: a single kernel on Hopper, a reference implementation on CPU) with each row's routing weight folded into the down
+layer, each expert's tokens then run as one group of a grouped GEMM (torch._grouped_mm: a single kernel
+on Hopper, a reference implementation on CPU) with each row's routing weight folded into the down
 projection's input; the outputs are gathered back into (token, slot) order and summed per token in
 fp32 (a reduction, no atomic adds; a Triton kernel on CUDA, lib/engine/moe_kernels.py). Every
 shape in it depends only on T (no per-expert token counts leave the device), so a compiled decoder
@@ -30,7 +30,6 @@ from lib.config import MoeImpl
 from lib.engine.moe_fused import fused_available, gathered_swiglu
 from lib.engine.moe_kernels import gather_rows, silu_mul_scaled, sum_gathered_rows
 from lib.engine.moe_router import install_fast_routers
-from lib.engine.moe_sort import group_by_expert
 
 log = logging.getLogger("specdraft.engine")
 # The first projection (gather, gate/up GEMM, SwiGLU) as one kernel where it applies (lib/engine/moe_fused.py);
@@ -80,6 +79,12 @@ def experts_info(experts: nn.Module) -> Optional[ExpertsInfo]:
     return None
 
 
+def _sort_key_dtype(num_experts: int) -> torch.dtype:
+    # A radix sort makes one pass per key byte: expert ids of up to 256 experts sort in one pass (the
+    # 4-byte keys took four, 42 us per 30B-A3B layer on the H200).
+    return torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 32768 else torch.int32
+
+
 def moe_experts(layers: nn.ModuleList) -> list[nn.Module]:
     """Every experts module under the decoder layers (one per MoE layer; dense layers have none)."""
     return [m for layer in layers for name, m in layer.named_modules() if name.endswith("experts")
@@ -103,10 +108,18 @@ def grouped_experts_forward(
 ) -> torch.Tensor:
     """[T, H] hidden states, [T, k] routed experts and weights -> [T, H], as the experts module computes."""
     k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    # Stable, so each expert's rows stay in token order and the grouping is the same on every run.
+    order = torch.argsort(flat.to(_sort_key_dtype(info.num_experts)), stable=True)
+    sorted_expert = flat[order]
+    # Group ends by a search of the sorted ids: a count by index_add_ compiles to a sort-based
+    # accumulating index_put, 0.4 ms per layer on the H200 (12% of the compiled capture).
+    ends = torch.arange(1, info.num_experts + 1, device=flat.device, dtype=flat.dtype)
+    offs = torch.searchsorted(sorted_expert, ends, out_int32=True)
     # Each row's routing weight scales the down projection's input (the projection is linear), in the
     # elementwise kernel that feeds it, so the combine below is a plain sum.
-    order, inverse, offs, token, weight = group_by_expert(top_k_index, top_k_weights, info.num_experts)
-    weight = weight[:, None]
+    weight = top_k_weights.reshape(-1)[order].float()[:, None]
+    token = order // k  # each sorted row's token
     fused = info.layout is ExpertsLayout.concatenated and info.silu and FUSE_FIRST_PROJECTION and fused_available(hidden)
     x = None if fused else gather_rows(hidden, token)
     if info.layout is ExpertsLayout.concatenated:
@@ -121,13 +134,14 @@ def grouped_experts_forward(
                 h = (experts.act_fn(gate.float()) * up.float() * weight).to(x.dtype)  # rounded once
         y = _grouped_matmul(h, experts.down_proj.transpose(1, 2), offs)
     else:
-        sorted_expert = top_k_index.reshape(-1)[order]
         gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
         y = _grouped_matmul((experts._apply_gate(gate_up.float()) * weight).to(x.dtype), experts.down_proj, offs)
         y = y + (experts.down_proj_bias[sorted_expert] * weight).to(y.dtype)
-    # Back to (token, slot) order by a gather (flat slot j's row is inverse[j]), then each token's k rows
-    # summed in fp32 and rounded once. A reduction, not a scatter-add: no atomics, so the sum's order,
-    # and the captured states, are the same on every run.
+    # Back to (token, slot) order by a gather (each sorted row i belongs at flat slot order[i]), then
+    # each token's k rows summed in fp32 and rounded once. A reduction, not a scatter-add: no atomics,
+    # so the sum's order, and the captured states, are the same on every run.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     return sum_gathered_rows(y, inverse, k)
 
 
