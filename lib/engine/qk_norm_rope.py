@@ -61,7 +61,8 @@ if triton is not None:
 
     @triton.jit
     def _norm_rope_rows(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, block, tokens, row_stride, cos_stride, sin_stride,
-                        EPS: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                        EPS: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr):
         # Head rows in token-major order (row = token * HEADS + head), so a block's rows are contiguous in
         # both the input and the [T, HEADS, D] output; each row is loaded as its two halves, once.
         row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -87,8 +88,8 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, tokens,
-                             q_stride, k_stride, cos_stride, sin_stride, q_blocks, EPS: tl.constexpr, Q_HEADS: tl.constexpr,
-                             K_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                             q_stride, k_stride, cos_stride, sin_stride, q_blocks, EPS: tl.constexpr,
+                             Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         # The first q_blocks programs take q's head rows, the rest k's: one launch for both. eps is a
         # constant: passed as an argument, the compiled layer's launcher typed it fp64 (the eager launch
         # fp32), and the two rounded differently (H200 test, 2026-11-29).
@@ -124,7 +125,8 @@ if triton is not None:
         _qk_norm_rope_kernel[grid](
             q2, k2, q_weight.contiguous(), k_weight.contiguous(), cos2d, sin2d, q_out, k_out, tokens,
             int(q2.stride(0)), int(k2.stride(0)), int(cos2d.stride(0)), int(sin2d.stride(0)), q_blocks,
-            EPS=float(eps), Q_HEADS=q_heads, K_HEADS=k_heads, D=d, HALF=d // 2, BLOCK_ROWS=block_rows, num_warps=_NUM_WARPS)
+            EPS=float(eps), Q_HEADS=q_heads, K_HEADS=k_heads, D=d, HALF=d // 2, BLOCK_ROWS=block_rows,
+            num_warps=_NUM_WARPS)
         return q_out, k_out
 
 
