@@ -7,8 +7,8 @@ the router (transformers' forward vs the kernel top-k), the expert sort (4-byte 
 attention's q/k norm + rope (Inductor vs lib/engine/qk_norm_rope.py), the SwiGLU (Inductor's fused
 kernel vs lib/engine/moe_kernels.py's), and the first projection (gather + torch._grouped_mm + SwiGLU
 kernel vs lib/engine/moe_fused.py at several tile shapes); then the whole MoE block compiled, and with
---autotune also under Inductor's max_autotune_gemm. GPU times are CUDA-graph replays (no host launch time). Random bf16 weights and hidden states; routing of a random
-router is near uniform.
+--autotune also under Inductor's max_autotune_gemm. GPU times are CUDA-graph replays (no host launch
+time). Random bf16 weights and hidden states; routing of a random router is near uniform.
 """
 from __future__ import annotations
 
