@@ -219,6 +219,9 @@ def main() -> None:
     p.add_argument("--previous-too", action="store_true", help="MoE grouped paths: also measure them with "
                    "transformers' attention forward (q/k norm + rope by Inductor, not lib/engine/qk_norm_rope.py), "
                    "in the same process")
+    p.add_argument("--small-tails-too", action="store_true", help="MoE grouped paths: also measure them with the "
+                   "fused first projection's small last tiles (lib/engine/moe.py FUSED_SMALL_TAILS), in the same "
+                   "process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
@@ -255,8 +258,10 @@ def main() -> None:
     grouped = [(n, m, k) for n, m, k, _ in runs if m in ("grouped", "auto")]
     runs += [(n, m, k, "unfused") for n, m, k in grouped if args.unfused_too]
     runs += [(n, m, k, "previous") for n, m, k in grouped if args.previous_too]
+    runs += [(n, m, k, "small-tails") for n, m, k in grouped if args.small_tails_too]
     for name, moe_impl, kernel, variant in runs:
         moe.FUSE_FIRST_PROJECTION = variant != "unfused"
+        moe.FUSED_SMALL_TAILS = variant == "small-tails"
         qk_norm_rope.FUSED_ATTENTION = variant != "previous"
         try:
             r = measure(name, args, shape, batches, device, moe_impl, kernel)

@@ -109,7 +109,8 @@ def test_gpu_swiglu_kernel_is_within_one_rounding_of_fp32(rows, features, dtype)
 # The second shape: widths that are not multiples of the tiles (104 = 13 x 8 keeps torch._grouped_mm's
 # 16-byte strides), ragged tiles and experts without rows.
 @pytest.mark.parametrize("tokens,hidden,inter,experts,k", [(1000, 2048, 768, 128, 8), (37, 104, 56, 5, 2)])
-def test_gpu_fused_first_projection_equals_the_three_kernels(tokens, hidden, inter, experts, k):
+@pytest.mark.parametrize("small_tails", [False, True])
+def test_gpu_fused_first_projection_equals_the_three_kernels(tokens, hidden, inter, experts, k, small_tails):
     """lib/engine/moe_fused.py against gather + torch._grouped_mm + the SwiGLU kernel: the same rows within
     bf16 rounding (the fused kernel applies SwiGLU to the fp32 accumulators, not to bf16-rounded gate and
     up)."""
@@ -135,7 +136,7 @@ def test_gpu_fused_first_projection_equals_the_three_kernels(tokens, hidden, int
             self.w = torch.nn.Parameter(w, requires_grad=False)
 
         def forward(self, x, token, weight, ends):
-            return gathered_swiglu(x, self.w, token, weight, ends)
+            return gathered_swiglu(x, self.w, token, weight, ends, small_tails=small_tails)
 
     for run in (Projection(), torch.compile(Projection(), fullgraph=True, dynamic=True)):
         got = run(x, token, weight, ends)

@@ -35,6 +35,9 @@ log = logging.getLogger("specdraft.engine")
 # The first projection (gather, gate/up GEMM, SwiGLU) as one kernel where it applies (lib/engine/moe_fused.py);
 # bench/engine.py --unfused-too measures the path without it in the same process.
 FUSE_FIRST_PROJECTION = True
+# Experts' last tiles at a quarter or half of the rows when they fit (moe_fused.gathered_swiglu's small_tails):
+# off until measured in the capture (bench/engine.py --small-tails-too).
+FUSED_SMALL_TAILS = False
 
 
 class ExpertsLayout(enum.Enum):
@@ -124,7 +127,8 @@ def grouped_experts_forward(
     x = None if fused else gather_rows(hidden, token)
     if info.layout is ExpertsLayout.concatenated:
         if fused:
-            h = gathered_swiglu(hidden, experts.gate_up_proj, token, weight[:, 0], offs)
+            h = gathered_swiglu(hidden, experts.gate_up_proj, token, weight[:, 0], offs,
+                                small_tails=FUSED_SMALL_TAILS)
         else:
             gate_up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs)
             if info.silu:
