@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lib.config import MoeImpl
+from lib.engine.forward_swap import ForwardSwap
 from lib.engine.moe_fused import fused_available, gathered_swiglu
 from lib.engine.moe_kernels import gather_rows, silu_mul_scaled, sum_gathered_rows
 from lib.engine.moe_router import install_fast_routers
@@ -150,26 +151,19 @@ def grouped_experts_forward(
 
 
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
-_GROUPED_CLASSES: dict[type, type] = {}
 
 
 def _grouped_forward(self, hidden_states, top_k_index, top_k_weights):
     return grouped_experts_forward(self, self.grouped_info, hidden_states, top_k_index, top_k_weights)
 
 
-def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
-    """Give `experts` the grouped forward through a subclass shared by every layer, with an interned info.
+_SWAP = ForwardSwap("Grouped", lambda cls: _grouped_forward)
 
-    A compiled decoder layer guards on what its experts' forward is: a per-module bound function (or
-    partial) has a different identity in every layer, so each layer compiled its own graph until
-    dynamo's recompile limit (8) sent the rest of the layers, and every later model in the process,
-    back to eager. One class and one info object per layout keep one graph for all layers.
-    """
-    cls = type(experts)
-    if cls not in _GROUPED_CLASSES.values():  # a module installed before keeps its class
-        if cls not in _GROUPED_CLASSES:
-            _GROUPED_CLASSES[cls] = type(f"Grouped{cls.__name__}", (cls,), {"forward": _grouped_forward})
-        experts.__class__ = _GROUPED_CLASSES[cls]
+
+def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
+    """Give `experts` the grouped forward (lib/engine/forward_swap.py) with an interned info: the compiled
+    decoder layer guards on the info object too, so one object per layout keeps one graph for all layers."""
+    _SWAP.apply([experts])
     experts.grouped_info = _INFOS.setdefault(info, info)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.engine.forward_swap import ForwardSwap
 from lib.engine.moe_kernels import topk_rows
 
 
@@ -42,26 +43,16 @@ ROUTER_FORWARDS: dict[str, Callable] = {
     "GptOssTopKRouter": _topk_then_softmax,
 }
 
-_FAST_CLASSES: dict[type, type] = {}
+_SWAP = ForwardSwap("Fast", lambda cls: ROUTER_FORWARDS[cls.__name__])
 
 
 def routers(layers: nn.ModuleList) -> list[nn.Module]:
-    return [m for layer in layers for m in layer.modules() if type(m).__name__ in ROUTER_FORWARDS
-            or type(m) in _FAST_CLASSES.values()]
+    return [m for layer in layers for m in layer.modules() if type(m).__name__ in ROUTER_FORWARDS or _SWAP.swapped(m)]
 
 
 def install_fast_routers(layers: nn.ModuleList) -> int:
-    """Give every known router under `layers` the kernel top-k; returns how many routers run it.
-
-    One subclass per router class, shared by all layers, so a compiled decoder layer keeps one graph
-    (the same reason as the grouped experts' class in lib/engine/moe.py).
-    """
+    """Give every known router under `layers` the kernel top-k (lib/engine/forward_swap.py); returns how
+    many routers run it."""
     found = routers(layers)
-    for m in found:
-        cls = type(m)
-        if cls in _FAST_CLASSES.values():
-            continue
-        if cls not in _FAST_CLASSES:
-            _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (cls,), {"forward": ROUTER_FORWARDS[cls.__name__]})
-        m.__class__ = _FAST_CLASSES[cls]
+    _SWAP.apply(found)
     return len(found)

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from lib.engine.forward_swap import ForwardSwap
+
 try:
     import triton
     import triton.language as tl
@@ -153,7 +155,6 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
 # have no per-head norm and keep their own forward.
 ATTENTION_CLASSES = ("Qwen3Attention", "Qwen3MoeAttention")
 
-_FAST_CLASSES: dict[type, type] = {}
 
 
 def _fits(m: nn.Module) -> bool:
@@ -215,9 +216,12 @@ def _engine_forward(base: type) -> Callable:
     return forward
 
 
+_SWAP = ForwardSwap("Engine", _engine_forward)
+
+
 def fast_attention_modules(layers: nn.ModuleList) -> list[nn.Module]:
     return [m for layer in layers for m in layer.modules()
-            if type(m) in _FAST_CLASSES.values() or (type(m).__name__ in ATTENTION_CLASSES and _fits(m))]
+            if _SWAP.swapped(m) or (type(m).__name__ in ATTENTION_CLASSES and _fits(m))]
 
 
 # bench/engine.py --previous-too turns the swap off to measure transformers' forward in the same process.
@@ -225,20 +229,10 @@ FUSED_ATTENTION = True
 
 
 def install_fast_attention(layers: nn.ModuleList) -> int:
-    """Give every known attention module under `layers` the qk_norm_rope forward; returns how many run it.
-
-    The module's class is swapped (hooks on the module keep working), to one subclass per original class
-    shared by all layers: a compiled decoder layer guards on the forward's identity, and a per-module
-    bound method made every layer compile its own graph.
-    """
+    """Give every known attention module under `layers` the qk_norm_rope forward (lib/engine/forward_swap.py);
+    returns how many run it."""
     if not FUSED_ATTENTION:
         return 0
     found = fast_attention_modules(layers)
-    for m in found:
-        cls = type(m)
-        if cls in _FAST_CLASSES.values():
-            continue
-        if cls not in _FAST_CLASSES:
-            _FAST_CLASSES[cls] = type(f"Engine{cls.__name__}", (cls,), {"forward": _engine_forward(cls)})
-        m.__class__ = _FAST_CLASSES[cls]
+    _SWAP.apply(found)
     return len(found)
