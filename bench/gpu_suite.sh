@@ -23,7 +23,7 @@ part() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; lo
   echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-15}" "$WORK/$name.log"; }
 for p in "$@"; do case $p in
   env) part env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.device_count())"' ;;
-  tests) part tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu ${TESTS:-tests} ${PYTEST_ARGS:-} ;;  # every test marked gpu, in one process
+  tests) part tests "${TESTS_LIMIT:-420}" python3 -m pytest -q -m gpu ${TESTS:-tests} ${PYTEST_ARGS:-} ;;  # every test marked gpu, in one process
   handoff) part handoff 120 python3 bench/handoff.py --out "$WORK/handoff.json" --engine-work-ms 10 --trainer-work-ms 20 ;;
   engine) part engine 240 python3 bench/engine.py --out "$WORK/engine.json" ;;
   trainer) part trainer 240 python3 bench/trainer.py --out "$WORK/trainer.json" ${TRAINER_ARGS:-} ;;
