@@ -222,6 +222,8 @@ def main() -> None:
     p.add_argument("--small-tails-too", action="store_true", help="MoE grouped paths: also measure them with the "
                    "fused first projection's small last tiles (lib/engine/moe.py FUSED_SMALL_TAILS), in the same "
                    "process")
+    p.add_argument("--triton-down-too", action="store_true", help="MoE grouped paths: also measure them with the "
+                   "down projection as lib/engine/moe_fused.grouped_down (lib/engine/moe.py TRITON_DOWN_PROJECTION)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
@@ -259,9 +261,11 @@ def main() -> None:
     runs += [(n, m, k, "unfused") for n, m, k in grouped if args.unfused_too]
     runs += [(n, m, k, "previous") for n, m, k in grouped if args.previous_too]
     runs += [(n, m, k, "small-tails") for n, m, k in grouped if args.small_tails_too]
+    runs += [(n, m, k, "triton-down") for n, m, k in grouped if args.triton_down_too]
     for name, moe_impl, kernel, variant in runs:
         moe.FUSE_FIRST_PROJECTION = variant != "unfused"
         moe.FUSED_SMALL_TAILS = variant == "small-tails"
+        moe.TRITON_DOWN_PROJECTION = variant == "triton-down"
         qk_norm_rope.FUSED_ATTENTION = variant != "previous"
         try:
             r = measure(name, args, shape, batches, device, moe_impl, kernel)

@@ -6,7 +6,8 @@ Each row times a part the old way and the way lib/engine/moe.py runs it now, in 
 the router (transformers' forward vs the kernel top-k), the expert sort (4-byte vs 1-byte keys), the
 attention's q/k norm + rope (Inductor vs lib/engine/qk_norm_rope.py), the SwiGLU (Inductor's fused
 kernel vs lib/engine/moe_kernels.py's), and the first projection (gather + torch._grouped_mm + SwiGLU
-kernel vs lib/engine/moe_fused.py at several tile shapes); then the whole MoE block compiled, and with
+kernel vs lib/engine/moe_fused.py at several tile shapes), the down projection (torch._grouped_mm vs
+lib/engine/moe_fused.grouped_down); then the whole MoE block compiled, and with
 --autotune also under Inductor's max_autotune_gemm. GPU times are CUDA-graph replays (no host launch
 time). Random bf16 weights and hidden states; routing of a random router is near uniform.
 """
@@ -151,6 +152,20 @@ def main() -> None:
                     f"3 kernels vs fused (max diff {err:.2g} of max)")
             except Exception as e:  # noqa: BLE001 - a tile shape that does not fit the GPU's shared memory
                 print(f"fused {label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+        # The down projection: torch._grouped_mm vs lib/engine/moe_fused.grouped_down with small last tiles.
+        from lib.engine.moe_fused import grouped_down
+
+        h_rows = torch.randn(flat.numel(), inter, device="cuda", dtype=x.dtype)
+        w_down = block.experts.down_proj
+        want_down = torch._grouped_mm(h_rows, w_down.transpose(1, 2), offs=ends).float()
+        t_old = cuda_ms(lambda: torch._grouped_mm(h_rows, w_down.transpose(1, 2), offs=ends))
+        for tails in (False, True):
+            err = ((grouped_down(h_rows, w_down, ends, small_tails=tails).float() - want_down).abs().max()
+                   / want_down.abs().max()).item()
+            row("down projection" + (" +tails" if tails else ""), t_old,
+                cuda_ms(lambda tails=tails: grouped_down(h_rows, w_down, ends, small_tails=tails)),
+                f"torch._grouped_mm vs Triton 128x128x64 (max diff {err:.2g} of max)")
 
         install_moe_impl(model.model.layers, "grouped")
         torch._dynamo.reset()

@@ -28,7 +28,7 @@ from torch import nn
 
 from lib.config import MoeImpl
 from lib.engine.forward_swap import ForwardSwap
-from lib.engine.moe_fused import fused_available, gathered_swiglu
+from lib.engine.moe_fused import fused_available, gathered_swiglu, grouped_down
 from lib.engine.moe_kernels import gather_rows, silu_mul_scaled, sum_gathered_rows
 from lib.engine.moe_router import install_fast_routers
 
@@ -39,6 +39,9 @@ FUSE_FIRST_PROJECTION = True
 # Experts' last tiles at a quarter or half of the rows when they fit (moe_fused.gathered_swiglu's small_tails):
 # off until measured in the capture (bench/engine.py --small-tails-too).
 FUSED_SMALL_TAILS = False
+# The down projection as lib/engine/moe_fused.grouped_down (small last tiles) instead of torch._grouped_mm:
+# off until measured in the capture (bench/engine.py --triton-down-too).
+TRITON_DOWN_PROJECTION = False
 
 
 class ExpertsLayout(enum.Enum):
@@ -137,7 +140,10 @@ def grouped_experts_forward(
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 h = (experts.act_fn(gate.float()) * up.float() * weight).to(x.dtype)  # rounded once
-        y = _grouped_matmul(h, experts.down_proj.transpose(1, 2), offs)
+        if TRITON_DOWN_PROJECTION and fused_available(h):
+            y = grouped_down(h, experts.down_proj, offs)
+        else:
+            y = _grouped_matmul(h, experts.down_proj.transpose(1, 2), offs)
     else:
         gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
         y = _grouped_matmul((experts._apply_gate(gate_up.float()) * weight).to(x.dtype), experts.down_proj, offs)

@@ -1,16 +1,21 @@
-"""The experts' first projection fused with its neighbours (CUDA with Triton): gather, gate/up GEMM, SwiGLU.
+"""The experts' GEMMs as Triton kernels over expert-grouped rows (CUDA): the first projection fused with
+its neighbours (gather, gate/up GEMM, SwiGLU), and the down projection.
 
 The grouped path otherwise runs three kernels per MoE layer before the down projection: the gather of
 each routed row's token state (8x the tokens, written out), torch._grouped_mm over the gathered rows
 (gate|up written out, 2x the intermediate width), and the SwiGLU x routing-weight kernel reading it
-back. Here one Triton kernel does all three: a program takes a tile of one expert's routed rows and a
-block of intermediate features, loads the rows' token states straight from the hidden states by index,
-accumulates gate and up for the same features in fp32, and writes silu(gate) * up * weight once, in
-the activation dtype.
+back. gathered_swiglu does all three in one kernel: a program takes a tile of one expert's routed rows
+and a block of intermediate features, loads the rows' token states straight from the hidden states by
+index, accumulates gate and up for the same features in fp32, and writes silu(gate) * up * weight once,
+in the activation dtype. grouped_down is the same program without the gather and the gate: the rows'
+SwiGLU outputs times the expert's down projection (an alternative to torch._grouped_mm, whose tiles
+cannot shrink for an expert's last, mostly empty rows; see small_tails).
 
 Tiles never span two experts. The tile -> expert map is built on the device from the group ends with
 a fixed number of tiles (an upper bound), so nothing about the routing reaches the host and a compiled
-layer keeps one graph; tiles past the bound's real count exit at once.
+layer keeps one graph; tiles past the bound's real count exit at once. With small_tails an expert's
+last tile runs at a quarter or half of the rows when its rows fit: the same weight blocks, fewer rows
+loaded and multiplied (with near-uniform routing about half the experts end a few rows past a full tile).
 """
 from __future__ import annotations
 
@@ -26,43 +31,55 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _swiglu_tile(hidden_ptr, w_ptr, token_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n, H, I,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    def _tile(x_ptr, w_ptr, row_index_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n, K, N,
+              GATHER: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+        """out[rows, n] for one tile: x rows (by index when GATHER) times w[e] ([N or 2N, K]: gate rows then up
+        rows when GATED, whose epilogue is silu(gate) * up * the rows' weights)."""
         rows = first_row + tl.arange(0, BLOCK_M)
         live = rows < group_end
-        token = tl.load(token_ptr + rows, mask=live, other=0).to(tl.int64)
+        if GATHER:
+            source = tl.load(row_index_ptr + rows, mask=live, other=0).to(tl.int64)
+        else:
+            source = rows.to(tl.int64)
         n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
-        a_ptrs = hidden_ptr + token[:, None] * H + k[None, :]
-        gate_ptrs = w_ptr + e.to(tl.int64) * 2 * I * H + n.to(tl.int64)[None, :] * H + k[:, None]
-        up_ptrs = gate_ptrs + I * H
-        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_ptrs = x_ptr + source[:, None] * K + k[None, :]
+        if GATED:
+            expert_stride = 2 * N * K
+        else:
+            expert_stride = N * K
+        b_ptrs = w_ptr + e.to(tl.int64) * expert_stride + n.to(tl.int64)[None, :] * K + k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             if EVEN:
                 a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-                gate = tl.load(gate_ptrs)
-                up = tl.load(up_ptrs)
+                b = tl.load(b_ptrs)
             else:
-                in_k = (k0 + k) < H
-                in_n = n < I
+                in_k = (k0 + k) < K
+                in_b = in_k[:, None] & (n < N)[None, :]
                 a = tl.load(a_ptrs, mask=live[:, None] & in_k[None, :], other=0.0)
-                gate = tl.load(gate_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-                up = tl.load(up_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-            acc_gate = tl.dot(a, gate, acc_gate)
-            acc_up = tl.dot(a, up, acc_up)
+                b = tl.load(b_ptrs, mask=in_b, other=0.0)
+            acc = tl.dot(a, b, acc)
+            if GATED:
+                if EVEN:
+                    up = tl.load(b_ptrs + N * K)
+                else:
+                    up = tl.load(b_ptrs + N * K, mask=in_b, other=0.0)
+                acc_up = tl.dot(a, up, acc_up)
             a_ptrs += BLOCK_K
-            gate_ptrs += BLOCK_K
-            up_ptrs += BLOCK_K
-        w = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up * w[:, None]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * I + n[None, :], h.to(out_ptr.dtype.element_ty),
-                 mask=live[:, None] & (n < I)[None, :])
+            b_ptrs += BLOCK_K
+        if GATED:
+            w = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up * w[:, None]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=live[:, None] & (n < N)[None, :])
 
     @triton.jit
-    def _gathered_swiglu_kernel(hidden_ptr, w_ptr, token_ptr, weight_ptr, ends_ptr, tile_ends_ptr, expert_of_tile_ptr,
-                                out_ptr, H, I, E, NUM_N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SMALL_TAILS: tl.constexpr):
+    def _grouped_kernel(x_ptr, w_ptr, row_index_ptr, weight_ptr, ends_ptr, tile_ends_ptr, expert_of_tile_ptr, out_ptr,
+                        K, N, E, NUM_N, GATHER: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SMALL_TAILS: tl.constexpr):
         pid = tl.program_id(0)
         tile_m = pid // NUM_N
         tile_n = pid % NUM_N
@@ -74,26 +91,44 @@ if triton is not None:
             tile_start = tl.where(e > 0, tl.load(tile_ends_ptr + before), 0)
             first_row = group_start + (tile_m - tile_start) * BLOCK_M
             if SMALL_TAILS:
-                # An expert's last tile is mostly empty about as often as not; it runs at a quarter or half of
-                # the rows when its rows fit (the same weight blocks, fewer rows loaded and multiplied).
                 rows_left = group_end - first_row
                 if rows_left <= BLOCK_M // 4:
-                    _swiglu_tile(hidden_ptr, w_ptr, token_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n,
-                                 H, I, BLOCK_M // 4, BLOCK_N, BLOCK_K, EVEN)
+                    _tile(x_ptr, w_ptr, row_index_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n, K, N,
+                          GATHER, GATED, BLOCK_M // 4, BLOCK_N, BLOCK_K, EVEN)
                 elif rows_left <= BLOCK_M // 2:
-                    _swiglu_tile(hidden_ptr, w_ptr, token_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n,
-                                 H, I, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN)
+                    _tile(x_ptr, w_ptr, row_index_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n, K, N,
+                          GATHER, GATED, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN)
                 else:
-                    _swiglu_tile(hidden_ptr, w_ptr, token_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n,
-                                 H, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN)
+                    _tile(x_ptr, w_ptr, row_index_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n, K, N,
+                          GATHER, GATED, BLOCK_M, BLOCK_N, BLOCK_K, EVEN)
             else:
-                _swiglu_tile(hidden_ptr, w_ptr, token_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n, H,
-                             I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN)
+                _tile(x_ptr, w_ptr, row_index_ptr, weight_ptr, out_ptr, first_row, group_end, e, tile_n, K, N,
+                      GATHER, GATED, BLOCK_M, BLOCK_N, BLOCK_K, EVEN)
 
 
 def fused_available(hidden: torch.Tensor) -> bool:
-    """The kernel runs on CUDA tensors of a 16-bit float type (tl.dot's inputs)."""
+    """The kernels run on CUDA tensors of a 16-bit float type (tl.dot's inputs)."""
     return triton is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, row_index, weight, ends: torch.Tensor, rows: int, n: int, k: int,
+            gated: bool, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+            small_tails: bool) -> torch.Tensor:
+    experts = int(w.shape[0])
+    out = x.new_empty(rows, n)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    tile_ends = torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0, dtype=torch.int32)
+    max_tiles = triton.cdiv(rows, block_m) + experts
+    expert_of_tile = torch.searchsorted(tile_ends, torch.arange(max_tiles, device=x.device, dtype=torch.int32),
+                                        right=True, out_int32=True)
+    num_n = triton.cdiv(n, block_n)
+    gather = row_index is not None
+    _grouped_kernel[(max_tiles * num_n,)](
+        x.contiguous(), w, row_index.contiguous() if gather else x, weight.contiguous() if gated else x, ends,
+        tile_ends, expert_of_tile, out, k, n, experts, num_n, GATHER=gather, GATED=gated, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=k % block_k == 0 and n % block_n == 0, SMALL_TAILS=small_tails,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 # The tile shape measured fastest on the H200 for the Qwen3-30B-A3B layer (bench/moe_parts.py, 2026-11-29):
@@ -105,18 +140,15 @@ def gathered_swiglu(hidden: torch.Tensor, gate_up: torch.Tensor, token: torch.Te
     grouped by expert), weight [R], ends [E] (int32 group ends) -> [R, I]: silu(x W_g) * (x W_u) * weight."""
     # Plain ints: the weights never change shape, and under torch.compile with dynamic shapes a symbolic
     # width passed to the kernel failed in dynamo (torch 2.11) when the weights were graph inputs.
-    experts, two_i, width = (int(d) for d in gate_up.shape)
-    inter, rows = two_i // 2, token.numel()
-    out = hidden.new_empty(rows, inter)
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    tile_ends = torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0, dtype=torch.int32)
-    max_tiles = triton.cdiv(rows, block_m) + experts
-    expert_of_tile = torch.searchsorted(tile_ends, torch.arange(max_tiles, device=hidden.device, dtype=torch.int32),
-                                        right=True, out_int32=True)
-    num_n = triton.cdiv(inter, block_n)
-    even = width % block_k == 0 and inter % block_n == 0
-    _gathered_swiglu_kernel[(max_tiles * num_n,)](
-        hidden.contiguous(), gate_up, token.contiguous(), weight.contiguous(), ends, tile_ends, expert_of_tile, out,
-        width, inter, experts, num_n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
-        SMALL_TAILS=small_tails, num_warps=num_warps, num_stages=num_stages)
-    return out
+    two_i, width = int(gate_up.shape[1]), int(gate_up.shape[2])
+    return _launch(hidden, gate_up, token, weight, ends, token.numel(), two_i // 2, width, True, block_m, block_n,
+                   block_k, num_warps, num_stages, small_tails)
+
+
+def grouped_down(h: torch.Tensor, down: torch.Tensor, ends: torch.Tensor, block_m: int = 128, block_n: int = 128,
+                 block_k: int = 64, num_warps: int = 8, num_stages: int = 4, small_tails: bool = True) -> torch.Tensor:
+    """h [R, I] (rows grouped by expert), down [E, H, I], ends [E] (int32 group ends) -> [R, H]: each row
+    times its expert's down projection (torch._grouped_mm(h, down.transpose(1, 2), offs=ends))."""
+    hidden, inter = int(down.shape[1]), int(down.shape[2])
+    return _launch(h, down, None, None, ends, h.shape[0], hidden, inter, False, block_m, block_n, block_k,
+                   num_warps, num_stages, small_tails)
