@@ -53,20 +53,22 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
+            # Every load of the step before the dots: loading up after the gate's dot let the compiler
+            # share their buffers (32 KB of shared memory instead of 48 for the 128x128x64 tile).
             if EVEN:
                 a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
                 b = tl.load(b_ptrs)
+                if GATED:
+                    up = tl.load(b_ptrs + N * K)
             else:
                 in_k = (k0 + k) < K
                 in_b = in_k[:, None] & (n < N)[None, :]
                 a = tl.load(a_ptrs, mask=live[:, None] & in_k[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=in_b, other=0.0)
+                if GATED:
+                    up = tl.load(b_ptrs + N * K, mask=in_b, other=0.0)
             acc = tl.dot(a, b, acc)
             if GATED:
-                if EVEN:
-                    up = tl.load(b_ptrs + N * K)
-                else:
-                    up = tl.load(b_ptrs + N * K, mask=in_b, other=0.0)
                 acc_up = tl.dot(a, up, acc_up)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
