@@ -16,6 +16,7 @@ reaches on the lent machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -108,14 +109,37 @@ def baseline_capture(backend: HFBackend, writer: AuxWriter, batch: PackedBatch, 
             out["final_hidden"][cu[i]:cu[i + 1]].copy_(hidden[0])
 
 
-def path_label(name: str, backend: HFBackend, kernel: str) -> str:
-    """path[/moe_impl][/cudnn]: the varlen kernel named when it is not the default flash."""
+def path_label(name: str, backend: HFBackend, kernel: str, variant: str = "") -> str:
+    """path[/moe_impl][/cudnn][/variant]: the varlen kernel named when it is not the default flash."""
     label = name if backend.moe_impl is None else f"{name}/{backend.moe_impl.value}"
-    return label + (f"/{kernel}" if PATHS[name][0] == "varlen" and kernel != "flash" else "")
+    label += f"/{kernel}" if PATHS[name][0] == "varlen" and kernel != "flash" else ""
+    return label + (f"/{variant}" if variant else "")
+
+
+# Same-process A/Bs of the grouped MoE path (--variants): each sets engine switches away from their defaults.
+VARIANTS = {
+    "unfused": {(moe, "FUSE_FIRST_PROJECTION"): False},  # gather + grouped GEMM + SwiGLU as three kernels
+    "previous": {(qk_norm_rope, "FUSED_ATTENTION"): False},  # transformers' attention forward (Inductor's q/k norm)
+    "small-tails": {(moe, "FUSED_SMALL_TAILS"): True},  # the fused first projection's small last tiles
+    "triton-down": {(moe, "TRITON_DOWN_PROJECTION"): True},  # the down projection as moe_fused.grouped_down
+}
+
+
+@contextlib.contextmanager
+def switched(settings: dict):
+    """The module switches set for the block, restored after it."""
+    before = {(module, name): getattr(module, name) for module, name in settings}
+    try:
+        for (module, name), value in settings.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in before.items():
+            setattr(module, name, value)
 
 
 def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: torch.device,
-            moe_impl: str = "auto", kernel: str = "flash") -> dict:
+            moe_impl: str = "auto", kernel: str = "flash", variant: str = "") -> dict:
     attn, compile_ = PATHS[name]
     target = TargetConfig(random_init=True, hf_config=shape, dtype=args.dtype)
     counters.clear()
@@ -153,13 +177,13 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
     seconds = time.perf_counter() - start
     if args.profile:  # after the timing, so the figures above are unprofiled
         os.makedirs(args.profile, exist_ok=True)
-        label = path_label(name, backend, kernel).replace("+", "_").replace("/", "_")
+        label = path_label(name, backend, kernel, variant).replace("+", "_").replace("/", "_")
         write_profile(os.path.join(args.profile, f"{label}.txt"), timed[:3], run, device.type == "cuda")
     tokens = sum(b.num_tokens for b in timed)
     flops = sum(flops_per_batch(shape, b) for b in timed)
     tflops = flops / seconds / 1e12
     result = {
-        "path": path_label(name, backend, kernel),
+        "path": path_label(name, backend, kernel, variant),
         "attn_impl": backend.attn_impl,
         "varlen_kernel": kernel if attn == "varlen" else None,
         "compile": compile_,
@@ -214,16 +238,8 @@ def main() -> None:
                    help="MoE shapes: comma-separated engine.moe_impl values to measure each path with (grouped, hf, eager)")
     p.add_argument("--varlen-kernel", default="flash",
                    help="comma-separated engine.varlen_kernel values (flash, cudnn) for the varlen paths")
-    p.add_argument("--unfused-too", action="store_true", help="MoE grouped paths: also measure them without the "
-                   "fused first projection (lib/engine/moe_fused.py), in the same process")
-    p.add_argument("--previous-too", action="store_true", help="MoE grouped paths: also measure them with "
-                   "transformers' attention forward (q/k norm + rope by Inductor, not lib/engine/qk_norm_rope.py), "
-                   "in the same process")
-    p.add_argument("--small-tails-too", action="store_true", help="MoE grouped paths: also measure them with the "
-                   "fused first projection's small last tiles (lib/engine/moe.py FUSED_SMALL_TAILS), in the same "
-                   "process")
-    p.add_argument("--triton-down-too", action="store_true", help="MoE grouped paths: also measure them with the "
-                   "down projection as lib/engine/moe_fused.grouped_down (lib/engine/moe.py TRITON_DOWN_PROJECTION)")
+    p.add_argument("--variants", default="", help="MoE grouped paths: also measure them as each of these "
+                   f"comma-separated variants, in the same process ({', '.join(VARIANTS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="a directory: after timing each path, profile 3 batches and write its top "
                                      "kernels' table there")
@@ -257,19 +273,15 @@ def main() -> None:
     moe_impls = [m.strip() for m in args.moe_impl.split(",") if m.strip()]
     kernels = [k.strip() for k in args.varlen_kernel.split(",") if k.strip()]
     runs = [(n, m, k, "") for n in names for m in moe_impls for k in (kernels if PATHS[n][0] == "varlen" else ["flash"])]
-    grouped = [(n, m, k) for n, m, k, _ in runs if m in ("grouped", "auto")]
-    runs += [(n, m, k, "unfused") for n, m, k in grouped if args.unfused_too]
-    runs += [(n, m, k, "previous") for n, m, k in grouped if args.previous_too]
-    runs += [(n, m, k, "small-tails") for n, m, k in grouped if args.small_tails_too]
-    runs += [(n, m, k, "triton-down") for n, m, k in grouped if args.triton_down_too]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants has unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    runs += [(n, m, k, v) for v in variants for n, m, k, _ in list(runs) if m in ("grouped", "auto")]
     for name, moe_impl, kernel, variant in runs:
-        moe.FUSE_FIRST_PROJECTION = variant != "unfused"
-        moe.FUSED_SMALL_TAILS = variant == "small-tails"
-        moe.TRITON_DOWN_PROJECTION = variant == "triton-down"
-        qk_norm_rope.FUSED_ATTENTION = variant != "previous"
         try:
-            r = measure(name, args, shape, batches, device, moe_impl, kernel)
-            r["path"] += f"/{variant}" if variant else ""
+            with switched(VARIANTS.get(variant, {})):
+                r = measure(name, args, shape, batches, device, moe_impl, kernel, variant)
         except Exception as e:  # noqa: BLE001 - one path failing (a kernel this build lacks) leaves the others' figures
             label = f"{name}/{moe_impl}/{kernel}" + (f"/{variant}" if variant else "")
             print(f"{label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)

@@ -224,7 +224,7 @@ def fast_attention_modules(layers: nn.ModuleList) -> list[nn.Module]:
             if _SWAP.swapped(m) or (type(m).__name__ in ATTENTION_CLASSES and _fits(m))]
 
 
-# bench/engine.py --previous-too turns the swap off to measure transformers' forward in the same process.
+# bench/engine.py --variants previous turns the swap off to measure transformers' forward in the same process.
 FUSED_ATTENTION = True
 
 
