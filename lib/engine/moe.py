@@ -34,13 +34,13 @@ from lib.engine.moe_router import install_fast_routers
 
 log = logging.getLogger("specdraft.engine")
 # The first projection (gather, gate/up GEMM, SwiGLU) as one kernel where it applies (lib/engine/moe_fused.py);
-# bench/engine.py --unfused-too measures the path without it in the same process.
+# bench/engine.py --variants unfused measures the path without it in the same process.
 FUSE_FIRST_PROJECTION = True
 # Experts' last tiles at a quarter or half of the rows when they fit (moe_fused.gathered_swiglu's small_tails):
-# off until measured in the capture (bench/engine.py --small-tails-too).
+# off until measured in the capture (bench/engine.py --variants small-tails).
 FUSED_SMALL_TAILS = False
 # The down projection as lib/engine/moe_fused.grouped_down (small last tiles) instead of torch._grouped_mm:
-# off until measured in the capture (bench/engine.py --triton-down-too).
+# off until measured in the capture (bench/engine.py --variants triton-down).
 TRITON_DOWN_PROJECTION = False
 
 
@@ -125,29 +125,29 @@ def grouped_experts_forward(
     offs = torch.searchsorted(sorted_expert, ends, out_int32=True)
     # Each row's routing weight scales the down projection's input (the projection is linear), in the
     # elementwise kernel that feeds it, so the combine below is a plain sum.
-    weight = top_k_weights.reshape(-1)[order].float()[:, None]
+    weight = top_k_weights.reshape(-1)[order].float()
     token = order // k  # each sorted row's token
     fused = info.layout is ExpertsLayout.concatenated and info.silu and FUSE_FIRST_PROJECTION and fused_available(hidden)
     x = None if fused else gather_rows(hidden, token)
     if info.layout is ExpertsLayout.concatenated:
         if fused:
-            h = gathered_swiglu(hidden, experts.gate_up_proj, token, weight[:, 0], offs,
-                                small_tails=FUSED_SMALL_TAILS)
+            h = gathered_swiglu(hidden, experts.gate_up_proj, token, weight, offs, small_tails=FUSED_SMALL_TAILS)
         else:
             gate_up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs)
             if info.silu:
-                h = silu_mul_scaled(gate_up, weight[:, 0])
+                h = silu_mul_scaled(gate_up, weight)
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
-                h = (experts.act_fn(gate.float()) * up.float() * weight).to(x.dtype)  # rounded once
+                h = (experts.act_fn(gate.float()) * up.float() * weight[:, None]).to(x.dtype)  # rounded once
         if TRITON_DOWN_PROJECTION and fused_available(h):
             y = grouped_down(h, experts.down_proj, offs)
         else:
             y = _grouped_matmul(h, experts.down_proj.transpose(1, 2), offs)
     else:
         gate_up = _grouped_matmul(x, experts.gate_up_proj, offs) + experts.gate_up_proj_bias[sorted_expert]
-        y = _grouped_matmul((experts._apply_gate(gate_up.float()) * weight).to(x.dtype), experts.down_proj, offs)
-        y = y + (experts.down_proj_bias[sorted_expert] * weight).to(y.dtype)
+        scale = weight[:, None]
+        y = _grouped_matmul((experts._apply_gate(gate_up.float()) * scale).to(x.dtype), experts.down_proj, offs)
+        y = y + (experts.down_proj_bias[sorted_expert] * scale).to(y.dtype)
     # Back to (token, slot) order by a gather (each sorted row i belongs at flat slot order[i]), then
     # each token's k rows summed in fp32 and rounded once. A reduction, not a scatter-add: no atomics,
     # so the sum's order, and the captured states, are the same on every run.
