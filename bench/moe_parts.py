@@ -133,11 +133,10 @@ def main() -> None:
         ends = torch.searchsorted(sorted_expert, torch.arange(1, experts_count + 1, device="cuda", dtype=flat.dtype),
                                   out_int32=True)
         w_gate_up = block.experts.gate_up_proj
-        routing = torch.rand(flat.numel(), device="cuda")
 
         def separate():
             gu = torch._grouped_mm(gather_rows(x, token), w_gate_up.transpose(1, 2), offs=ends)
-            return silu_mul_scaled(gu, routing)
+            return silu_mul_scaled(gu, weight)
 
         want = separate().float()
         t_old = cuda_ms(separate)
@@ -147,7 +146,7 @@ def main() -> None:
             label = f"{bm}x{bn}x{bk}/{nw}w{ns}s" + ("+tails" if tails else "")
             try:
                 def fused(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, tails=tails):
-                    return gathered_swiglu(x, w_gate_up, token, routing, ends, bm, bn, bk, nw, ns, tails)
+                    return gathered_swiglu(x, w_gate_up, token, weight, ends, bm, bn, bk, nw, ns, tails)
 
                 err = ((fused().float() - want).abs().max() / want.abs().max()).item()
                 row(f"gather+gate_up+SwiGLU {label}", t_old, cuda_ms(fused),
