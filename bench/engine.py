@@ -36,6 +36,7 @@ from lib.data.batch import PackedBatch  # noqa: E402
 from lib.config import EngineConfig, TargetConfig  # noqa: E402
 from lib.engine import moe, qk_norm_rope  # noqa: E402
 from lib.engine.hf import AuxWriter, HFBackend  # noqa: E402
+from lib.engine.moe_fused import Tile  # noqa: E402
 from bench.flops import _window_pairs, mlp_matmul_params  # noqa: E402
 from bench.trainer import write_profile  # noqa: E402
 
@@ -120,8 +121,12 @@ def path_label(name: str, backend: HFBackend, kernel: str, variant: str = "") ->
 VARIANTS = {
     "unfused": {(moe, "FUSE_FIRST_PROJECTION"): False},  # gather + grouped GEMM + SwiGLU as three kernels
     "previous": {(qk_norm_rope, "FUSED_ATTENTION"): False},  # transformers' attention forward (Inductor's q/k norm)
-    "small-tails": {(moe, "FUSED_SMALL_TAILS"): True},  # the fused first projection's small last tiles
-    "triton-down": {(moe, "TRITON_DOWN_PROJECTION"): True},  # the down projection as moe_fused.grouped_down
+    "full-tails": {(moe, "FUSED_SMALL_TAILS"): False},  # the fused first projection's last tiles at full size
+    "torch-down": {(moe, "TRITON_DOWN_PROJECTION"): False},  # the down projection as torch._grouped_mm
+    "four-stages": {(moe, "FIRST_PROJECTION_TILE"): Tile(128, 128, 64, 8, 4)},  # the first projection's old shape
+    # The MoE path of the eighth session: all three above at once.
+    "previous-moe": {(moe, "FUSED_SMALL_TAILS"): False, (moe, "TRITON_DOWN_PROJECTION"): False,
+                     (moe, "FIRST_PROJECTION_TILE"): Tile(128, 128, 64, 8, 4)},
 }
 
 

@@ -98,10 +98,10 @@ for p in "$@"; do case $p in
         | while read -r f; do cp "$f" "$WORK/inductor_$n/$(basename "$f" .py).txt"; done
     done ;;
   # The 30B-A3B capture with either varlen kernel, with and without the fused q/k norm + rope
-  # (FINAL_VARIANTS: bench/engine.py --variants, default previous), and the gpt-oss-20b capture (issue
-  # 17's figures).
+  # (FINAL_VARIANTS: bench/engine.py --variants, default previous; FINAL_KERNELS: default flash,cudnn), and
+  # the gpt-oss-20b capture (issue 17's figures).
   moe_final) part moe_final 300 python3 bench/engine.py --out "$WORK/moe_final.json" --shape qwen3-30b-a3b \
-      --paths varlen+compile --moe-impl grouped --varlen-kernel flash,cudnn --variants "${FINAL_VARIANTS:-previous}"
+      --paths varlen+compile --moe-impl grouped --varlen-kernel "${FINAL_KERNELS:-flash,cudnn}" --variants "${FINAL_VARIANTS:-previous}"
     part moe_final_gpt_oss 120 python3 bench/engine.py --out "$WORK/moe_final_gpt_oss.json" --shape gpt-oss-20b \
       --paths varlen+compile --moe-impl grouped ;;
   moe_e2e) part moe_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite moe_one_gpu --out-dir "$WORK/moe_e2e" \

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.engine import SHAPES  # noqa: E402
 from lib.engine.moe import install_moe_impl  # noqa: E402
+from lib.engine.moe_fused import DOWN_PROJECTION_TILE, FIRST_PROJECTION_TILE, Tile, gathered_swiglu, grouped_down  # noqa: E402,E501
 from lib.engine.moe_kernels import silu_mul_scaled, silu_mul_scaled_reference  # noqa: E402
 from lib.engine.moe_router import install_fast_routers  # noqa: E402
 
@@ -48,6 +49,11 @@ def cuda_ms(fn, iters: int = 30, warmup: int = 5) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def tile_label(tile: Tile, small_tails: bool) -> str:
+    return (f"{tile.block_m}x{tile.block_n}x{tile.block_k}/{tile.num_warps}w{tile.num_stages}s"
+            + ("+tails" if small_tails else ""))
 
 
 def one_layer_model(shape: dict):
@@ -123,7 +129,6 @@ def main() -> None:
 
         # The first projection: gather + torch._grouped_mm + SwiGLU kernel (the grouped path) against one
         # fused Triton kernel (lib/engine/moe_fused.py) at several tile shapes.
-        from lib.engine.moe_fused import gathered_swiglu
         from lib.engine.moe_kernels import gather_rows
 
         k = experts.shape[-1]
@@ -141,12 +146,13 @@ def main() -> None:
         want = separate().float()
         t_old = cuda_ms(separate)
         # "+tails": an expert's last tile at a quarter or half of the rows when they fit (small_tails).
-        for bm, bn, bk, nw, ns, tails in ((128, 128, 64, 8, 4, False), (128, 128, 64, 8, 4, True),
-                                          (128, 128, 64, 8, 3, True), (64, 128, 64, 4, 4, True)):
-            label = f"{bm}x{bn}x{bk}/{nw}w{ns}s" + ("+tails" if tails else "")
+        for tile, tails in ((Tile(128, 128, 64, 8, 4), False), (Tile(128, 128, 64, 8, 3), False),
+                            (FIRST_PROJECTION_TILE, True), (Tile(128, 128, 64, 8, 2), True),
+                            (Tile(128, 128, 32, 8, 4), True)):
+            label = tile_label(tile, tails)
             try:
-                def fused(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, tails=tails):
-                    return gathered_swiglu(x, w_gate_up, token, weight, ends, bm, bn, bk, nw, ns, tails)
+                def fused(tile=tile, tails=tails):
+                    return gathered_swiglu(x, w_gate_up, token, weight, ends, tile, tails)
 
                 err = ((fused().float() - want).abs().max() / want.abs().max()).item()
                 row(f"gather+gate_up+SwiGLU {label}", t_old, cuda_ms(fused),
@@ -155,20 +161,19 @@ def main() -> None:
                 print(f"fused {label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
         # The down projection: torch._grouped_mm vs lib/engine/moe_fused.grouped_down with small last tiles.
-        from lib.engine.moe_fused import grouped_down
 
         h_rows = torch.randn(flat.numel(), inter, device="cuda", dtype=x.dtype)
         w_down = block.experts.down_proj
         want_down = torch._grouped_mm(h_rows, w_down.transpose(1, 2), offs=ends).float()
         t_old = cuda_ms(lambda: torch._grouped_mm(h_rows, w_down.transpose(1, 2), offs=ends))
-        # Offline sm_90 compiles: 128x128x64 at 4 stages holds 128 KB of shared memory (one program per SM).
-        for bm, bn, bk, nw, ns, tails in ((128, 128, 64, 8, 4, False), (128, 128, 64, 8, 4, True),
-                                          (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True),
-                                          (64, 256, 64, 4, 4, True)):
-            label = f"{bm}x{bn}x{bk}/{nw}w{ns}s" + ("+tails" if tails else "")
+        # Offline sm_90 compiles (tools/triton_sm90_check.py): 128x256x64 at 3 stages holds 144 KB of shared memory.
+        for tile, tails in ((DOWN_PROJECTION_TILE, False), (DOWN_PROJECTION_TILE, True),
+                            (Tile(128, 256, 64, 8, 4), True), (Tile(256, 128, 64, 8, 3), True),
+                            (Tile(128, 256, 32, 8, 4), True)):
+            label = tile_label(tile, tails)
             try:
-                def down(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, tails=tails):
-                    return grouped_down(h_rows, w_down, ends, bm, bn, bk, nw, ns, tails)
+                def down(tile=tile, tails=tails):
+                    return grouped_down(h_rows, w_down, ends, tile, tails)
 
                 err = ((down().float() - want_down).abs().max() / want_down.abs().max()).item()
                 row(f"down projection {label}", t_old, cuda_ms(down),

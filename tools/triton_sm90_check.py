@@ -68,10 +68,11 @@ def main() -> None:
             signature = dict(grouped, **{c: "constexpr" for c in constexprs})
             if not gated:  # grouped_down passes the activations in the unused index and weight slots
                 signature.update(row_index_ptr="*bf16", weight_ptr="*bf16")
-            constants = {"GATHER": gated, "GATED": gated, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "EVEN": True,
-                         "SMALL_TAILS": tails}
+            tile = moe_fused.FIRST_PROJECTION_TILE if gated else moe_fused.DOWN_PROJECTION_TILE
+            constants = {"GATHER": gated, "GATED": gated, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
+                         "BLOCK_K": tile.block_k, "EVEN": True, "SMALL_TAILS": tails}
             compile_and_report("gathered_swiglu" if gated else "grouped_down", moe_fused._grouped_kernel, signature,
-                               constants, list(range(11)), num_warps=8, num_stages=4)
+                               constants, list(range(11)), num_warps=tile.num_warps, num_stages=tile.num_stages)
     qk = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cos_ptr": "*bf16",
           "sin_ptr": "*bf16", "q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "tokens": "i32", "q_stride": "i32",
           "k_stride": "i32", "cos_stride": "i32", "sin_stride": "i32", "q_blocks": "i32"}

@@ -28,7 +28,8 @@ from torch import nn
 
 from lib.config import MoeImpl
 from lib.engine.forward_swap import ForwardSwap
-from lib.engine.moe_fused import fused_available, gathered_swiglu, grouped_down
+from lib.engine.moe_fused import (DOWN_PROJECTION_TILE, FIRST_PROJECTION_TILE, fused_available, gathered_swiglu,
+                                  grouped_down, tile_map)
 from lib.engine.moe_kernels import gather_rows, silu_mul_scaled, sum_gathered_rows
 from lib.engine.moe_router import install_fast_routers
 
@@ -36,12 +37,13 @@ log = logging.getLogger("specdraft.engine")
 # The first projection (gather, gate/up GEMM, SwiGLU) as one kernel where it applies (lib/engine/moe_fused.py);
 # bench/engine.py --variants unfused measures the path without it in the same process.
 FUSE_FIRST_PROJECTION = True
-# Experts' last tiles at a quarter or half of the rows when they fit (moe_fused.gathered_swiglu's small_tails):
-# off until measured in the capture (bench/engine.py --variants small-tails).
-FUSED_SMALL_TAILS = False
-# The down projection as lib/engine/moe_fused.grouped_down (small last tiles) instead of torch._grouped_mm:
-# off until measured in the capture (bench/engine.py --variants triton-down).
-TRITON_DOWN_PROJECTION = False
+# Experts' last tiles at a quarter or half of the rows when they fit (moe_fused's small_tails); --variants full-tails.
+FUSED_SMALL_TAILS = True
+# The down projection as moe_fused.grouped_down (small last tiles) instead of torch._grouped_mm, where the
+# first projection is fused; --variants torch-down.
+TRITON_DOWN_PROJECTION = True
+# The fused kernels' launch shapes are FIRST_PROJECTION_TILE and DOWN_PROJECTION_TILE (moe_fused.Tile, imported
+# above, read at call time); --variants four-stages sets the first projection's previous shape.
 
 
 class ExpertsLayout(enum.Enum):
@@ -131,7 +133,10 @@ def grouped_experts_forward(
     x = None if fused else gather_rows(hidden, token)
     if info.layout is ExpertsLayout.concatenated:
         if fused:
-            h = gathered_swiglu(hidden, experts.gate_up_proj, token, weight, offs, small_tails=FUSED_SMALL_TAILS)
+            # One tile -> expert map for both kernels (their row tiles match in the default shapes).
+            tiles = tile_map(offs, token.numel(), FIRST_PROJECTION_TILE.block_m)
+            h = gathered_swiglu(hidden, experts.gate_up_proj, token, weight, offs, FIRST_PROJECTION_TILE,
+                                FUSED_SMALL_TAILS, tiles)
         else:
             gate_up = _grouped_matmul(x, experts.gate_up_proj.transpose(1, 2), offs)
             if info.silu:
@@ -139,8 +144,8 @@ def grouped_experts_forward(
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 h = (experts.act_fn(gate.float()) * up.float() * weight[:, None]).to(x.dtype)  # rounded once
-        if TRITON_DOWN_PROJECTION and fused_available(h):
-            y = grouped_down(h, experts.down_proj, offs)
+        if fused and TRITON_DOWN_PROJECTION:
+            y = grouped_down(h, experts.down_proj, offs, DOWN_PROJECTION_TILE, True, tiles)
         else:
             y = _grouped_matmul(h, experts.down_proj.transpose(1, 2), offs)
     else:

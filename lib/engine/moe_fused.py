@@ -19,6 +19,8 @@ loaded and multiplied (with near-uniform routing about half the experts end a fe
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 try:
@@ -108,49 +110,79 @@ if triton is not None:
                       GATHER, GATED, BLOCK_M, BLOCK_N, BLOCK_K, EVEN)
 
 
+class Tile(NamedTuple):
+    """A launch shape: rows x features x reduction step per program, warps, pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+class TileMap(NamedTuple):
+    """Which expert each row tile belongs to, built on the device from the group ends (see the module doc);
+    one map serves every launch over the same grouping with the same block_m."""
+
+    block_m: int
+    tile_ends: torch.Tensor  # [E] int32: cumulative tiles per expert
+    expert_of_tile: torch.Tensor  # [max tiles] int32: E for tiles past the real count
+
+
 def fused_available(hidden: torch.Tensor) -> bool:
     """The kernels run on CUDA tensors of a 16-bit float type (tl.dot's inputs)."""
     return triton is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, row_index, weight, ends: torch.Tensor, rows: int, n: int, k: int,
-            gated: bool, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-            small_tails: bool) -> torch.Tensor:
-    experts = int(w.shape[0])
-    out = x.new_empty(rows, n)
+def tile_map(ends: torch.Tensor, rows: int, block_m: int) -> TileMap:
+    """The tile -> expert map for `rows` rows grouped by expert (ends [E], int32 group ends)."""
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     tile_ends = torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0, dtype=torch.int32)
-    max_tiles = triton.cdiv(rows, block_m) + experts
-    expert_of_tile = torch.searchsorted(tile_ends, torch.arange(max_tiles, device=x.device, dtype=torch.int32),
+    max_tiles = -(-rows // block_m) + int(ends.shape[0])  # each expert wastes at most one partial tile
+    expert_of_tile = torch.searchsorted(tile_ends, torch.arange(max_tiles, device=ends.device, dtype=torch.int32),
                                         right=True, out_int32=True)
-    num_n = triton.cdiv(n, block_n)
+    return TileMap(block_m, tile_ends, expert_of_tile)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, row_index, weight, ends: torch.Tensor, rows: int, n: int, k: int,
+            gated: bool, tile: Tile, small_tails: bool, tiles: Optional[TileMap]) -> torch.Tensor:
+    if tiles is None or tiles.block_m != tile.block_m:
+        tiles = tile_map(ends, rows, tile.block_m)
+    out = x.new_empty(rows, n)
+    num_n = triton.cdiv(n, tile.block_n)
     gather = row_index is not None
-    _grouped_kernel[(max_tiles * num_n,)](
+    _grouped_kernel[(tiles.expert_of_tile.shape[0] * num_n,)](
         x.contiguous(), w, row_index.contiguous() if gather else x, weight.contiguous() if gated else x, ends,
-        tile_ends, expert_of_tile, out, k, n, experts, num_n, GATHER=gather, GATED=gated, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=k % block_k == 0 and n % block_n == 0, SMALL_TAILS=small_tails,
-        num_warps=num_warps, num_stages=num_stages)
+        tiles.tile_ends, tiles.expert_of_tile, out, k, n, int(w.shape[0]), num_n, GATHER=gather, GATED=gated,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        EVEN=k % tile.block_k == 0 and n % tile.block_n == 0, SMALL_TAILS=small_tails,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
 
 
-# The tile shape measured fastest on the H200 for the Qwen3-30B-A3B layer (bench/moe_parts.py, 2026-11-29):
-# 0.817 ms against 0.857 for gather + torch._grouped_mm + the SwiGLU kernel; smaller tiles were slower.
+# The tile shapes measured fastest on the H200 for the Qwen3-30B-A3B layer (bench/moe_parts.py, 2026-11-29,
+# ninth session): first projection 0.817 ms at 128x128x64/8 warps/3 stages with small tails, against 0.850
+# at 4 stages and 0.887 for gather + torch._grouped_mm + the SwiGLU kernel; down projection 0.429 ms at
+# 128x256x64/8/3 with small tails against 0.464 for torch._grouped_mm.
+FIRST_PROJECTION_TILE = Tile(128, 128, 64, 8, 3)
+DOWN_PROJECTION_TILE = Tile(128, 256, 64, 8, 3)
+
+
 def gathered_swiglu(hidden: torch.Tensor, gate_up: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
-                    ends: torch.Tensor, block_m: int = 128, block_n: int = 128, block_k: int = 64,
-                    num_warps: int = 8, num_stages: int = 4, small_tails: bool = False) -> torch.Tensor:
+                    ends: torch.Tensor, tile: Tile = FIRST_PROJECTION_TILE, small_tails: bool = True,
+                    tiles: Optional[TileMap] = None) -> torch.Tensor:
     """hidden [T, H], gate_up [E, 2I, H] (gate rows, then up rows), token [R] (each routed row's token, rows
     grouped by expert), weight [R], ends [E] (int32 group ends) -> [R, I]: silu(x W_g) * (x W_u) * weight."""
     # Plain ints: the weights never change shape, and under torch.compile with dynamic shapes a symbolic
     # width passed to the kernel failed in dynamo (torch 2.11) when the weights were graph inputs.
     two_i, width = int(gate_up.shape[1]), int(gate_up.shape[2])
-    return _launch(hidden, gate_up, token, weight, ends, token.numel(), two_i // 2, width, True, block_m, block_n,
-                   block_k, num_warps, num_stages, small_tails)
+    return _launch(hidden, gate_up, token, weight, ends, token.numel(), two_i // 2, width, True, tile, small_tails,
+                   tiles)
 
 
-def grouped_down(h: torch.Tensor, down: torch.Tensor, ends: torch.Tensor, block_m: int = 128, block_n: int = 128,
-                 block_k: int = 64, num_warps: int = 8, num_stages: int = 4, small_tails: bool = True) -> torch.Tensor:
+def grouped_down(h: torch.Tensor, down: torch.Tensor, ends: torch.Tensor, tile: Tile = DOWN_PROJECTION_TILE,
+                 small_tails: bool = True, tiles: Optional[TileMap] = None) -> torch.Tensor:
     """h [R, I] (rows grouped by expert), down [E, H, I], ends [E] (int32 group ends) -> [R, H]: each row
     times its expert's down projection (torch._grouped_mm(h, down.transpose(1, 2), offs=ends))."""
     hidden, inter = int(down.shape[1]), int(down.shape[2])
-    return _launch(h, down, None, None, ends, h.shape[0], hidden, inter, False, block_m, block_n, block_k,
-                   num_warps, num_stages, small_tails)
+    return _launch(h, down, None, None, ends, h.shape[0], hidden, inter, False, tile, small_tails, tiles)
