@@ -180,15 +180,7 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
         run(b)
     sync()
     seconds = time.perf_counter() - start
-    # The host's time to enqueue one batch, from an idle GPU: near ms/batch means the capture is bound by
-    # the host's launches (Python, guards, kernel launches), not by the GPU.
-    host = []
-    for b in timed[:3]:
-        sync()
-        t0 = time.perf_counter()
-        run(b)
-        host.append(time.perf_counter() - t0)
-    sync()
+    host_ms, gpu_ms = host_and_gpu_ms(run, timed[:3]) if device.type == "cuda" else (float("nan"), float("nan"))
     if args.profile:  # after the timing, so the figures above are unprofiled
         os.makedirs(args.profile, exist_ok=True)
         label = path_label(name, backend, kernel, variant).replace("+", "_").replace("/", "_")
@@ -203,7 +195,8 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
         "compile": compile_,
         "tokens_per_s": tokens / seconds,
         "ms_per_batch": 1e3 * seconds / len(timed),
-        "host_ms_per_batch": 1e3 * sorted(host)[len(host) // 2],
+        "host_ms_per_batch": host_ms,
+        "gpu_ms_per_batch": gpu_ms,
         "tflops": tflops,
         "mfu_peak": tflops / PEAK_TFLOPS,
         "mfu_measured": tflops / MEASURED_TFLOPS,
@@ -217,6 +210,33 @@ def measure(name: str, args, shape: dict, batches: list[PackedBatch], device: to
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def host_and_gpu_ms(run, batches: list[PackedBatch]) -> tuple[float, float]:
+    """Median over `batches` of the host's time to enqueue one batch from an idle GPU, and of the batch's GPU
+    time when the host is already far ahead (the batch queued behind a GPU sleep longer than the host
+    needs): ms/batch above the GPU time is the GPU waiting for the host's launches."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    cycles_per_ms = 10_000_000 / start.elapsed_time(end)
+    host, gpu = [], []
+    for b in batches:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(b)
+        host.append(1e3 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(cycles_per_ms * max(300.0, 3 * host[-1])))
+        start.record()
+        run(b)
+        end.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return sorted(host)[len(host) // 2], sorted(gpu)[len(gpu) // 2]
 
 
 def apply_inductor_settings(spec: str) -> dict:
@@ -284,7 +304,7 @@ def main() -> None:
     }
     print(f"{args.shape} on {info['device']}, {args.tokens} tokens/batch, {args.steps} timed batches", flush=True)
     print(f"{'path':<16}{'tokens/s':>12}{'ms/batch':>10}{'TFLOP/s':>9}{'MFU989':>8}{'MFU790':>8}{'peak GiB':>10}"
-          f"{'load s':>8}{'graphs':>7}{'host ms':>8}", flush=True)
+          f"{'load s':>8}{'graphs':>7}{'host ms':>8}{'GPU ms':>8}", flush=True)
     moe_impls = [m.strip() for m in args.moe_impl.split(",") if m.strip()]
     kernels = [k.strip() for k in args.varlen_kernel.split(",") if k.strip()]
     runs = [(n, m, k, "") for n in names for m in moe_impls for k in (kernels if PATHS[n][0] == "varlen" else ["flash"])]
@@ -306,7 +326,7 @@ def main() -> None:
         info["results"].append(r)
         print(f"{r['path']:<16}{r['tokens_per_s']:>12,.0f}{r['ms_per_batch']:>10.1f}{r['tflops']:>9.1f}"
               f"{r['mfu_peak']:>8.1%}{r['mfu_measured']:>8.1%}{r['peak_alloc_gib']:>10.1f}{r['load_s']:>8.1f}{r['compiled_graphs']:>7}"
-              f"{r['host_ms_per_batch']:>8.1f}",
+              f"{r['host_ms_per_batch']:>8.1f}{r['gpu_ms_per_batch']:>8.1f}",
               flush=True)
     if args.out:
         with open(args.out, "w") as f:
