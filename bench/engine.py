@@ -125,8 +125,10 @@ VARIANTS = {
     "full-tails": {(moe, "FUSED_SMALL_TAILS"): False},  # the fused first projection's last tiles at full size
     "triton-down": {(moe, "TRITON_DOWN_PROJECTION"): True},  # the down projection as moe_fused.grouped_down
     "four-stages": {(moe, "FIRST_PROJECTION_TILE"): Tile(128, 128, 64, 8, 4)},  # the first projection's old shape
-    # The MoE path of the eighth session: full tails and four stages.
-    "previous-moe": {(moe, "FUSED_SMALL_TAILS"): False, (moe, "FIRST_PROJECTION_TILE"): Tile(128, 128, 64, 8, 4)},
+    "separate-residual": {(moe, "FUSED_MOE_RESIDUAL"): False},  # the layer's residual add as its own kernel
+    # The MoE path of the eighth session: full tails, four stages, a separate residual add.
+    "previous-moe": {(moe, "FUSED_SMALL_TAILS"): False, (moe, "FIRST_PROJECTION_TILE"): Tile(128, 128, 64, 8, 4),
+                     (moe, "FUSED_MOE_RESIDUAL"): False},
 }
 
 

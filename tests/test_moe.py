@@ -180,7 +180,7 @@ def test_compiled_decoder_layers_share_one_graph_per_layer_kind(name):
     torch._dynamo.reset()
     model = build(name).to(torch.bfloat16)
     layers = model.model.layers
-    install_moe_impl(layers, "grouped")
+    install_moe_impl(layers, "grouped", fuse_residual=True)  # as HFBackend installs it without engine TP
     counter = CompileCounter()
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True, backend=counter)
@@ -189,6 +189,23 @@ def test_compiled_decoder_layers_share_one_graph_per_layer_kind(name):
         model.model(input_ids=ids, use_cache=False)
     kinds = {getattr(layer, "attention_type", None) for layer in layers}
     assert counter.frame_count == len(kinds) < len(layers), (counter.frame_count, kinds)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_residual_fused_layers_equal_transformers_layers(name):
+    """fuse_residual: Qwen3-MoE decoder layers get the engine forward whose combine adds the residual; the
+    model's output equals transformers' (fp32). gpt-oss layers (not a known layer forward) keep theirs."""
+    from lib.engine.moe import install_moe_impl
+
+    model = build(name)
+    ids = torch.randint(0, model.config.vocab_size, (1, 29), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        install_moe_impl(model.model.layers, "grouped", fuse_residual=True)
+        got = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    swapped = [type(layer).__name__.startswith("ResidualFused") for layer in model.model.layers]
+    assert swapped == [name == "tiny_moe"] * len(swapped)
+    assert_close(got, want)
 
 
 def test_dense_targets_are_left_alone():
@@ -283,6 +300,9 @@ def test_cuda_combine_kernel_sums_like_the_torch_formula(tokens, k, width, dtype
     for got in (ours, compiled, reference):
         assert ((got.float() - fp32_sum).abs() <= ulp).all()
     torch.testing.assert_close(ours, compiled, rtol=0, atol=0)
+    # With the layer's residual: bit for bit the rounded sum plus the residual as a separate add.
+    residual = torch.randn(tokens, width, device=gpu, generator=g).to(dtype)
+    assert torch.equal(sum_gathered_rows(src, index, k, residual), residual + ours)
     # The dispatch gather is the same kernel with one row per output: an exact copy.
     assert torch.equal(gather_rows(src, index), src[index])
 

@@ -226,7 +226,7 @@ class HFBackend:
         if tp is not None:
             tp.shard(model.layers, config)
             model.to(device)
-        self.moe_impl = install_moe_impl(model.layers, engine.moe_impl)
+        self.moe_impl = install_moe_impl(model.layers, engine.moe_impl, fuse_residual=tp is None)
         if self.moe_impl is not None:
             log.info("engine: MoE target, experts run with engine.moe_impl=%s", self.moe_impl.value)
         fused_qk = install_fast_attention(model.layers)

@@ -31,7 +31,7 @@ from lib.engine.forward_swap import ForwardSwap
 from lib.engine.moe_fused import (DOWN_PROJECTION_TILE, FIRST_PROJECTION_TILE, fused_available, gathered_swiglu,
                                   grouped_down, tile_map)
 from lib.engine.moe_kernels import gather_rows, silu_mul_scaled, sum_gathered_rows
-from lib.engine.moe_router import install_fast_routers
+from lib.engine.moe_router import install_fast_routers, router_swapped
 
 log = logging.getLogger("specdraft.engine")
 # The first projection (gather, gate/up GEMM, SwiGLU) as one kernel where it applies (lib/engine/moe_fused.py);
@@ -44,6 +44,9 @@ FUSED_SMALL_TAILS = True
 # first projection is fused: off, the capture measured 70,197 tokens/s with torch's against 69,924 with it
 # (H200, 2026-11-29); --variants triton-down.
 TRITON_DOWN_PROJECTION = False
+# The decoder layer's residual add after the MoE block done by the combine kernel (Qwen3-MoE layers without
+# engine TP; one pass over the hidden states fewer per layer); --variants separate-residual.
+FUSED_MOE_RESIDUAL = True
 # The fused kernels' launch shapes are FIRST_PROJECTION_TILE and DOWN_PROJECTION_TILE (moe_fused.Tile, imported
 # above, read at call time); --variants four-stages sets the first projection's previous shape.
 
@@ -115,9 +118,10 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
 
 def grouped_experts_forward(
     experts: nn.Module, info: ExpertsInfo, hidden: torch.Tensor, top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
+    top_k_weights: torch.Tensor, residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """[T, H] hidden states, [T, k] routed experts and weights -> [T, H], as the experts module computes."""
+    """[T, H] hidden states, [T, k] routed experts and weights -> [T, H], as the experts module computes
+    (plus residual [T, H], added to the rounded output as a separate add would, when given)."""
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     # Stable, so each expert's rows stay in token order and the grouping is the same on every run.
@@ -160,7 +164,7 @@ def grouped_experts_forward(
     # so the sum's order, and the captured states, are the same on every run.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return sum_gathered_rows(y, inverse, k)
+    return sum_gathered_rows(y, inverse, k, residual)
 
 
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
@@ -180,8 +184,43 @@ def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
     experts.grouped_info = _INFOS.setdefault(info, info)
 
 
-def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str) -> Optional[MoeImpl]:
-    """Run the target's experts with `impl` (auto = grouped). Returns what runs, or None for a dense target."""
+# Decoder layers whose MoE block is router + experts and whose forward is pre-norm attention and MLP with
+# residual adds (transformers' Qwen3-MoE): the engine's layer forward below computes the same.
+_RESIDUAL_FUSABLE = {"Qwen3MoeDecoderLayer": "Qwen3MoeSparseMoeBlock"}
+
+
+def _residual_fused_layer_forward(cls):
+    def forward(self, hidden_states, **kwargs):
+        residual = hidden_states
+        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        h = residual + h
+        block = self.mlp
+        x = self.post_attention_layernorm(h)
+        flat = x.view(-1, x.shape[-1])
+        _, weights, chosen = block.gate(flat)
+        out = grouped_experts_forward(block.experts, block.experts.grouped_info, flat, chosen, weights,
+                                      h.view(-1, h.shape[-1]))
+        return out.view(h.shape)
+    return forward
+
+
+_LAYER_SWAP = ForwardSwap("ResidualFused", _residual_fused_layer_forward)
+
+
+def _fuse_moe_residuals(layers: nn.ModuleList) -> int:
+    """Give the known MoE decoder layers the residual-fused forward; returns how many."""
+    found = [layer for layer in layers
+             if _RESIDUAL_FUSABLE.get(type(layer).__name__) == type(getattr(layer, "mlp", None)).__name__
+             and _SWAP.swapped(layer.mlp.experts) and router_swapped(layer.mlp.gate)]
+    _LAYER_SWAP.apply(found)
+    return len(found)
+
+
+def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str, fuse_residual: bool = False) -> Optional[MoeImpl]:
+    """Run the target's experts with `impl` (auto = grouped). Returns what runs, or None for a dense target.
+
+    fuse_residual: the grouped path's combine kernel also adds the layer's residual (known layer classes;
+    only where the MLP's output is the layer's own, i.e. not under engine TP, whose all-reduce sums it)."""
     try:
         impl = MoeImpl(impl)
     except ValueError:
@@ -205,6 +244,8 @@ def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str) -> Optional[Moe
     for m in modules:
         _use_grouped_forward(m, experts_info(m))
     install_fast_routers(layers)
+    if fuse_residual and FUSED_MOE_RESIDUAL:
+        _fuse_moe_residuals(layers)
     return MoeImpl.grouped
 
 

@@ -22,6 +22,8 @@ layer). That saves host time only: the compiled 30B-A3B capture is GPU-bound (do
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 try:
@@ -34,16 +36,19 @@ _BLOCK_TOKENS = 16
 _BLOCK_COLUMNS = 256
 
 
-def sum_gathered_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    """out[t] = sum over j < k of src[index[t*k + j]], in fp32, rounded to src's dtype."""
-    return src[index].view(index.numel() // k, k, src.shape[1]).float().sum(1).to(src.dtype)
+def sum_gathered_rows_reference(src: torch.Tensor, index: torch.Tensor, k: int,
+                                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[t] = sum over j < k of src[index[t*k + j]], in fp32, rounded to src's dtype; then + residual[t]
+    when given (a separate add of two rounded tensors, as a decoder layer's residual add is)."""
+    out = src[index].view(index.numel() // k, k, src.shape[1]).float().sum(1).to(src.dtype)
+    return out if residual is None else residual + out
 
 
 if triton is not None:
 
     @triton.jit
-    def _sum_gathered_rows_kernel(src_ptr, index_ptr, out_ptr, tokens, width, K: tl.constexpr,
-                                  BLOCK_TOKENS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    def _sum_gathered_rows_kernel(src_ptr, index_ptr, residual_ptr, out_ptr, tokens, width, K: tl.constexpr,
+                                  RESIDUAL: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
         token = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
         column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
         live_token = token < tokens
@@ -53,14 +58,20 @@ if triton is not None:
             row = tl.load(index_ptr + token * K + j, mask=live_token, other=0).to(tl.int64)
             acc += tl.load(src_ptr + row[:, None] * width + column[None, :], mask=live, other=0.0).to(tl.float32)
         target = token.to(tl.int64)[:, None] * width + column[None, :]
-        tl.store(out_ptr + target, acc.to(out_ptr.dtype.element_ty), mask=live)
+        out = acc.to(out_ptr.dtype.element_ty)
+        if RESIDUAL:  # rounded sum + residual, rounded again: what the unfused add computes, bit for bit
+            out = (tl.load(residual_ptr + target, mask=live, other=0.0).to(tl.float32) + out.to(tl.float32))
+            out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + target, out, mask=live)
 
-    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    def _launch_sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int,
+                                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         src, index = src.contiguous(), index.contiguous()
         tokens, width = index.numel() // k, src.shape[1]
         out = src.new_empty(tokens, width)
         grid = (triton.cdiv(tokens, _BLOCK_TOKENS), triton.cdiv(width, _BLOCK_COLUMNS))
-        _sum_gathered_rows_kernel[grid](src, index, out, tokens, width, K=k, BLOCK_TOKENS=_BLOCK_TOKENS,
+        _sum_gathered_rows_kernel[grid](src, index, src if residual is None else residual.contiguous(), out, tokens,
+                                        width, K=k, RESIDUAL=residual is not None, BLOCK_TOKENS=_BLOCK_TOKENS,
                                         BLOCK_COLUMNS=_BLOCK_COLUMNS)
         return out
 
@@ -173,11 +184,13 @@ def kernel_available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
-def sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    """[R, W] rows, [T*k] row indices -> [T, W]: each token's k rows summed in fp32, rounded once."""
+def sum_gathered_rows(src: torch.Tensor, index: torch.Tensor, k: int,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[R, W] rows, [T*k] row indices -> [T, W]: each token's k rows summed in fp32, rounded once; plus
+    residual [T, W] when given (in the same kernel: the decoder layer's residual add without its own pass)."""
     if kernel_available(src):
-        return _launch_sum_gathered_rows(src, index, k)
-    return sum_gathered_rows_reference(src, index, k)
+        return _launch_sum_gathered_rows(src, index, k, residual)
+    return sum_gathered_rows_reference(src, index, k, residual)
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

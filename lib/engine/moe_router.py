@@ -50,6 +50,11 @@ def routers(layers: nn.ModuleList) -> list[nn.Module]:
     return [m for layer in layers for m in layer.modules() if type(m).__name__ in ROUTER_FORWARDS or _SWAP.swapped(m)]
 
 
+def router_swapped(module: nn.Module) -> bool:
+    """Whether `module` runs the engine's router forward (which returns logits, weights, experts)."""
+    return _SWAP.swapped(module)
+
+
 def install_fast_routers(layers: nn.ModuleList) -> int:
     """Give every known router under `layers` the kernel top-k (lib/engine/forward_swap.py); returns how
     many routers run it."""
