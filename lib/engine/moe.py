@@ -10,6 +10,8 @@ fp32 (a reduction, no atomic adds; a Triton kernel on CUDA, lib/engine/moe_kerne
 shape in it depends only on T (no per-expert token counts leave the device), so a compiled decoder
 layer keeps the whole MoE block in its graph. Known routers keep transformers' routing rule with the
 top-k as one small kernel (lib/engine/moe_router.py), so routing decisions are the reference's own.
+On CUDA the first projection (gather, gate/up GEMM, SwiGLU) is one Triton kernel (lib/engine/moe_fused.py),
+and Qwen3-MoE decoder layers get an engine forward whose combine kernel also adds the layer's residual.
 
 Two weight layouts are known (anything else keeps transformers' experts and is logged):
 - qwen3_moe-like: gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I], SiLU, no biases;

@@ -161,9 +161,11 @@ def _launch(x: torch.Tensor, w: torch.Tensor, row_index, weight, ends: torch.Ten
 
 
 # The tile shapes measured fastest on the H200 for the Qwen3-30B-A3B layer (bench/moe_parts.py, 2026-11-29,
-# ninth session): first projection 0.817 ms at 128x128x64/8 warps/3 stages with small tails, against 0.850
-# at 4 stages and 0.887 for gather + torch._grouped_mm + the SwiGLU kernel; down projection 0.429 ms at
-# 128x256x64/8/3 with small tails against 0.464 for torch._grouped_mm.
+# ninth session, two machines): first projection 0.817 / 0.830 ms at 128x128x64, 8 warps, 3 stages, small
+# tails, against 0.850 / 0.855 at 4 stages without and 0.887 / 0.885 for gather + torch._grouped_mm + the
+# SwiGLU kernel (2 stages: 1.20; 256-row tiles spill, tools/triton_sm90_check.py). Down projection 0.429 /
+# 0.428 ms at 128x256x64/8/3 with small tails against torch._grouped_mm's 0.464 / 0.417: a draw, and the
+# capture ran faster with torch's (lib/engine/moe.py's TRITON_DOWN_PROJECTION).
 FIRST_PROJECTION_TILE = Tile(128, 128, 64, 8, 3)
 DOWN_PROJECTION_TILE = Tile(128, 256, 64, 8, 3)
 
