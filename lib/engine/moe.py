@@ -187,7 +187,8 @@ def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
 
 
 # Decoder layers whose MoE block is router + experts and whose forward is pre-norm attention and MLP with
-# residual adds (transformers' Qwen3-MoE): the engine's layer forward below computes the same.
+# residual adds (transformers' Qwen3-MoE): the engine's layer forward below computes the same, calling the
+# block's router and experts itself (the block's own forward, and hooks on the block, no longer run).
 _RESIDUAL_FUSABLE = {"Qwen3MoeDecoderLayer": "Qwen3MoeSparseMoeBlock"}
 
 
@@ -247,7 +248,9 @@ def install_moe_impl(layers: nn.ModuleList, impl: MoeImpl | str, fuse_residual: 
         _use_grouped_forward(m, experts_info(m))
     install_fast_routers(layers)
     if fuse_residual and FUSED_MOE_RESIDUAL:
-        _fuse_moe_residuals(layers)
+        fused = _fuse_moe_residuals(layers)
+        if fused:
+            log.info("engine: %d MoE decoder layers add their residual in the combine kernel", fused)
     return MoeImpl.grouped
 
 
