@@ -172,8 +172,8 @@ def grouped_experts_forward(
 _INFOS: dict[ExpertsInfo, ExpertsInfo] = {}
 
 
-def _grouped_forward(self, hidden_states, top_k_index, top_k_weights):
-    return grouped_experts_forward(self, self.grouped_info, hidden_states, top_k_index, top_k_weights)
+def _grouped_forward(self, hidden_states, top_k_index, top_k_weights, residual=None):
+    return grouped_experts_forward(self, self.grouped_info, hidden_states, top_k_index, top_k_weights, residual)
 
 
 _SWAP = ForwardSwap("Grouped", lambda cls: _grouped_forward)
@@ -188,7 +188,7 @@ def _use_grouped_forward(experts: nn.Module, info: ExpertsInfo) -> None:
 
 # Decoder layers whose MoE block is router + experts and whose forward is pre-norm attention and MLP with
 # residual adds (transformers' Qwen3-MoE): the engine's layer forward below computes the same, calling the
-# block's router and experts itself (the block's own forward, and hooks on the block, no longer run).
+# block's router and experts itself (the block's own forward, and hooks on the block itself, no longer run).
 _RESIDUAL_FUSABLE = {"Qwen3MoeDecoderLayer": "Qwen3MoeSparseMoeBlock"}
 
 
@@ -197,13 +197,10 @@ def _residual_fused_layer_forward(cls):
         residual = hidden_states
         h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         h = residual + h
-        block = self.mlp
         x = self.post_attention_layernorm(h)
         flat = x.view(-1, x.shape[-1])
-        _, weights, chosen = block.gate(flat)
-        out = grouped_experts_forward(block.experts, block.experts.grouped_info, flat, chosen, weights,
-                                      h.view(-1, h.shape[-1]))
-        return out.view(h.shape)
+        _, weights, chosen = self.mlp.gate(flat)
+        return self.mlp.experts(flat, chosen, weights, residual=h.view(-1, h.shape[-1])).view(h.shape)
     return forward
 
 
