@@ -8,12 +8,14 @@ needs only a Triton wheel (the CPU venv has none: install one to a scratch folde
     PYTHONPATH=/tmp/tri python tools/triton_sm90_check.py
 
 Each line: the kernel and its constants, shared memory, cp.async count (the pipelined loads), wgmma
-count, and registers per thread (cuobjdump). Pointer and width arguments are marked 16-divisible, as
-Triton's launcher marks them for aligned tensors; without that hint loads stay scalar and no kernel
-pipelines, so the report would say nothing about the real launch.
+count, and registers and spilled stack bytes per thread (cuobjdump). Other tiles than the engine's:
+--first-projection-tile / --down-projection-tile BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES. Pointer and width
+arguments are marked 16-divisible, as Triton's launcher marks them for aligned tensors; without that hint
+loads stay scalar and no kernel pipelines, so the report would say nothing about the real launch.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -41,8 +43,9 @@ def registers(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+)", out)
-    return found.group(1) if found else "?"
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    # A stack frame is registers spilled to local memory: the tile does not fit the register file.
+    return f"{regs.group(1) if regs else '?'} stack {stack.group(1) if stack else '?'}"
 
 
 def compile_and_report(name: str, fn, signature: dict, constants: dict, divisible: list[int], num_warps: int,
@@ -57,7 +60,20 @@ def compile_and_report(name: str, fn, signature: dict, constants: dict, divisibl
           f"  wgmma {ptx.count('wgmma.mma_async'):>3}  regs {registers(kernel.asm['cubin'])}", flush=True)
 
 
+def parse_tile(text: str) -> "moe_fused.Tile":
+    values = [int(v) for v in text.split(",")]
+    if len(values) != 5:
+        raise argparse.ArgumentTypeError(f"{text!r}: give BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES, e.g. 128,128,64,8,3")
+    return moe_fused.Tile(*values)
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--first-projection-tile", type=parse_tile, default=moe_fused.FIRST_PROJECTION_TILE,
+                   help="BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES for gathered_swiglu (default: the engine's)")
+    p.add_argument("--down-projection-tile", type=parse_tile, default=moe_fused.DOWN_PROJECTION_TILE,
+                   help="the same for grouped_down")
+    args = p.parse_args()
     print(f"triton {triton.__version__}, target sm_90")
     grouped = {"x_ptr": "*bf16", "w_ptr": "*bf16", "row_index_ptr": "*i64", "weight_ptr": "*fp32", "ends_ptr": "*i32",
                "tile_ends_ptr": "*i32", "expert_of_tile_ptr": "*i32", "out_ptr": "*bf16", "K": "i32", "N": "i32",
@@ -68,7 +84,7 @@ def main() -> None:
             signature = dict(grouped, **{c: "constexpr" for c in constexprs})
             if not gated:  # grouped_down passes the activations in the unused index and weight slots
                 signature.update(row_index_ptr="*bf16", weight_ptr="*bf16")
-            tile = moe_fused.FIRST_PROJECTION_TILE if gated else moe_fused.DOWN_PROJECTION_TILE
+            tile = args.first_projection_tile if gated else args.down_projection_tile
             constants = {"GATHER": gated, "GATED": gated, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                          "BLOCK_K": tile.block_k, "EVEN": True, "SMALL_TAILS": tails}
             compile_and_report("gathered_swiglu" if gated else "grouped_down", moe_fused._grouped_kernel, signature,
