@@ -19,6 +19,7 @@ from lib.config import ConfigError, Device, LaunchShape, compose, resolve, valid
 from lib.config_check import prepare_run_dir
 from lib.launch.stopping import install_stop_handlers, record_error
 from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, all_ranks_barrier  # noqa: E501
+from lib.target.checkpoint import prepare_target
 from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E501
 
 
@@ -92,6 +93,8 @@ def main(overrides: list[str]) -> int:
         shape = LaunchShape.from_env(gpus)
         validate(cfg, shape)
         cfg = resolve(cfg, shape)  # from here on no "auto" or None: every role reads these values
+        # An HF directory with its shape recorded (a GGUF is dequantized once, all ranks share the copy).
+        cfg = prepare_target(cfg)
     except ConfigError as exc:
         if claim_config_report():
             log.error("config error: %s", exc)

