@@ -102,7 +102,7 @@ fi
 
 # The process count comes from lib/config.py ProcessLayout, the rule train.py and the topology use;
 # it prints its own one-line error (odd GPU count for disaggregate, odd NPROC) and exits 2.
-config_cli() { (cd "$REPO" && "$PYTHON" -m lib.config "$@"); }
+config_cli() { (cd "$REPO" && "$PYTHON" -m lib.config_check "$@"); }
 if [[ -n ${NPROC:-} ]]; then
   [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC is not a positive integer; unset NPROC to derive it from the GPUs"
   NPROC_EFFECTIVE=$(config_cli nproc --placement "$PLACEMENT" --gpus "$GPUS" --nproc "$NPROC") || exit 2

@@ -1,16 +1,18 @@
 """Configuration schema: one dataclass per concern, validated before any process group or model load.
 
 Hydra composes conf/ on top of these dataclasses (structured configs), so an unknown key or a value
-outside a choice (the enums) is an error at composition time. `validate()` then checks what types
-cannot: ranges, sums, paths, combinations and the fit between the config and the launch (process
-count, GPUs); launch.sh runs the same checks once (`python -m lib.config check`) before it starts
-anything. Every failure is one line that names the key, the value and the fix. `resolve()` then
-decides every auto/None once, and all roles read that resolved copy.
+outside a choice (the enums) is an error at composition time. `lib.config_check.validate()` then checks
+what types cannot: ranges, sums, paths, combinations and the fit between the config and the launch
+(process count, GPUs); launch.sh runs the same checks once (`python -m lib.config_check check`) before
+it starts anything. Every failure is one line that names the key, the value and the fix. `resolve()` then
+decides every auto/None once, and all roles read that resolved copy. This module imports no other lib
+module: config_check imports it, never the reverse.
 """
 from __future__ import annotations
 
 import enum
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Optional
@@ -187,6 +189,33 @@ class Config:
 CONF_DIR = os.path.join(REPO_ROOT, "conf")
 
 
+def explain_hydra_error(exc: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, the value, what is allowed, the fix."""
+    # Hydra wraps the useful line ("Invalid value ...", "Key ... not in ...") in its cause.
+    cause = exc.__cause__ or exc
+    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    useful = [ln for ln in lines if not ln.startswith(("full_key", "reference_type", "object_type"))]
+    first = " ".join(useful[:2]) if useful else type(exc).__name__
+    where = f"{key}: " if key else ""
+    if "Could not find" in first or "Could not load" in first:
+        groups = {g: sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g)) if f.endswith(".yaml"))
+                  for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g))}
+        options = "; ".join(f"{g}: {', '.join(v)}" for g, v in sorted(groups.items()))
+        return f"{first.split(' Available')[0]}. Fix: pick a shipped option ({options}) or add a file under conf/."
+    if "not in" in first and "Key" in first:
+        return f"{where}unknown key ({first}). Fix: check the spelling against lib/config.py."
+    if "Missing mandatory value" in first:
+        return f"{first}. Fix: set it on the command line, e.g. data.path=/data/chat.jsonl."
+    enum_value = re.match(r"Invalid value (?P<value>.*), expected one of \[(?P<allowed>.*)\]", first)
+    if enum_value and key:
+        # OmegaConf's enum error: name the allowed values and the override that fixes it.
+        allowed = enum_value["allowed"]
+        return (f"{key}={enum_value['value']}: not one of {allowed}. "
+                f"Fix: pick one of those, e.g. {key}={allowed.split(',')[0].strip()}.")
+    return f"{where}{first}. Fix: correct the override (see lib/config.py for keys and types)."
+
+
 def package_file(distribution: str, suffix: str, version: str = "") -> str:
     """The one file ending in `suffix` that the installed `distribution` ships, found through its
     metadata: nothing is imported or downloaded. ConfigError with the pip command when it is missing."""
@@ -235,8 +264,6 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
             node = hydra_compose(config_name="config", overrides=list(overrides))
         return OmegaConf.to_object(node)
     except (HydraException, OmegaConfBaseException) as exc:  # ValidationError for enums included
-        from lib.config_check import explain_hydra_error
-
         cause = exc
         while cause is not None:  # a resolver's own ConfigError (package_file) already says key and fix
             if isinstance(cause, ConfigError):
@@ -255,7 +282,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 class ProcessLayout:
     """Processes per node for a placement, and the GPUs they need: the only place this rule lives.
 
-    launch.sh asks it (`python -m lib.config nproc`), validate() checks a launch against it and
+    launch.sh asks it (`python -m lib.config_check nproc`), validate() checks a launch against it and
     lib/launch/topology.py lays ranks out by it.
     """
 
@@ -408,21 +435,6 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
                    run=run, data=data, draft=draft, mps=mps)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation (the checks live in lib/config_check.py, with the `python -m lib.config` command line)
-# ---------------------------------------------------------------------------------------------
-
-
-def validate(cfg: Config, shape: LaunchShape) -> None:
-    """Checks every rank (and launch.sh, once) runs before any process group or model load.
-
-    Raises ConfigError whose one-line message names the key, the value and the fix.
-    """
-    from lib.config_check import validate_config
-
-    validate_config(cfg, shape)
-
-
 def _fail(key: str, value: Any, fix: str) -> NoReturn:
     # As the user types them: enum values bare (attn_impl=varlen), booleans lower case (resume=true).
     if isinstance(value, enum.Enum):
@@ -430,13 +442,3 @@ def _fail(key: str, value: Any, fix: str) -> NoReturn:
     else:
         shown = str(value).lower() if isinstance(value, bool) else repr(value)
     raise ConfigError(f"{key}={shown}: {fix}")
-
-
-if __name__ == "__main__":
-    # `python -m lib.config check|nproc ...`: the command line lives next to the checks. Import it by
-    # its package name so it sees the same classes as everybody else (not this __main__ copy).
-    import sys
-
-    from lib.config_check import main
-
-    sys.exit(main(sys.argv[1:]))

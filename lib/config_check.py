@@ -1,8 +1,8 @@
-"""The checks behind lib.config.validate (and its composition errors), and `python -m lib.config`.
+"""validate(): the checks every rank runs on a composed config, and `python -m lib.config_check`.
 
-    python -m lib.config nproc --placement P --gpus G [--nproc N]
+    python -m lib.config_check nproc --placement P --gpus G [--nproc N]
         prints the process count per node for placement P on G visible GPUs (N: the user's NPROC, checked)
-    python -m lib.config check --gpus G --nproc N [--nnodes K] [--] [overrides...]
+    python -m lib.config_check check --gpus G --nproc N [--nnodes K] [--] [overrides...]
         composes and validates exactly as every rank of train.py will, for that launch shape
 
 Both print a failure as one line on stderr ("config error: <key>=<value>: <fix>") and exit 2, so a
@@ -29,34 +29,11 @@ from lib.config import (
 )
 
 
-def explain_hydra_error(exc: BaseException) -> str:
-    """One line for a Hydra/OmegaConf composition error: the key, the value, what is allowed, the fix."""
-    # Hydra wraps the useful line ("Invalid value ...", "Key ... not in ...") in its cause.
-    cause = exc.__cause__ or exc
-    lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
-    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    useful = [ln for ln in lines if not ln.startswith(("full_key", "reference_type", "object_type"))]
-    first = " ".join(useful[:2]) if useful else type(exc).__name__
-    where = f"{key}: " if key else ""
-    if "Could not find" in first or "Could not load" in first:
-        groups = {g: sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g)) if f.endswith(".yaml"))
-                  for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g))}
-        options = "; ".join(f"{g}: {', '.join(v)}" for g, v in sorted(groups.items()))
-        return f"{first.split(' Available')[0]}. Fix: pick a shipped option ({options}) or add a file under conf/."
-    if "not in" in first and "Key" in first:
-        return f"{where}unknown key ({first}). Fix: check the spelling against lib/config.py."
-    if "Missing mandatory value" in first:
-        return f"{first}. Fix: set it on the command line, e.g. data.path=/data/chat.jsonl."
-    enum_value = re.match(r"Invalid value (?P<value>.*), expected one of \[(?P<allowed>.*)\]", first)
-    if enum_value and key:
-        # OmegaConf's enum error: name the allowed values and the override that fixes it.
-        allowed = enum_value["allowed"]
-        return (f"{key}={enum_value['value']}: not one of {allowed}. "
-                f"Fix: pick one of those, e.g. {key}={allowed.split(',')[0].strip()}.")
-    return f"{where}{first}. Fix: correct the override (see lib/config.py for keys and types)."
+def validate(cfg: Config, shape: LaunchShape) -> None:
+    """Checks every rank (and launch.sh, once) runs before any process group or model load.
 
-
-def validate_config(cfg: Config, shape: LaunchShape) -> None:
+    Raises ConfigError whose one-line message names the key, the value and the fix.
+    """
     _check_fractions(cfg)
     _check_ranges(cfg)
     _check_choices(cfg, shape)
@@ -344,7 +321,7 @@ def prepare_run_dir(cfg: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m lib.config ...
+# python -m lib.config_check ...
 # ---------------------------------------------------------------------------------------------
 
 
@@ -355,7 +332,7 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m lib.config", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lib.config_check", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     nproc = sub.add_parser("nproc", help="processes per node for a placement and GPU count")
     nproc.add_argument("--placement", required=True)
@@ -381,9 +358,13 @@ def main(argv: list[str]) -> int:
             return 0
         cfg = compose(args.overrides)
         nproc = args.nproc if args.nproc is not None else ProcessLayout.for_gpus(cfg.placement.name, args.gpus).nproc
-        validate_config(cfg, LaunchShape(nproc * max(args.nnodes, 1), nproc, max(args.nnodes, 1), args.gpus))
+        validate(cfg, LaunchShape(nproc * max(args.nnodes, 1), nproc, max(args.nnodes, 1), args.gpus))
         print(f"nproc={nproc}")
         return 0
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":  # python -m lib.config_check check|nproc ... (launch.sh)
+    sys.exit(main(sys.argv[1:]))

@@ -10,8 +10,9 @@ import enum
 
 from lib.config import (
     CONF_DIR, AttnImpl, Config, ConfigError, DataConfig, Device, EngineConfig, LaunchShape, Placement, ProcessLayout,
-    TargetConfig, TargetDtype, compose, resolve, validate,
+    TargetConfig, TargetDtype, compose, resolve,
 )
+from lib.config_check import validate
 
 pytestmark = pytest.mark.unit
 
