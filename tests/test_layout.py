@@ -156,3 +156,20 @@ def test_known_exceptions_still_occur():
     seen = {(path, name) for package in ALLOWED for path, name, _ in upward_imports(package)}
     gone = sorted(KNOWN_EXCEPTIONS - seen)
     assert not gone, f"fixed, so delete from KNOWN_EXCEPTIONS in tests/test_layout.py: {gone}"
+
+
+def test_lib_modules_import_no_circle():
+    """No module of lib/ reaches itself through its imports (lazy imports inside functions included).
+    A submodule importing its own package's __init__ (re-exported names) is not counted."""
+    files = {module_name(p): p for p in lib_files()}
+    edges = {m: {n for n, _ in imported_modules(p) if n in files and n != m and not m.startswith(n + ".")}
+             for m, p in files.items()}
+    for start in sorted(files):
+        seen, stack = set(), [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges[node]:
+                assert nxt != start, "import circle: " + " -> ".join(path + [nxt])
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
