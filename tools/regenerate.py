@@ -4,6 +4,10 @@
     torchrun --standalone --nproc_per_node=8 tools/regenerate.py --target /models/Qwen3-8B \\
         --input sharegpt.jsonl --output regen.jsonl --max-new-tokens 2048 --temperature 0.7 --top-p 0.95
     python tools/regenerate.py --target assets/tiny_target --input in.jsonl --output out.jsonl   # one process
+    # a GGUF file (or a directory holding one) works as --target too: dequantized once and cached
+    python tools/regenerate.py --target model.gguf --input in.jsonl --output out.jsonl --threads 4
+    # no data: the target writes 1000 questions itself, then answers them (tools/self_instruct.py)
+    python tools/regenerate.py --target /models/Qwen3-8B --self-instruct 1000 --output out.jsonl
     # an OpenAI-compatible server the user already runs (sglang, vLLM), by URL
     python tools/regenerate.py --server http://127.0.0.1:30000 --model Qwen/Qwen3-8B --input ... --output ...
 
@@ -17,10 +21,13 @@ every line already in OUTPUT or a part file (whatever the number of processes) a
 sampling settings. When all lines are done, rank 0 merges the parts into OUTPUT in input order.
 Lines that cannot be answered (malformed, pre-formatted text, prompt longer than --max-length) are
 left out and counted in OUTPUT.report.json.
+
+--self-instruct N samples N user turns from the target first (OUTPUT.self_instruct.jsonl, reused by a
+rerun) and answers them after --input's lines, if any; tools/self_instruct.py says how they are chosen.
+On the CPU, --threads sets torch's thread count (0: one per two cores, lib/launch/runtime.py).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -36,57 +43,11 @@ from typing import Any, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib.data.datasets import SHAREGPT_ROLES  # noqa: E402
-from lib.eval.sampling import SamplingConfig, SamplingError  # noqa: E402
+from lib.eval.sampling import SamplingError  # noqa: E402
+from tools import self_instruct  # noqa: E402
+from tools.regen_args import RegenConfig, RegenError, build_parser, to_config  # noqa: E402
 from tools.regen_backends import LocalTarget, ServerTarget  # noqa: E402
-
-
-class RegenError(ValueError):
-    """A setting or a file is wrong; the message names it, its value and the fix."""
-
-
-@dataclass(frozen=True)
-class RegenConfig:
-    input: str
-    output: str
-    sampling: SamplingConfig
-    target: Optional[str] = None  # local HF checkpoint directory
-    server: Optional[str] = None  # base URL of an OpenAI-compatible server
-    model: Optional[str] = None  # the model name the server serves (default: its first)
-    batch_size: int = 32  # conversations decoded together (built-in path) or requests in flight (server)
-    max_length: int = 8192  # prompt + answer tokens (built-in path); longer prompts end the conversation there
-    max_lines: int = 0  # >0: answer at most this many pending lines in this run (a trial, or a time budget)
-    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false} for Qwen3
-    device: str = "auto"
-    timeout_s: float = 600.0  # one server request
-    compile: bool = False  # built-in path: the lean decode steps compiled (lib/eval/compiled_decode.py)
-
-    def __post_init__(self) -> None:
-        if (self.target is None) == (self.server is None):
-            raise RegenError("--target/--server: give exactly one (a local checkpoint directory, or the URL of "
-                             "an OpenAI-compatible server such as sglang or vLLM)")
-        if self.target is not None and not os.path.isfile(os.path.join(self.target, "config.json")):
-            raise RegenError(f"--target={self.target!r}: no config.json there; point it at a local HF checkpoint")
-        if self.server is not None and not self.server.startswith(("http://", "https://")):
-            raise RegenError(f"--server={self.server!r}: must be a URL, e.g. http://127.0.0.1:30000")
-        if self.server is not None and self.compile:
-            raise RegenError("--compile: only the built-in path (--target) decodes here; drop it with --server")
-        if not os.path.isfile(self.input):
-            raise RegenError(f"--input={self.input!r}: file not found; point it at a JSON Lines data set")
-        if os.path.abspath(self.input) == os.path.abspath(self.output):
-            raise RegenError(f"--output={self.output!r}: must differ from --input")
-        for key, value in (("batch_size", self.batch_size), ("max_length", self.max_length)):
-            if value < 1:
-                raise RegenError(f"--{key.replace('_', '-')}={value}: must be >= 1")
-        if self.max_lines < 0:
-            raise RegenError(f"--max-lines={self.max_lines}: must be >= 0 (0: all)")
-
-    def record(self) -> dict:
-        """What shapes the answers: a resumed run must match it."""
-        # The model by name: the server's (main() asks it when --model is not given) or the checkpoint
-        # directory's, so a resume from another working directory or mount still matches.
-        model = self.model if self.server else os.path.basename(os.path.normpath(self.target))
-        return {**self.sampling.record(), "model": model,
-                "chat_template_kwargs": self.chat_template_kwargs}
+from tools.self_instruct import SelfInstructError  # noqa: E402
 
 
 # ---- lines in, lines out ----
@@ -337,30 +298,7 @@ def answer_lines(cfg: RegenConfig, backend: Any, conversations: list[Conversatio
 
 
 def parse_args(argv: list[str]) -> RegenConfig:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", required=True)
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--target", help="local HF checkpoint directory (the built-in path)")
-    ap.add_argument("--server", help="base URL of an OpenAI-compatible server (sglang, vLLM)")
-    ap.add_argument("--model", help="model name on the server (default: the first it lists)")
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=8192)
-    ap.add_argument("--max-lines", type=int, default=0)
-    ap.add_argument("--chat-template-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"enable_thinking": false}\'')
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--timeout-s", type=float, default=600.0)
-    ap.add_argument("--compile", action="store_true",
-                    help="built-in path: compile the decode step's layers (dense Llama-family targets; the first "
-                         "steps wait for the compiler). Measured slower than eager for Qwen3-8B at 64 rows on an "
-                         "H200 (docs/real_model.md); try it on smaller targets")
-    a = ap.parse_args(argv)
-    sampling = SamplingConfig(a.temperature, a.top_p, a.max_new_tokens, a.seed)
-    return RegenConfig(a.input, a.output, sampling, a.target, a.server, a.model, a.batch_size, a.max_length,
-                       a.max_lines, a.chat_template_kwargs, a.device, a.timeout_s, a.compile)
+    return to_config(build_parser(__doc__).parse_args(argv))
 
 
 def main(argv: list[str]) -> int:
@@ -380,6 +318,16 @@ def main(argv: list[str]) -> int:
         backend = ServerTarget(cfg)  # asks the server for its model name when --model is not given
         cfg = replace(cfg, model=backend.model)
         backend.cfg = cfg
+    if cfg.self_instruct:
+        if rank == 0:
+            try:
+                backend = self_instruct.prepare_input(cfg, lambda: LocalTarget(cfg, rank))
+            except SelfInstructError as e:
+                print(f"regenerate: {e}", file=sys.stderr)
+                return 2  # torchrun then ends the ranks waiting below
+        if world > 1:
+            dist.barrier()  # the other ranks read the files rank 0 just wrote
+        cfg = replace(cfg, input=self_instruct.input_path(cfg.output, cfg.input is not None))
     with open(cfg.input) as f:
         lines = f.read().splitlines()
     done, skipped = read_done(cfg)
