@@ -6,7 +6,8 @@ verifies [newest token, d1..dk] in one forward and keeps the longest prefix equa
 choices plus its bonus token. The output is therefore the target's greedy decoding whatever the draft
 does; the draft only changes how many target forwards it takes. Reported: tau = mean tokens per
 verify forward = mean(accepted + 1), per-position acceptance rates and speedup proxies
-(docs/evaluation.md has the formulas).
+(docs/evaluation.md has the formulas). The counts are also kept per prompt (lib/eval/acceptance.py),
+so groups of prompts (categories) get their own numbers from the same batched decoding.
 
 Batching: rows accept different counts per round, so no KV cache (target or draft) is cropped.
 Every round appends k+1 slots to every row; slots a row rejected stay as holes hidden by an explicit
@@ -17,8 +18,8 @@ Finished rows leave the batch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Hashable, Optional, Sequence
 
 import torch
 from tqdm import tqdm  # a dependency of transformers, so always present
@@ -26,43 +27,9 @@ from tqdm import tqdm  # a dependency of transformers, so always present
 from lib.drafts.eagle3.model import Eagle3Draft
 from lib.drafts.drafting import Drafter, VerifiedBlock, visible_keys
 from lib.drafts.eagle3.drafter import EagleDrafter
+from lib.eval.acceptance import AcceptanceCounts, AcceptanceStats
 from lib.eval.drafters import FORCED_MODES, ForcedDrafter
 from lib.eval.target import TargetRunner, as_target_runner  # noqa: F401 (re-exported)
-
-@dataclass
-class AcceptanceStats:
-    """Acceptance of k-token drafts over (row, round) pairs, and where the time went."""
-
-    k: int
-    verify_rows: int = 0  # (row, round) pairs: one verify forward per row per round
-    produced: int = 0  # sum of accepted + 1 over them
-    rounds: int = 0  # batched verify forwards
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    reached: list[int] = field(init=False)  # per draft position: rounds that got that far
-    accepted: list[int] = field(init=False)  # per draft position: rounds that accepted it
-
-    def __post_init__(self) -> None:
-        self.reached, self.accepted = [0] * self.k, [0] * self.k
-
-    def record(self, accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
-        counts = accepted.cpu()
-        self.verify_rows += counts.numel()
-        self.produced += int(counts.sum()) + counts.numel()
-        for i in range(self.k):
-            self.reached[i] += int((counts >= i).sum())
-            self.accepted[i] += int((counts > i).sum())
-        self.rounds += 1
-        self.draft_s += draft_s
-        self.verify_s += verify_s
-
-    @property
-    def tau(self) -> float:
-        return self.produced / max(self.verify_rows, 1)
-
-    @property
-    def accept_rates(self) -> list[float]:
-        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached)]
 
 
 def _extend(out: list[int], tokens: list[int], max_new_tokens: int, stop_ids: frozenset) -> bool:
@@ -91,9 +58,11 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: list[list[int]], k: int,
+def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: list[list[int]], first: int, k: int,
                   max_new_tokens: int, stop_ids: frozenset, stats: AcceptanceStats, bar) -> list[list[int]]:
-    """Decode one batch; k=0 without a drafter is plain greedy decoding on the same machinery."""
+    """Decode one batch (prompts first.. of the whole list); k=0 without a drafter is plain greedy
+    decoding on the same machinery. The drafter and the stats see each row as its index in the whole
+    list, so per-prompt state (a forced drafter's reference, per-prompt counts) survives batching."""
     device, n = target.device, len(prompts)
     aux_layers = drafter.aux_layers if drafter is not None else []
     width = max(len(p) for p in prompts)
@@ -127,7 +96,7 @@ def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: lis
             rows, done = [rows[i] for i in live], [False] * len(live)
         t0 = _clock(device)
         if drafter is not None:
-            proposals = drafter.propose(block, k, rows, [len(outputs[r]) for r in rows])
+            proposals = drafter.propose(block, k, [first + r for r in rows], [len(outputs[r]) for r in rows])
         else:
             proposals = torch.empty(len(rows), 0, dtype=torch.long, device=device)
         t1 = _clock(device)
@@ -145,7 +114,7 @@ def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: lis
         next_ids[pick, accepted] = newest
         block = VerifiedBlock(next_ids, aux, positions, kept, accepted)
         next_position = next_position + accepted + 1
-        stats.record(accepted, t1 - t0, t2 - t1)
+        stats.record(accepted, t1 - t0, t2 - t1, [first + r for r in rows])
         for i, (r, m, props, bonus) in enumerate(zip(rows, accepted.tolist(), proposals.tolist(), newest.tolist())):
             done[i] = _emit(outputs[r], props[:m] + [bonus], max_new_tokens, stop_ids, bar)
     return outputs
@@ -167,7 +136,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
 
 def _run(target: TargetRunner, drafter: Optional[Drafter], prompts: list[list[int]], k: int, max_new_tokens: int,
          stop_ids: frozenset, batch_size: Optional[int], desc: str, progress: bool):
-    stats = AcceptanceStats(k)
+    stats = AcceptanceStats(k, num_prompts=len(prompts))
     size = batch_size or len(prompts)
     bar = tqdm(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", mininterval=1.0, disable=not progress)
     outputs: list[list[int]] = []
@@ -175,7 +144,7 @@ def _run(target: TargetRunner, drafter: Optional[Drafter], prompts: list[list[in
     try:
         with target.decoding():
             for first in range(0, len(prompts), size):
-                outputs += _decode_batch(target, drafter, prompts[first:first + size], k, max_new_tokens,
+                outputs += _decode_batch(target, drafter, prompts[first:first + size], first, k, max_new_tokens,
                                          stop_ids, stats, bar)
     finally:
         bar.close()
@@ -213,6 +182,11 @@ class SpecDecodeResult:
     @property
     def accept_rates(self) -> list[float]:
         return self.stats.accept_rates
+
+    def by_label(self, labels: Sequence[Hashable]) -> dict[Hashable, AcceptanceCounts]:
+        """Acceptance per group of prompts (labels[i]: prompt i's group, e.g. its category), from the
+        same decoding: the groups' counts sum to the pooled ones exactly."""
+        return self.stats.by_label(labels)
 
     @property
     def mismatched_prompts(self) -> list[int]:
