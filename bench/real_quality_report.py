@@ -1,0 +1,112 @@
+"""Tables of bench/real_quality.sh's results, as Markdown for docs/benchmarks.md.
+
+    python bench/real_quality_report.py outputs/real_quality > report.md
+
+Reads what the phases left in the work directory: family/{eagle3,dflash}_eval.json (eval.py's JSON,
+with per-category rows), family/family_ab_{eagle3,dflash}.json (steps, training seconds), curve/
+metrics.jsonl (online evaluation rows), data.log (regeneration rates) and train.jsonl (cut-off answers).
+A phase that did not run is left out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+
+def _load(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def family_rows(work: str) -> list[str]:
+    out = ["| draft | steps | train s | k | tau (tokens per target forward) | acceptance per position | "
+           "matches greedy |", "|---|---|---|---|---|---|---|"]
+    for name in ("eagle3", "dflash"):
+        ev = _load(os.path.join(work, "family", f"{name}_eval.json"))
+        run = (_load(os.path.join(work, "family", f"family_ab_{name}.json")) or {}).get(name) or {}
+        for r in (ev or {}).get("results", []):
+            rates = " ".join(f"{a:.2f}" for a in r["accept_rates"])
+            out.append(f"| {name} | {run.get('steps', '?')} | {run.get('train_s', 0):.0f} | {r['k']} | "
+                       f"**{r['tau']:.3f}** | {rates} | {r.get('matches_greedy')} |")
+    return out if len(out) > 2 else []
+
+
+def category_rows(work: str) -> list[str]:
+    columns, cells = [], {}
+    for name in ("eagle3", "dflash"):
+        ev = _load(os.path.join(work, "family", f"{name}_eval.json")) or {}
+        for r in ev.get("results", []):
+            col = f"{name} k={r['k']}"
+            columns.append(col)
+            for cat, row in (r.get("per_category") or {}).items():
+                cells.setdefault(cat, {})[col] = row
+            cells.setdefault("all", {})[col] = {"tau": r["tau"], "prompts": ev.get("num_prompts")}
+    if len(cells) <= 1:
+        return []
+    out = ["| category | prompts | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for cat in sorted(cells, key=lambda c: (c == "all", c)):
+        row = cells[cat]
+        prompts = next((v.get("prompts") for v in row.values() if v.get("prompts") is not None), "?")
+        out.append(f"| {cat} | {prompts} | " + " | ".join(
+            f"{row[c]['tau']:.2f}" if c in row else "-" for c in columns) + " |")
+    return out
+
+
+def curve_rows(work: str) -> list[str]:
+    path = os.path.join(work, "curve", "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+    evals = [r for r in rows if any(k.startswith("accept_len_k") for k in r)]
+    keys = sorted({k for r in evals for k in r if k.startswith("accept_len_k")}, key=lambda k: int(k[12:]))
+    out = ["| step | " + " | ".join(f"tau k={k[12:]}" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in evals:
+        out.append(f"| {r.get('step')} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
+    return out if evals else []
+
+
+SWEEP = re.compile(r"batch (\d+): .*?(\d+) new tokens in ([\d.]+) s \((\d+) tokens/s\)")
+
+
+def sweep_rows(work: str) -> list[str]:
+    path = os.path.join(work, "data.log")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        found = [m.groups() for m in map(SWEEP.search, f) if m]
+    out = ["| batch | new tokens | s | tokens/s |", "|---|---|---|---|"]
+    out += [f"| {b} | {n} | {s} | **{r}** |" for b, n, s, r in found]
+    return out if found else []
+
+
+def data_line(work: str) -> list[str]:
+    path = os.path.join(work, "train.jsonl")
+    if not os.path.isfile(path):
+        return []
+    convs, answers, cut = 0, 0, 0
+    with open(path) as f:
+        for line in f:
+            finish = json.loads(line).get("regenerated", {}).get("finish", [])
+            convs, answers, cut = convs + 1, answers + len(finish), cut + finish.count("length")
+    return [f"Training data: {convs} conversations, {answers} answers, {cut} cut off at the token limit "
+            "(their end-of-turn left untrained)."]
+
+
+def main(work: str) -> None:
+    for title, rows in (("Data", data_line(work)), ("Same wall-clock, held-out real prompts", family_rows(work)),
+                        ("Per category", category_rows(work)), ("tau against steps (EAGLE-3)", curve_rows(work)),
+                        ("Regeneration against the batch", sweep_rows(work))):
+        if rows:
+            print(f"### {title}\n")
+            print("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python bench/real_quality_report.py WORK_DIR (bench/real_quality.sh's $WORK)")
+    main(sys.argv[1])
