@@ -12,9 +12,11 @@
 #           every prompt answered greedily (tools/regenerate.py), a batch-size sweep of regeneration
 #   eagle3  EAGLE-3 for EAGLE_STEPS steps (bench/family_ab.py --phase eagle3), evaluated at k=3 and k=7
 #   dflash  DFlash for EAGLE-3's training time (its --phase dflash), evaluated at k = block size - 1
-#   curve   EAGLE-3 again with online evaluation every CURVE_EVERY steps: tau at k=3/7 against steps
+#   curve   tau at k=3/7 against steps: eval.py on each checkpoint's export of the eagle3 phase (it saves
+#           every CKPT_EVERY steps), CURVE_PROMPTS held-out prompts each; CURVE_RUN=1 instead trains
+#           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
-# Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, CURVE_STEPS,
+# Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
 # CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, TRAIN_OVERRIDES (extra Hydra overrides for every run),
 # PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
 set -uo pipefail
@@ -27,6 +29,8 @@ EAGLE_STEPS=${EAGLE_STEPS:-1500}
 CURVE_STEPS=${CURVE_STEPS:-3000}
 CURVE_EVERY=${CURVE_EVERY:-250}
 EVAL_TOKENS=${EVAL_TOKENS:-256}
+CKPT_EVERY=${CKPT_EVERY:-300}
+CURVE_PROMPTS=${CURVE_PROMPTS:-64}
 SWEEP_BATCHES=${SWEEP_BATCHES:-32 128 512}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$WORK"
@@ -92,12 +96,26 @@ for p in "$@"; do case $p in
   data) phase data "${DATA_LIMIT:-330}" bash "$0" _data ;;  # timeout runs programs, not shell functions
   _data) data ;;
   eagle3) phase eagle3 "${EAGLE_LIMIT:-330}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase eagle3 \
-      --eagle-steps "$EAGLE_STEPS" --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
+      --eagle-steps "$EAGLE_STEPS" --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
+      "checkpoint.every=$CKPT_EVERY" checkpoint.keep=100 ;;
   dflash) phase dflash "${DFLASH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase dflash \
       --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
-  curve) phase curve "${CURVE_LIMIT:-420}" bash launch.sh "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
-      "train.max_steps=$CURVE_STEPS" "eval.every=$CURVE_EVERY" eval.num_prompts=64 "run.dir=$WORK/curve" \
-      run.overwrite=true ;;
+  curve) if [[ ${CURVE_RUN:-0} == 1 ]]; then
+      phase curve "${CURVE_LIMIT:-420}" bash launch.sh "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
+        "train.max_steps=$CURVE_STEPS" "eval.every=$CURVE_EVERY" "eval.num_prompts=$CURVE_PROMPTS" \
+        "run.dir=$WORK/curve" run.overwrite=true
+    else
+      phase curve "${CURVE_LIMIT:-300}" bash "$0" _curve
+    fi ;;
+  _curve) mkdir -p "$WORK/curve"
+    for ckpt in $(ls -d "$WORK"/family/eagle3/checkpoints/step-*/draft | sort -V); do
+      step=$(basename "$(dirname "$ckpt")")
+      "$PYTHON" eval.py --draft "$ckpt" --out "$WORK/curve/$step.json" --no-progress --no-greedy-check \
+        "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "eval.num_prompts=$CURVE_PROMPTS" "eval.draft_tokens=[3,7]" \
+        > "$WORK/curve/$step.log" 2>&1 || { echo "$step: eval.py failed"; tail -n 5 "$WORK/curve/$step.log"; exit 1; }
+      "$PYTHON" -c 'import json,sys; print(sys.argv[2], *["k=%d tau %.3f" % (r["k"], r["tau"]) for r in json.load(open(sys.argv[1]))["results"]])' \
+        "$WORK/curve/$step.json" "$step"
+    done ;;
   report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
   *) echo "unknown phase $p (data eagle3 dflash curve report)"; exit 2 ;;
 esac; done

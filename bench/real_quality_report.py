@@ -35,6 +35,22 @@ def family_rows(work: str) -> list[str]:
     return out if len(out) > 2 else []
 
 
+def training_rows(work: str) -> list[str]:
+    """Median tokens/s and step time over each run's second half (compiling and warm-up left out)."""
+    out = ["| draft | steps | median tokens/s (packed tokens, all trainers) | median step s |", "|---|---|---|---|"]
+    for name in ("eagle3", "dflash"):
+        path = os.path.join(work, "family", name, "metrics.jsonl")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            rows = [r for r in map(json.loads, f) if "loss" in r]
+        late = rows[len(rows) // 2:] or rows
+        tps = sorted(r["tokens_per_s"] for r in late)
+        step = sorted(r["step_time_s"] for r in late)
+        out.append(f"| {name} | {len(rows)} | {tps[len(tps) // 2]:,.0f} | {step[len(step) // 2]:.3f} |")
+    return out if len(out) > 2 else []
+
+
 def category_rows(work: str) -> list[str]:
     columns, cells = [], {}
     for name in ("eagle3", "dflash"):
@@ -56,13 +72,26 @@ def category_rows(work: str) -> list[str]:
     return out
 
 
-def curve_rows(work: str) -> list[str]:
-    path = os.path.join(work, "curve", "metrics.jsonl")
+def _curve_points(work: str) -> list[dict]:
+    """{step, accept_len_k*} per point: eval.py's JSON per checkpoint, or a CURVE_RUN's online rows."""
+    folder = os.path.join(work, "curve")
+    files = [f for f in os.listdir(folder) if re.fullmatch(r"step-\d+\.json", f)] if os.path.isdir(folder) else []
+    if files:
+        points = []
+        for name in sorted(files, key=lambda f: int(f[5:-5])):
+            ev = _load(os.path.join(folder, name))
+            points.append({"step": int(name[5:-5]), **{f"accept_len_k{r['k']}": r["tau"] for r in ev["results"]}})
+        return points
+    path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
     with open(path) as f:
         rows = [json.loads(x) for x in f if x.strip()]
-    evals = [r for r in rows if any(k.startswith("accept_len_k") for k in r)]
+    return [r for r in rows if any(k.startswith("accept_len_k") for k in r)]
+
+
+def curve_rows(work: str) -> list[str]:
+    evals = _curve_points(work)
     keys = sorted({k for r in evals for k in r if k.startswith("accept_len_k")}, key=lambda k: int(k[12:]))
     out = ["| step | " + " | ".join(f"tau k={k[12:]}" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in evals:
@@ -99,7 +128,8 @@ def data_line(work: str) -> list[str]:
 
 def main(work: str) -> None:
     for title, rows in (("Data", data_line(work)), ("Same wall-clock, held-out real prompts", family_rows(work)),
-                        ("Per category", category_rows(work)), ("tau against steps (EAGLE-3)", curve_rows(work)),
+                        ("Per category", category_rows(work)),
+                        ("Training speed", training_rows(work)), ("tau against steps (EAGLE-3)", curve_rows(work)),
                         ("Regeneration against the batch", sweep_rows(work))):
         if rows:
             print(f"### {title}\n")
