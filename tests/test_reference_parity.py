@@ -6,7 +6,9 @@ SpecForge's `LlamaForCausalLMEagle3` and speculators' `Eagle3DraftModel`, and ea
 its own training-time-test unroll on the same packed batch. Our logits at every depth
 (`Eagle3Draft.forward`, the path `ttt_forward` takes) must equal theirs, in fp32, with and without
 llama3 rope scaling. Every parameter is drawn (norm gains too), so no term can hide behind a
-weight of one or zero.
+weight of one or zero. EAGLE-3.1 (`fc_norm`: one RMSNorm per aux layer before fc) is checked the
+same way against both classes, which build it from the `fc_norm` key of the config, on aux states
+whose magnitudes differ by layer.
 
 How each reference runs depth i (read from their sources, SpecForge 0.2.0 and speculators 0.9.0):
   - SpecForge (specforge/algorithms/eagle3/model.py + modeling/draft/llama3_eagle.py,
@@ -27,6 +29,7 @@ and transformers versions than the project); without them the tests skip.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -37,7 +40,8 @@ from lib.drafts.eagle3.export import export_draft
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.rope import rope_inverse_frequencies
 from lib.drafts.eagle3.speculators_format import export_speculators
-from tests.eagle3_draws import LENGTHS, LLAMA3_ROPE, YARN_ROPE, YARN_UNTRUNCATED_ROPE, drawn_draft, packed_inputs
+from tests.eagle3_draws import (AUX_SCALES, LENGTHS, LLAMA3_ROPE, YARN_ROPE, YARN_UNTRUNCATED_ROPE, drawn_draft,
+                                packed_inputs)
 
 pytestmark = pytest.mark.unit
 
@@ -56,12 +60,20 @@ def compared_rows(cu: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(t + 1 + i < end).squeeze(1) for i in range(TTT_LENGTH)]
 
 
-def our_logits(draft: Eagle3Draft, ids, aux, positions, cu) -> list[torch.Tensor]:
+def packed_rows(cu: torch.Tensor) -> list[torch.Tensor]:
+    """Per depth i, every packed row t whose input token x[t+1+i] exists in the packed batch (only the
+    last i+1 rows read a filler: 0 in speculators, the last token in ours). Rows whose token lies in
+    the next sample are computed the same way by both (same shifted ids, document-causal keys)."""
+    total = int(cu[-1])
+    return [torch.arange(max(total - 1 - i, 0)) for i in range(TTT_LENGTH)]
+
+
+def our_logits(draft: Eagle3Draft, ids, aux, positions, cu, rows=compared_rows) -> list[torch.Tensor]:
     """Training's logits of the compared rows at every depth (Eagle3Draft.forward, as ttt_forward calls it)."""
     attention = TTTAttention(cu, ids.shape[0], draft.midlayer.self_attn.scale, "reference",
                              head_dim=draft.config.head_dim)
     with torch.no_grad():
-        return draft(ids, aux, positions, attention, compared_rows(cu))
+        return draft(ids, aux, positions, attention, rows(cu))
 
 
 def inverse_frequencies(draft: Eagle3Draft) -> torch.Tensor:
@@ -136,6 +148,22 @@ def test_specforge_matches_our_unroll(specforge_eagle3, rope_scaling, tmp_path):
     assert_same_logits(our_logits(draft, *inputs), theirs, "SpecForge")
 
 
+@pytest.mark.parametrize("rope_scaling", ROPES[:2])
+def test_specforge_matches_our_eagle3_1_unroll(specforge_eagle3, rope_scaling, tmp_path):
+    """EAGLE-3.1 from the research format: SpecForge builds fc_norm from the config's `fc_norm` key,
+    three RMSNorms over target_hidden_size (24 here, narrower than the draft's 32)."""
+    draft = drawn_draft(rope_scaling, target_hidden_size=24, fc_norm=True)
+    export_draft(draft.state_dict(), draft.config, str(tmp_path / "draft"), dtype=torch.float32)
+    model = load_specforge(str(tmp_path / "draft"))
+    assert model.fc_norm is not None and len(model.fc_norm) == 3
+    for theirs, ours in zip(model.fc_norm, draft.fc_norm):
+        assert torch.equal(theirs.weight, ours.weight) and theirs.variance_epsilon == draft.config.rms_norm_eps
+    inputs = packed_inputs(draft.config, aux_scales=AUX_SCALES)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        theirs = specforge_logits(model, *inputs)
+    assert_same_logits(our_logits(draft, *inputs), theirs, "SpecForge, EAGLE-3.1")
+
+
 # ---- speculators -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -164,7 +192,7 @@ def load_speculators(module, path: str):
     return model.eval()
 
 
-def speculators_logits(model, ids, aux, positions, cu) -> list[torch.Tensor]:
+def speculators_logits(model, ids, aux, positions, cu, rows=compared_rows) -> list[torch.Tensor]:
     """speculators' TTT unroll (Eagle3DraftModel.forward) on the packed batch; the logits of each
     step are read off its lm_head."""
     captured: list[torch.Tensor] = []
@@ -179,7 +207,7 @@ def speculators_logits(model, ids, aux, positions, cu) -> list[torch.Tensor]:
     finally:
         hook.remove()
     assert len(captured) == TTT_LENGTH
-    return [logits[rows] for logits, rows in zip(captured, compared_rows(cu))]
+    return [logits[depth_rows] for logits, depth_rows in zip(captured, rows(cu))]
 
 
 @pytest.mark.parametrize("rope_scaling", [*ROPES, pytest.param(YARN_UNTRUNCATED_ROPE, id="rope-yarn-untruncated")])
@@ -199,6 +227,27 @@ def test_speculators_matches_our_unroll(speculators_eagle3, rope_scaling, tmp_pa
     assert_same_logits(our_logits(draft, *inputs), speculators_logits(model, *inputs), "speculators")
 
 
+@pytest.mark.parametrize("rope_scaling", ROPES[:2])
+def test_speculators_matches_our_eagle3_1_unroll(speculators_eagle3, rope_scaling, tmp_path):
+    """EAGLE-3.1 from the speculators format, every packed row that reads a real token at every depth."""
+    draft = drawn_draft(rope_scaling, target_hidden_size=32, fc_norm=True)
+    verifier = tiny_verifier(tmp_path / "target", draft.config)
+    out = export_speculators(draft.state_dict(), draft.config, str(tmp_path / "draft_speculators"), torch.float32,
+                             verifier)
+    model = load_speculators(speculators_eagle3, out)
+    assert model.config.fc_norm is True and model.config.norm_before_fc is False and model.input_norm is None
+    assert model.fc_norm is not None and len(model.fc_norm) == 3
+    for theirs, ours in zip(model.fc_norm, draft.fc_norm):
+        assert torch.equal(theirs.weight, ours.weight) and theirs.variance_epsilon == draft.config.rms_norm_eps
+    inputs = packed_inputs(draft.config, aux_scales=AUX_SCALES)
+    ours = our_logits(draft, *inputs, rows=packed_rows)
+    assert_same_logits(ours, speculators_logits(model, *inputs, rows=packed_rows), "speculators, EAGLE-3.1")
+    # The norm is what makes the layers' magnitudes irrelevant: the plain draft with the same weights differs.
+    plain = Eagle3Draft(dataclasses.replace(draft.config, fc_norm=False))
+    plain.load_state_dict({k: v for k, v in draft.state_dict().items() if not k.startswith("fc_norm.")})
+    assert max(max_diffs(our_logits(plain, *inputs, rows=packed_rows), ours)) > 1.0
+
+
 def test_speculators_config_round_trips_through_their_schema(speculators_eagle3, tmp_path):
     """Their pydantic config accepts ours and writes back the fields vLLM reads, unchanged."""
     draft = drawn_draft(None, target_hidden_size=32)
@@ -216,3 +265,8 @@ def test_speculators_config_round_trips_through_their_schema(speculators_eagle3,
     layer = config.transformer_layer_config
     assert (layer.model_type, layer.hidden_size, layer.head_dim, layer.vocab_size) == (
         "llama", draft.config.hidden_size, draft.config.head_dim, draft.config.vocab_size)
+    # EAGLE-3.1: their schema takes fc_norm with norm_before_fc false (it refuses both true).
+    eagle3_1 = drawn_draft(None, target_hidden_size=32, fc_norm=True)
+    out = export_speculators(eagle3_1.state_dict(), eagle3_1.config, str(tmp_path / "s31"), torch.bfloat16, None)
+    eagle3_1_dumped = speculators_eagle3.Eagle3SpeculatorConfig.from_pretrained(out).to_dict()
+    assert [eagle3_1_dumped[k] for k in ("fc_norm", "norm_before_fc", "norm_output")] == [True, False, False]

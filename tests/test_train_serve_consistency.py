@@ -7,7 +7,8 @@ attending the prefill's keys and the chain's earlier keys. Here the chain is dri
 evaluation uses (lib/drafts/eagle3/drafter.py `draft_step` over a `HoleKVCache`, and `forward_infer` over a
 `DraftKVCache`), teacher-forced with the tokens training feeds, and must give training's logits at
 every depth. Every parameter is drawn (norm gains too), so a term the two paths treat differently
-cannot hide behind a weight of one or zero.
+cannot hide behind a weight of one or zero. EAGLE-3.1 (fc_norm: one RMSNorm per aux layer before fc)
+runs the same check, on aux states whose magnitudes differ by layer.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from lib.drafts.eagle3.attention import DraftKVCache, TTTAttention
 from lib.drafts.eagle3.model import Eagle3Draft
 from lib.drafts.eagle3.drafter import HoleKVCache, draft_step
-from tests.eagle3_draws import LLAMA3_ROPE, YARN_UNTRUNCATED_ROPE, drawn_draft, packed_inputs
+from tests.eagle3_draws import AUX_SCALES, LLAMA3_ROPE, YARN_UNTRUNCATED_ROPE, drawn_draft, packed_inputs
 
 pytestmark = pytest.mark.unit
 
@@ -64,14 +65,15 @@ def chain_logits_forward_infer(draft: Eagle3Draft, ids, aux, start: int, t: int,
     return out
 
 
+@pytest.mark.parametrize("fc_norm", [False, True], ids=["eagle3", "eagle3_1"])
 @pytest.mark.parametrize("rope_scaling", [None, LLAMA3_ROPE, YARN_UNTRUNCATED_ROPE],
                          ids=["default_rope", "llama3_rope", "yarn_rope"])
 @pytest.mark.parametrize("chain", [chain_logits_draft_step, chain_logits_forward_infer],
                          ids=["eval_drafter", "forward_infer"])
-def test_training_unroll_equals_the_served_chain_at_every_depth(rope_scaling, chain):
+def test_training_unroll_equals_the_served_chain_at_every_depth(rope_scaling, chain, fc_norm):
     torch.set_default_dtype(torch.float32)
-    draft = drawn_draft(rope_scaling)
-    ids, aux, positions, cu = packed_inputs(draft.config)
+    draft = drawn_draft(rope_scaling, fc_norm=fc_norm)
+    ids, aux, positions, cu = packed_inputs(draft.config, aux_scales=AUX_SCALES if fc_norm else None)
     train = training_logits(draft, ids, aux, positions, cu)
     compared = [0] * TTT_LENGTH
     worst = [0.0] * TTT_LENGTH

@@ -9,6 +9,13 @@ draft_vocab_size, target_hidden_size and the aux layer ids in both places server
     eagle3_utils.py): vLLM captures the *input* of layer j (vllm/model_executor/models/llama.py),
     so it gets our ids + 1.
 out_dir/model.safetensors: the draft's state dict under its own names (see docs/draft_format.md).
+EAGLE-3.1 drafts (config `fc_norm: true`) add `fc_norm.{i}.weight` [target_hidden_size], one per aux
+layer. vLLM reads the key and those names as speculators writes them; sglang's EAGLE-3 Llama draft
+has no such parameters and its load_weights skips names it does not allocate, so it would serve
+such an export without the norms (docs/draft_format.md).
+
+load_draft also reads the speculators layout (written by speculators_format.py beside this one):
+`research_view` and `our_name` below map its config and names back to these.
 """
 from __future__ import annotations
 
@@ -29,6 +36,10 @@ WEIGHTS_FILE = "model.safetensors"
 # sglang's and vLLM's EAGLE-3 Llama drafts size fc for exactly three aux states.
 SERVER_NUM_AUX = 3
 _WRAPPER_PREFIX = "_orig_mod."  # torch.compile's wrapper module
+# The speculators layout (speculators_format.py writes it; load_draft reads it): its model type, and
+# its name of our decoder layer.
+SPECULATORS_MODEL_TYPE = "eagle3"
+OUR_LAYER_PREFIX, SPECULATORS_LAYER_PREFIX = "midlayer.", "layers.0."
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -64,6 +75,8 @@ def draft_config_json(config: Eagle3DraftConfig, dtype: torch.dtype) -> dict[str
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(config.aux_layer_ids),
                          "use_aux_hidden_state": True},
         "eagle_aux_hidden_state_layer_ids": [i + 1 for i in config.aux_layer_ids],
+        # EAGLE-3.1's per-aux-layer RMSNorm before fc (the key vLLM and speculators read).
+        "fc_norm": config.fc_norm,
     }
 
 
@@ -122,8 +135,44 @@ def export_draft(state_dict: Mapping[str, torch.Tensor], config: Eagle3DraftConf
     return write_export(out_dir, tensors, draft_config_json(config, dtype))
 
 
+def our_name(name: str) -> str:
+    """speculators' state-dict name -> ours (layers.0.* -> midlayer.*)."""
+    return OUR_LAYER_PREFIX + name.removeprefix(SPECULATORS_LAYER_PREFIX) if name.startswith(
+        SPECULATORS_LAYER_PREFIX) else name
+
+
+def research_view(data: dict[str, Any]) -> dict[str, Any]:
+    """A speculators-format config.json as the flat research-format keys config_from_export reads:
+    the layer config plus the EAGLE-3 keys (aux ids stay in the "input of layer k" count, top-level,
+    which config_from_export shifts back). Variants this draft cannot run are refused."""
+    if data.get("speculators_model_type") != SPECULATORS_MODEL_TYPE:
+        raise ValueError(f"speculators_model_type={data.get('speculators_model_type')!r}: only "
+                         f"{SPECULATORS_MODEL_TYPE!r} drafts load as an Eagle3Draft")
+    layer = dict(data.get("transformer_layer_config") or {})
+    if layer.get("model_type", "llama") != "llama":
+        raise ValueError(f"transformer_layer_config.model_type={layer.get('model_type')!r}: only Llama-layer "
+                         f"EAGLE-3 drafts load as an Eagle3Draft")
+    unsupported = [key for key in ("norm_before_residual", "norm_output") if data.get(key)]
+    if unsupported:
+        raise ValueError(f"speculators config sets {unsupported} true: this draft keeps the un-normed hidden as "
+                         f"the residual and feeds back the pre-norm output, so it cannot run that checkpoint")
+    for key in ("draft_vocab_size", "target_hidden_size", "eagle_aux_hidden_state_layer_ids", "norm_before_fc",
+                "fc_norm"):
+        if key in data:
+            layer[key] = data[key]
+    layer.pop("eagle_config", None)
+    return layer
+
+
 def config_from_export(data: dict[str, Any]) -> Eagle3DraftConfig:
-    """Eagle3DraftConfig from an EAGLE-3 draft config.json (ours, or SpecForge/sglang-style)."""
+    """Eagle3DraftConfig from an EAGLE-3 draft config.json (ours, SpecForge/sglang-style, or the
+    speculators layout)."""
+    if "speculators_model_type" in data:
+        data = research_view(data)
+    if data.get("norm_before_fc"):
+        raise ValueError(f"draft config.json has norm_before_fc=true (one RMSNorm over the concatenated aux states) "
+                         f"and fc_norm={data.get('fc_norm', False)}: only fc_norm (one RMSNorm per aux layer) is "
+                         f"implemented here, and the two are exclusive")
     eagle = data.get("eagle_config") or {}
     if "eagle_aux_hidden_state_layer_ids" in eagle:
         aux = list(eagle["eagle_aux_hidden_state_layer_ids"])
@@ -145,21 +194,25 @@ def config_from_export(data: dict[str, Any]) -> Eagle3DraftConfig:
         max_position_embeddings=data["max_position_embeddings"], vocab_size=data["vocab_size"],
         draft_vocab_size=data.get("draft_vocab_size") or data["vocab_size"],
         target_hidden_size=data.get("target_hidden_size") or hidden, aux_layer_ids=aux, rope_scaling=rope_scaling,
-        hidden_act=data.get("hidden_act", "silu"))
+        hidden_act=data.get("hidden_act", "silu"), fc_norm=bool(data.get("fc_norm", False)))
 
 
 def load_draft(path: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
                embedding: Optional[torch.Tensor] = None) -> Eagle3Draft:
-    """Rebuild an Eagle3Draft from an export directory. `embedding` (the target's input embedding)
-    is needed only for exports that leave embed_tokens out (some third-party drafts)."""
+    """Rebuild an Eagle3Draft from an export directory, research (`draft/`) or speculators
+    (`draft_speculators/`) layout. `embedding` (the target's input embedding) is needed only for
+    exports that leave embed_tokens out (some third-party drafts)."""
     from safetensors.torch import load_file
     cfg_file, weights = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for file in (cfg_file, weights):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found: {path!r} is not an EAGLE-3 draft export")
     with open(cfg_file) as f:
-        config = config_from_export(json.load(f))
+        data = json.load(f)
+    config = config_from_export(data)
     state = load_file(weights)
+    if "speculators_model_type" in data:
+        state = {our_name(name): t for name, t in state.items()}
     if "embed_tokens.weight" not in state:
         if embedding is None:
             raise KeyError(f"{weights} has no embed_tokens.weight: pass embedding=load_target_embedding(target)")

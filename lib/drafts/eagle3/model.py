@@ -2,8 +2,11 @@
 
 Parameter names are the checkpoint names that sglang and vLLM load as an EAGLE-3 Llama draft
 (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`, `embed_tokens`), so export is a plain
-state-dict write. The training-time-test unroll lives in loss.py; this module only provides the
-pieces it composes (projection, embedding, one decoder layer split around its attention, logits).
+state-dict write. EAGLE-3.1 (`fc_norm=True`) adds `fc_norm.{i}.weight`, one RMSNorm gain per aux
+layer over the target's hidden size, applied to each captured state before `fc` (speculators' and
+vLLM's names and placement). The training-time-test unroll lives in loss.py; this module only
+provides the pieces it composes (projection, embedding, one decoder layer split around its
+attention, logits).
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ class Eagle3DraftConfig:
     aux_layer_ids: list[int]  # target decoder layers whose outputs feed fc (0-based, "output of layer i")
     rope_scaling: Optional[dict[str, Any]] = None  # None, or {"rope_type": "llama3" | "yarn", ...} (rope.py)
     hidden_act: str = "silu"
+    # EAGLE-3.1: RMSNorm each aux layer's state on its own (one gain of target_hidden_size per layer, eps
+    # rms_norm_eps) before fc fuses them, against the magnitude drift between depths (speculators' fc_norm).
+    fc_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -64,6 +70,8 @@ class Eagle3DraftConfig:
         self.aux_layer_ids = ids
         if self.hidden_act != "silu":
             raise ValueError(f"Eagle3DraftConfig.hidden_act={self.hidden_act!r}: only 'silu' is implemented")
+        if not isinstance(self.fc_norm, bool):
+            raise ValueError(f"Eagle3DraftConfig.fc_norm={self.fc_norm!r} must be true or false")
         self.rope_scaling = normalise_rope_scaling(self.rope_scaling)
 
     @property
@@ -202,6 +210,10 @@ class Eagle3Draft(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)  # copied from the target, never trained
         self.fc = nn.Linear(config.fc_in_features, config.hidden_size, bias=False)
+        # EAGLE-3.1: fc_norm[j] normalises aux layer j's columns of the fc input (None for plain EAGLE-3).
+        self.fc_norm: Optional[nn.ModuleList] = nn.ModuleList(
+            RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in range(config.num_aux)
+        ) if config.fc_norm else None
         self.midlayer = DraftDecoderLayer(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
@@ -252,7 +264,14 @@ class Eagle3Draft(nn.Module):
         if aux_hidden.shape[-1] != self.config.fc_in_features:
             raise ValueError(f"aux hidden width {aux_hidden.shape[-1]} != n_aux*target_hidden_size="
                              f"{self.config.fc_in_features}: the engine captures other layers than the draft expects")
-        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+        x = aux_hidden.to(self.fc.weight.dtype)
+        if self.fc_norm is not None:
+            # One RMSNorm per aux layer: view the columns as [..., n_aux, H_target] and normalise each
+            # layer's block with its own gain in one pass (equal to normalising the chunks one by one).
+            gains = torch.stack([norm.weight for norm in self.fc_norm])
+            x = ops.rms_norm(x.unflatten(-1, (self.config.num_aux, self.config.target_hidden_size)), gains,
+                             self.config.rms_norm_eps).flatten(-2)
+        return self.fc(x)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids).to(self.fc.weight.dtype)

@@ -18,8 +18,14 @@ vllm/transformers_utils/configs/speculators/ (base.py + algos.py `update_eagle3`
     incoming hidden as the residual (DraftDecoderLayer.finish), which is False. speculators
     defaults to False, but vLLM's update_eagle3 defaults a missing key to True, so leaving it out
     would make vLLM run a different model.
+  - `fc_norm` is the draft's own flag (EAGLE-3.1: one RMSNorm per aux layer before fc; speculators
+    0.9.0's Eagle3DraftModel builds `fc_norm` as a ModuleList of num_aux norms over hidden_size with
+    the layer config's rms_norm_eps, and vLLM's Eagle3 Llama draft reads the same key and names).
+    `norm_before_fc` (one norm over the concatenation, exclusive with fc_norm) and `norm_output`
+    are variants this draft does not have: always false.
 out_dir/model.safetensors: speculators' state-dict names (Eagle3DraftModel): our `midlayer.*` is
-`layers.0.*`; embed_tokens, fc, norm, lm_head, d2t (int64) and t2d (bool) keep their names.
+`layers.0.*`; embed_tokens, fc, fc_norm.{i} (EAGLE-3.1), norm, lm_head, d2t (int64) and t2d (bool)
+keep their names. export.load_draft reads the layout back (export.research_view, export.our_name).
 speculators' own model class sizes fc as n_aux * hidden_size, so it loads only drafts whose
 target_hidden_size equals hidden_size; vLLM reads target_hidden_size and loads either.
 """
@@ -31,18 +37,18 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-# export.py owns the check of a draft state dict against the config; both formats share it.
-from lib.drafts.eagle3.export import checked_tensors, draft_config_json, write_export
+# export.py owns the check of a draft state dict against the config, and reading either layout back
+# (load_draft); both formats share them.
+from lib.drafts.eagle3.export import (OUR_LAYER_PREFIX, SPECULATORS_LAYER_PREFIX, SPECULATORS_MODEL_TYPE,
+                                      checked_tensors, draft_config_json, write_export)
 from lib.drafts.eagle3.model import Eagle3DraftConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-SPECULATORS_MODEL_TYPE = "eagle3"
 # The class name speculators 0.9 writes into `architectures`; vLLM overwrites it (update_eagle3).
 ARCHITECTURE = "Eagle3DraftModel"
 # The speculators release whose config schema this file writes.
 SCHEMA_VERSION = "0.9.0"
-OUR_LAYER_PREFIX, SPECULATORS_LAYER_PREFIX = "midlayer.", "layers.0."
 # How many draft tokens vLLM proposes per step unless told otherwise (speculators' converter default).
 DEFAULT_SPECULATIVE_TOKENS = 3
 # Keys of our research-format config.json that make up the Llama layer config.
@@ -86,9 +92,10 @@ def speculators_config_json(config: Eagle3DraftConfig, dtype: torch.dtype, verif
         "target_hidden_size": config.target_hidden_size,
         "eagle_aux_hidden_state_layer_ids": [i + 1 for i in config.aux_layer_ids],
         "norm_before_residual": False,
-        # The other EAGLE-3 variants speculators and vLLM know; our draft has none of them.
+        # EAGLE-3.1's per-aux-layer norm before fc, when the draft has it; the other variants
+        # speculators and vLLM know (norm_before_fc is exclusive with fc_norm) it never has.
         "norm_before_fc": False,
-        "fc_norm": False,
+        "fc_norm": config.fc_norm,
         "norm_output": False,
         "embed_requires_grad": False,
         "tie_word_embeddings": False,

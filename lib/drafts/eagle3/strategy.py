@@ -15,7 +15,7 @@ from torch import nn
 from lib.config import Config
 from lib.drafts.base import CapturePlan, DraftStrategy, register_strategy
 from lib.drafts.eagle3.loss import count_valid_positions, sim_accept_len
-from lib.drafts.eagle3.trainer import Eagle3Bundle
+from lib.drafts.eagle3.trainer import Eagle3Bundle, Eagle3Options
 
 log = logging.getLogger("specdraft.trainer")
 
@@ -71,7 +71,13 @@ class Eagle3Strategy(DraftStrategy):
     name = "eagle3"
     headline_metrics = ("acc_0", "sim_accept_len")
 
+    @staticmethod
+    def options(cfg: Config) -> Eagle3Options:
+        """draft.options checked (fc_norm: EAGLE-3.1, conf/draft/eagle3_1.yaml); an unknown key is an error."""
+        return Eagle3Options.from_mapping(dict(cfg.draft.options or {}))
+
     def capture_plan(self, hf_config: Any, cfg: Config) -> CapturePlan:
+        self.options(cfg)  # both roles build the plan at start-up: a bad option stops the run before any load
         layers = eagle3_aux_layers(cfg.target.aux_layers, int(hf_config.num_hidden_layers))
         return CapturePlan(tuple(layers), int(hf_config.hidden_size), final_hidden=True)
 
@@ -80,7 +86,7 @@ class Eagle3Strategy(DraftStrategy):
         from lib.target.shape import load_hf_config
 
         plan = self.capture_plan(load_hf_config(ctx.cfg.target), ctx.cfg)
-        return build_bundle(ctx, list(plan.layers))
+        return build_bundle(ctx, list(plan.layers), self.options(ctx.cfg))
 
     def prepare(self, bundle: Eagle3Bundle, micro: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list, torch.Tensor]:
         # Target distributions once per micro-batch: they feed both the normaliser and the loss.

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from lib.drafts.base import DraftBundle
+from lib.drafts.base import DraftBundle, dataclass_from_keys
 from lib.drafts.eagle3.export import load_draft
 from lib.drafts.eagle3.fused import use_compiled
 from lib.drafts.eagle3.loss import ttt_forward
@@ -23,6 +23,27 @@ from lib.drafts.eagle3.vocab import vocab_map
 from lib.launch.sharding import shard
 
 log = logging.getLogger("specdraft.trainer")
+
+
+@dataclass(frozen=True)
+class Eagle3Options:
+    """draft.options for draft=eagle3 (conf/draft/eagle3.yaml: none; conf/draft/eagle3_1.yaml: fc_norm)."""
+
+    # EAGLE-3.1: one RMSNorm per captured aux layer before fc (speculators' and vLLM's `fc_norm`).
+    fc_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fc_norm, bool):
+            raise ValueError(f"draft.options.fc_norm={self.fc_norm!r} must be true or false")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "Eagle3Options":
+        if data.get("norm_before_fc"):
+            # speculators' other pre-fc norm (one over the concatenation); exclusive with fc_norm there too.
+            raise ValueError(f"draft.options.norm_before_fc={data['norm_before_fc']!r} is not implemented (with "
+                             f"draft.options.fc_norm={data.get('fc_norm', False)!r}): use draft.options.fc_norm=true, "
+                             f"one RMSNorm per aux layer (draft=eagle3_1); the two are exclusive")
+        return dataclass_from_keys(cls, data, "draft.options for draft=eagle3")
 
 
 class TTTModule(nn.Module):
@@ -76,7 +97,17 @@ def _vocab_map_of(export_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     return draft.d2t, draft.t2d
 
 
-def build_bundle(ctx, aux_layers: list[int]) -> Eagle3Bundle:
+def warm_start(draft: Eagle3Draft, export_dir: str) -> None:
+    """Load an export's weights into a fresh draft (draft.init_from). A plain EAGLE-3 export warm-starts
+    an EAGLE-3.1 draft too (its fc_norm gains stay at one); the reverse would drop trained norms."""
+    init = load_draft(export_dir)
+    if init.config.fc_norm and not draft.config.fc_norm:
+        raise ValueError(f"draft.init_from={export_dir} is an EAGLE-3.1 draft (fc_norm weights) and this run's "
+                         f"draft has none: set draft.options.fc_norm=true (draft=eagle3_1)")
+    draft.load_state_dict(init.state_dict(), strict=False)
+
+
+def build_bundle(ctx, aux_layers: list[int], options: Optional[Eagle3Options] = None) -> Eagle3Bundle:
     """The draft, its vocab map and target head for this run; aux_layers from the capture plan."""
     from lib.target.shape import load_hf_config, target_shape
 
@@ -87,6 +118,7 @@ def build_bundle(ctx, aux_layers: list[int]) -> Eagle3Bundle:
     overrides = {k: v for k, v in (("intermediate_size", cfg.draft.intermediate_size),
                                    ("num_attention_heads", cfg.draft.num_attention_heads),
                                    ("num_key_value_heads", cfg.draft.num_key_value_heads)) if v is not None}
+    overrides["fc_norm"] = (options or Eagle3Options()).fc_norm
     draft_cfg = Eagle3DraftConfig.from_target(hf, draft_vocab, list(aux_layers), overrides)
     init_map = None if cfg.draft.init_from is None else partial(_vocab_map_of, cfg.draft.init_from)
     d2t, t2d = vocab_map(ctx, shape.vocab_size, draft_vocab, init_map)
@@ -94,7 +126,7 @@ def build_bundle(ctx, aux_layers: list[int]) -> Eagle3Bundle:
     torch.manual_seed(cfg.train.seed)
     draft = Eagle3Draft(draft_cfg)
     if cfg.draft.init_from is not None:
-        draft.load_state_dict(load_draft(cfg.draft.init_from).state_dict(), strict=False)
+        warm_start(draft, cfg.draft.init_from)
     draft.set_vocab_map(d2t, t2d)
     source = cfg.target.path
     if source is not None:
@@ -117,6 +149,7 @@ def build_bundle(ctx, aux_layers: list[int]) -> Eagle3Bundle:
     module.set_head(head)
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if ctx.is_trainer_leader:
-        log.info("draft: hidden %d, draft vocab %d, aux layers %s, %.1fM trainable parameters",
-                 draft_cfg.hidden_size, draft_vocab, list(aux_layers), params / 1e6)
+        log.info("draft: hidden %d, draft vocab %d, aux layers %s%s, %.1fM trainable parameters",
+                 draft_cfg.hidden_size, draft_vocab, list(aux_layers), " (fc_norm: EAGLE-3.1)" if draft_cfg.fc_norm
+                 else "", params / 1e6)
     return Eagle3Bundle(model, draft_config=draft_cfg, target_head=head, ttt_length=cfg.train.ttt_length)
