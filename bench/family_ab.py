@@ -27,6 +27,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Families trained for EAGLE-3's time: their overrides and the draft lengths they are scored at
+# (block_size is filled in from --block-size).
+MATCHED = {"dflash": (["draft=dflash", "draft.options.block_size={block}"], "[{last}]"),
+           "eagle3_1": (["draft=eagle3_1"], "[3,7]")}
 
 
 def train(run_dir: str, steps: int, overrides: list[str], limit_s: float) -> dict:
@@ -64,19 +68,19 @@ def main() -> None:
     p.add_argument("--calibration-steps", type=int, default=40)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--limit-s", type=float, default=1200, help="time limit of each training or evaluation")
-    p.add_argument("--phase", choices=["all", "eagle3", "dflash"], default="all")
+    p.add_argument("--phase", choices=["all", "eagle3", *MATCHED], default="all",
+                   help="eagle3: the reference run; any other: that family for EAGLE-3's training time")
     p.add_argument("--eagle-train-s", type=float, help="EAGLE-3's training time for --phase dflash (default: "
                    "<out-dir>/eagle3.json's)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (target=..., data=...)")
     args = p.parse_args()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
-    dflash = ["draft=dflash", f"draft.options.block_size={args.block_size}"]
     eagle_json = os.path.join(out, "eagle3.json")
     eagle_train_s = args.eagle_train_s
-    if args.phase == "dflash" and eagle_train_s is None:
+    if args.phase in MATCHED and eagle_train_s is None:
         if not os.path.isfile(eagle_json):
-            raise SystemExit(f"--phase dflash: pass --eagle-train-s (EAGLE-3's training seconds from --phase eagle3) "
+            raise SystemExit(f"--phase {args.phase}: pass --eagle-train-s (EAGLE-3's training seconds from --phase eagle3) "
                              f"or run --phase eagle3 with --out-dir {out} first")
         with open(eagle_json) as f:
             eagle_train_s = json.load(f)["train_s"]
@@ -95,20 +99,21 @@ def main() -> None:
     elif os.path.isfile(eagle_json):
         with open(eagle_json) as f:
             results["eagle3"] = json.load(f)
-    if args.phase in ("all", "dflash"):
-        calibration = train(f"{out}/dflash_calibration", args.calibration_steps, [*dflash, *args.overrides],
+    for name in [args.phase] if args.phase in MATCHED else list(MATCHED)[:1] if args.phase == "all" else []:
+        family = [o.format(block=args.block_size) for o in MATCHED[name][0]]
+        lengths = MATCHED[name][1].format(last=args.block_size - 1)
+        calibration = train(f"{out}/{name}_calibration", args.calibration_steps, [*family, *args.overrides],
                             args.limit_s)
-        dflash_steps = max(1, round(eagle_train_s / calibration["median_step_s"]))
-        flash = train(f"{out}/dflash", dflash_steps, [*dflash, *args.overrides], args.limit_s)
-        results["dflash"] = {**flash, "eagle3_train_s": eagle_train_s,
-                             "eval": evaluate(f"{out}/dflash/draft", f"{out}/dflash_eval.json",
-                                              [*dflash, f"eval.draft_tokens=[{args.block_size - 1}]",
-                                               *args.overrides], args.limit_s)}
+        steps = max(1, round(eagle_train_s / calibration["median_step_s"]))
+        run = train(f"{out}/{name}", steps, [*family, *args.overrides], args.limit_s)
+        results[name] = {**run, "eagle3_train_s": eagle_train_s,
+                         "eval": evaluate(f"{out}/{name}/draft", f"{out}/{name}_eval.json",
+                                          [*family, f"eval.draft_tokens={lengths}", *args.overrides], args.limit_s)}
     with open(f"{out}/family_ab.json" if args.phase == "all" else f"{out}/family_ab_{args.phase}.json", "w") as f:
         json.dump(results, f, indent=1)
     print("| draft | steps | train s | last loss | k | tau (tokens per target forward) | matches greedy |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("eagle3", "dflash"):
+    for name in ("eagle3", *MATCHED):
         r = results.get(name)
         for e in (r or {}).get("eval", []):
             print(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['last_loss']:.4f} | {e['k']} | {e['tau']:.3f} | "

@@ -12,6 +12,7 @@
 #           every prompt answered greedily (tools/regenerate.py), a batch-size sweep of regeneration
 #   eagle3  EAGLE-3 for EAGLE_STEPS steps (bench/family_ab.py --phase eagle3), evaluated at k=3 and k=7
 #   dflash  DFlash for EAGLE-3's training time (its --phase dflash), evaluated at k = block size - 1
+#   eagle3_1  EAGLE-3.1 (fc_norm) for EAGLE-3's training time, evaluated at k=3 and k=7
 #   curve   tau at k=3/7 against steps: eval.py on each checkpoint's export of the eagle3 phase (it saves
 #           every CKPT_EVERY steps), CURVE_PROMPTS held-out prompts each; CURVE_RUN=1 instead trains
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
@@ -98,8 +99,8 @@ for p in "$@"; do case $p in
   eagle3) phase eagle3 "${EAGLE_LIMIT:-330}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase eagle3 \
       --eagle-steps "$EAGLE_STEPS" --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
       "checkpoint.every=$CKPT_EVERY" checkpoint.keep=100 ;;
-  dflash) phase dflash "${DFLASH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase dflash \
-      --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
+  dflash|eagle3_1) phase "$p" "${MATCH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" \
+      --phase "$p" --limit-s 300 "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
   curve) if [[ ${CURVE_RUN:-0} == 1 ]]; then
       phase curve "${CURVE_LIMIT:-420}" bash launch.sh "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
         "train.max_steps=$CURVE_STEPS" "eval.every=$CURVE_EVERY" "eval.num_prompts=$CURVE_PROMPTS" \
@@ -117,5 +118,5 @@ for p in "$@"; do case $p in
         "$WORK/curve/$step.json" "$step"
     done ;;
   report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
-  *) echo "unknown phase $p (data eagle3 dflash curve report)"; exit 2 ;;
+  *) echo "unknown phase $p (data eagle3 dflash eagle3_1 curve report)"; exit 2 ;;
 esac; done
