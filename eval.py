@@ -1,4 +1,4 @@
-"""Offline evaluation of an EAGLE-3 draft: acceptance length by greedy speculative decoding.
+"""Offline evaluation of a draft export: acceptance length by greedy speculative decoding.
 
     python eval.py --draft outputs/run/draft [--out eval.json] [hydra overrides of conf/ ...]
     python eval.py --draft /ckpt/draft target.path=/ckpt/Qwen3-8B data=jsonl data.path=/data/chat.jsonl \\
@@ -6,13 +6,15 @@
     python eval.py --draft RUN/draft target=smollm2_135m data=jsonl data.path=chat.jsonl \\
         data.heldout_path=prompts.jsonl --out eval.json    # a GGUF target; unanswered prompts answered first
 
-The target, the held-out prompts (data.heldout_path, or the last data.heldout_size lines of data.path)
-and eval.draft_tokens / num_prompts / max_new_tokens come from the repo's Hydra config, so the same
-overrides as for train.py apply. For each k it prints tau, per-position acceptance and speedup
-proxies, checks the output against plain greedy decoding, and writes everything to --out (JSON);
-held-out lines with a "category" also get those numbers per category. target.path may be any HF
-checkpoint directory or a GGUF file (dequantized once, cached). Held-out lines without answers yet
-(prompt files) are answered by the target first, and the filled file is reused by later runs.
+The draft's family (eagle3, dflash, ...) is read from the export's config.json, so no draft= is
+needed; one given must agree with the export. The target, the held-out prompts (data.heldout_path,
+or the last data.heldout_size lines of data.path) and eval.draft_tokens / num_prompts /
+max_new_tokens come from the repo's Hydra config, so the same overrides as for train.py apply. For
+each k it prints tau, per-position acceptance and speedup proxies, checks the output against plain
+greedy decoding, and writes everything to --out (JSON); held-out lines with a "category" also get
+those numbers per category. target.path may be any HF checkpoint directory or a GGUF file
+(dequantized once, cached). Held-out lines without answers yet (prompt files) are answered by the
+target first, and the filled file is reused by later runs.
 See docs/evaluation.md.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      epilog="Any other argument is a Hydra override of conf/ (target=..., "
                                             "target.path=..., data=..., data.path=..., eval.draft_tokens=[3,7], ...)")
     parser.add_argument("--draft", required=True, help="draft export directory (config.json + model.safetensors), "
-                        "or a run directory holding draft/")
+                        "or a run directory holding draft/; its config.json says the family (no draft= needed)")
     parser.add_argument("--out", default=None, help="JSON result file (none: print only); answers the target wrote "
                         "for held-out prompts go next to it")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -79,6 +81,27 @@ def draft_dir(path: str) -> str:
         if os.path.isfile(os.path.join(candidate, "config.json")):
             return candidate
     raise SystemExit(f"--draft {path!r}: no config.json there or in {path}/draft; point it at a draft export")
+
+
+def requested_family(overrides: list[str]) -> str | None:
+    """The family named on the command line (draft=NAME or draft.name=NAME; the last one wins), if any."""
+    found = None
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") in ("draft", "draft.name"):
+            found = value
+    return found
+
+
+def with_export_family(directory: str, overrides: list[str]) -> list[str]:
+    """The overrides with draft=<the export's family> added, so its conf group (eval.draft_tokens,
+    draft.options) applies as it did in training; a draft= given must agree with the export."""
+    from lib.drafts.base import family_of_export
+
+    requested = requested_family(overrides)
+    family = family_of_export(directory, requested, "drop draft= (eval.py reads the family from the export), "
+                                                    "or pass draft={family}")
+    return list(overrides) if requested is not None else [f"draft={family}", *overrides]
 
 
 def load_config(args: argparse.Namespace):
@@ -235,6 +258,7 @@ def main(argv: list[str]) -> int:
 
     directory = draft_dir(args.draft)
     try:
+        args.overrides = with_export_family(directory, args.overrides)
         cfg = load_config(args)
         device = torch.device(cfg.device.value)
         # Before any model loads (the answering below loads the target too).
@@ -254,7 +278,7 @@ def main(argv: list[str]) -> int:
 
     model = load_target(cfg, device)
     runner = TargetRunner.from_causal_lm(model)
-    strategy = get_strategy(cfg.draft.name)  # draft=<name> picks the loader and the drafter
+    strategy = get_strategy(cfg.draft.name)  # the export's family: its loader and its drafter
     draft = strategy.drafter(strategy.load_export(directory, device, runner.dtype, model))
     if cfg.target.aux_layers is not None and list(cfg.target.aux_layers) != list(draft.aux_layers):
         print(f"eval.py: target.aux_layers={list(cfg.target.aux_layers)} but the draft was trained on "

@@ -92,6 +92,10 @@ def main(overrides: list[str]) -> int:
         gpus = visible_gpus()
         shape = LaunchShape.from_env(gpus)
         validate(cfg, shape)
+        if cfg.draft.init_from is not None:  # fine-tuning another family's export fails here, naming both
+            from lib.drafts.base import family_of_export
+            family_of_export(cfg.draft.init_from, cfg.draft.name,
+                             "pass draft={family}, or draft.init_from=<an export of the {requested} family>")
         cfg = resolve(cfg, shape)  # from here on no "auto" or None: every role reads these values
         # An HF directory with its shape recorded (a GGUF is dequantized once, all ranks share the copy).
         cfg = prepare_target(cfg)

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Optional
 
 from lib.config_choices import (  # noqa: F401 - the choices are part of this module's interface
     Placement, Device, MpsMode, Backend, AttnImpl, VarlenKernel,
-    MoeImpl, TargetDtype, DraftFamily, Overlong, WandbMode,
+    MoeImpl, TargetDtype, Overlong, WandbMode, DRAFT_ROOTS_ENV, draft_conf_dirs, draft_families,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ class TargetConfig:
 
 @dataclass
 class DraftConfig:
-    name: DraftFamily = DraftFamily.eagle3  # set by draft=<family> (conf/draft/)
+    name: str = "eagle3"  # set by draft=<family>: a package under lib/drafts/ (config_choices.draft_families)
     draft_vocab_size: int = 32000  # clipped to the target vocab
     init_from: Optional[str] = None  # an existing draft export to fine-tune (reuses its vocab map)
     intermediate_size: Optional[int] = None  # default: the target's
@@ -199,8 +199,12 @@ def explain_hydra_error(exc: BaseException) -> str:
     first = " ".join(useful[:2]) if useful else type(exc).__name__
     where = f"{key}: " if key else ""
     if "Could not find" in first or "Could not load" in first:
-        groups = {g: sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g)) if f.endswith(".yaml"))
-                  for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g))}
+        groups: dict[str, list[str]] = {}
+        for conf in [CONF_DIR, *draft_conf_dirs()]:
+            for g in os.listdir(conf):
+                if os.path.isdir(os.path.join(conf, g)):
+                    groups[g] = sorted({*groups.get(g, ()), *(f[:-5] for f in os.listdir(os.path.join(conf, g))
+                                                               if f.endswith(".yaml"))})
         options = "; ".join(f"{g}: {', '.join(v)}" for g, v in sorted(groups.items()))
         return f"{first.split(' Available')[0]}. Fix: pick a shipped option ({options}) or add a file under conf/."
     if "not in" in first and "Key" in first:
@@ -259,10 +263,15 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
     _register_schema()
     GlobalHydra.instance().clear()
+    extra = draft_conf_dirs()  # conf/draft/<family>.yaml of families kept outside the repository
+    search = [f"hydra.searchpath=[{','.join('file://' + d for d in extra)}]"] if extra else []
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            node = hydra_compose(config_name="config", overrides=list(overrides))
-        return OmegaConf.to_object(node)
+            node = hydra_compose(config_name="config", overrides=search + list(overrides))
+        cfg = OmegaConf.to_object(node)
+        # As an enum would at composition: draft.name is a str because the families are discovered.
+        check_draft_name(cfg.draft.name)
+        return cfg
     except (HydraException, OmegaConfBaseException) as exc:  # ValidationError for enums included
         cause = exc
         while cause is not None:  # a resolver's own ConfigError (package_file) already says key and fix
@@ -353,6 +362,20 @@ def _as_enum(key: str, value: Any, kind: type[enum.Enum]) -> Any:
     _fail(key, value, f"allowed: {', '.join(kind.__members__)}")
 
 
+def check_draft_name(name: Any) -> str:
+    """draft.name, if it names a family under lib/drafts/ (or a root in $SPECDRAFT_DRAFT_ROOTS)."""
+    name = getattr(name, "value", name)  # a str enum member from code written against the old enum
+    try:
+        families = sorted(draft_families())
+    except ValueError as err:  # one family under two roots
+        raise ConfigError(f"draft.name={name!r}: {err}") from None
+    if not isinstance(name, str) or name not in families:
+        raise ConfigError(f"draft.name={name!r}: not one of {', '.join(families)} (the packages under lib/drafts/). "
+                          f"Fix: pick one of those, e.g. draft=eagle3, or add the family as lib/drafts/{name}/ "
+                          f"(registering a DraftStrategy) and conf/draft/{name}.yaml (docs/design.md)")
+    return name
+
+
 def resolve_device(device: Device | str, gpus_per_node: int) -> Device:
     device = _as_enum("device", device, Device)
     if device == Device.auto:
@@ -425,7 +448,7 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
     train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile)
     run = replace(cfg.run, dir=new_run_dir() if cfg.run.dir == "auto" else os.path.abspath(cfg.run.dir))
     data = replace(cfg.data, overlong=_as_enum("data.overlong", cfg.data.overlong, Overlong))
-    draft = replace(cfg.draft, name=_as_enum("draft.name", cfg.draft.name, DraftFamily))
+    draft = replace(cfg.draft, name=check_draft_name(cfg.draft.name))
     mps = _as_enum("mps", cfg.mps, MpsMode)
     if mps == MpsMode.auto:
         # launch.sh decided and says so in SPECDRAFT_MPS; nothing starts MPS under a bare torchrun.

@@ -22,10 +22,9 @@ import time
 from typing import Any, Optional
 
 from lib.config import (
-    CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, DraftFamily, LaunchShape, Overlong, Placement,
-    ProcessLayout,
-    TargetDtype, VarlenKernel, WandbMode, _as_enum, _fail, compose, resolve_attn_impl, resolve_device,
-    target_name,
+    CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, LaunchShape, Overlong, Placement,
+    ProcessLayout, TargetDtype, VarlenKernel, WandbMode, _as_enum, _fail, check_draft_name, compose,
+    resolve_attn_impl, resolve_device, target_name,
 )
 
 
@@ -91,13 +90,13 @@ def _check_choices(cfg: Config, shape: LaunchShape) -> None:
     _as_enum("engine.varlen_kernel", cfg.engine.varlen_kernel, VarlenKernel)
     _as_enum("target.dtype", cfg.target.dtype, TargetDtype)
     _as_enum("data.overlong", cfg.data.overlong, Overlong)
-    _as_enum("draft.name", cfg.draft.name, DraftFamily)
+    draft = check_draft_name(cfg.draft.name)
     if cfg.data.template not in TEMPLATES:
         _fail("data.template", cfg.data.template, f"not a registered template; use one of {', '.join(TEMPLATES)} "
               "(auto: the tokenizer's own chat template), or register one in lib/data/templates.py")
     device = resolve_device(cfg.device, shape.gpus_per_node)
     resolve_attn_impl(cfg.engine.attn_impl, device.value, cfg.target.dtype)  # attn_impl, and its fit to device/dtype
-    if cfg.train.recompute and _as_enum("draft.name", cfg.draft.name, DraftFamily) != DraftFamily.eagle3:
+    if cfg.train.recompute and draft != "eagle3":
         _fail("train.recompute", True, "only the EAGLE-3 unroll has it (DFlash keeps no logits for backward: its "
               "cross-entropy forms the gradient chunk by chunk in forward); drop the key for draft=dflash")
     if cfg.checkpoint.resume and cfg.run.dir == "auto":

@@ -1,8 +1,20 @@
 """The choice-valued config keys: one str enum per key, so Hydra refuses a value outside the choice
-when it composes the config (lib/config.py re-exports them; import them from there)."""
+when it composes the config (lib/config.py re-exports them; import them from there).
+
+draft.name is the exception: its choices are the draft families found on disk (`draft_families`), so
+adding a family touches only lib/drafts/<family>/ and conf/draft/<family>.yaml. The scan reads
+directories and imports nothing (launch.sh's config check must stay free of torch);
+lib/drafts/base.py imports a family's package when it is first asked for it.
+"""
 from __future__ import annotations
 
 import enum
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Further roots laid out like this repository (ROOT/lib/drafts/<family>/, ROOT/conf/draft/<family>.yaml),
+# separated by os.pathsep: families kept outside the checkout (tests write a toy one into a temp dir).
+DRAFT_ROOTS_ENV = "SPECDRAFT_DRAFT_ROOTS"
 
 
 class Placement(str, enum.Enum):
@@ -62,12 +74,6 @@ class TargetDtype(str, enum.Enum):
     float = "float32"
 
 
-class DraftFamily(str, enum.Enum):
-    # Each member is a DraftStrategy registered under lib/drafts/<name>/ (lib/drafts/base.py).
-    eagle3 = "eagle3"
-    dflash = "dflash"  # block diffusion (lib/drafts/dflash/); knobs in draft.options (conf/draft/dflash.yaml)
-
-
 class Overlong(str, enum.Enum):
     truncate = "truncate"  # cut a sample to data.max_length
     skip = "skip"  # drop it (counted)
@@ -76,3 +82,34 @@ class Overlong(str, enum.Enum):
 class WandbMode(str, enum.Enum):
     online = "online"
     offline = "offline"  # no network needed: the run lands in run.dir/wandb; `wandb sync` uploads it later
+
+
+def draft_roots() -> list[str]:
+    """This repository first, then the roots named in $SPECDRAFT_DRAFT_ROOTS that exist."""
+    extra = [os.path.abspath(p) for p in os.environ.get(DRAFT_ROOTS_ENV, "").split(os.pathsep) if p]
+    return [REPO_ROOT] + [p for p in dict.fromkeys(extra) if os.path.isdir(p) and p != REPO_ROOT]
+
+
+def draft_families() -> dict[str, str]:
+    """Family name -> its package directory: every ROOT/lib/drafts/<name>/ with an __init__.py, over
+    draft_roots(). A name found under two roots is an error: which one draft=<name> loads would
+    depend on the order of the roots."""
+    found: dict[str, str] = {}
+    for root in draft_roots():
+        drafts = os.path.join(root, "lib", "drafts")
+        if not os.path.isdir(drafts):
+            continue
+        for name in sorted(os.listdir(drafts)):
+            package = os.path.join(drafts, name)
+            if not (name.isidentifier() and os.path.isfile(os.path.join(package, "__init__.py"))):
+                continue  # __pycache__, data folders
+            if name in found:
+                raise ValueError(f"draft family {name!r} is in both {found[name]} and {package}; rename one, "
+                                 f"or drop its root from ${DRAFT_ROOTS_ENV}")
+            found[name] = package
+    return found
+
+
+def draft_conf_dirs() -> list[str]:
+    """The conf/ directories of the extra roots (Hydra searches them after the repository's conf/)."""
+    return [os.path.join(r, "conf") for r in draft_roots()[1:] if os.path.isdir(os.path.join(r, "conf"))]

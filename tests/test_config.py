@@ -106,7 +106,7 @@ def test_unknown_options_fail_at_composition(overrides, needle):
     ("engine.backend=vllm", "engine.backend", "hf, sglang"),
     ("engine.varlen_kernel=fa3", "engine.varlen_kernel", "flash, cudnn"),
     ("data.overlong=drop", "data.overlong", "truncate, skip"),
-    ("draft.name=medusa", "draft.name", "eagle3, dflash"),
+    ("draft.name=medusa", "draft.name", "dflash, eagle3"),  # the packages under lib/drafts/, not an enum
 ])
 def test_bad_enum_value_is_one_line_naming_key_value_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as err:

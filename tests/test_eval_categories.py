@@ -17,7 +17,7 @@ from lib.eval.drafters import ForcedDrafter
 from lib.eval.heldout_answers import missing_answers
 from lib.eval.spec_decode import greedy_decode, speculative_decode
 from lib.target.weights import load_causal_lm
-from tests.test_spec_decode import build_draft
+from tests.test_spec_decode import as_drafter, build_draft
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +99,7 @@ def test_per_category_tau_is_exact_for_oracle_and_wrong_prompts(target, prompts,
 def test_real_draft_categories_add_up_to_the_pooled_numbers(target, prompts):
     draft = build_draft(target, draft_vocab=800, std=0.2)
     stop = [int(target.config.eos_token_id)]
-    result = speculative_decode(target, draft, prompts, K, MAX_NEW, stop, check_greedy=False, batch_size=4,
+    result = speculative_decode(target, as_drafter(draft), prompts, K, MAX_NEW, stop, check_greedy=False, batch_size=4,
                                 progress=False)
     before = (result.tau, result.accept_rates, result.stats.verify_rows, result.stats.reached)
     labels = ["a", "b", None, "a", "b", "b", "a"]

@@ -9,7 +9,8 @@ come before it (lib.config is the root every package may use):
     lib.config (+ lib.config_check)     typed config, enums, validation; imports no other lib package
     lib.launch, lib.data, lib.target    process setup and sharding; data pipeline; the target's files
     lib.drafts                          the strategy seam and the draft families: models, losses, export,
-                                        drafters
+                                        drafters (lib.eval, engine, handoff and trainer import the seam
+                                        only, never a family's package)
     lib.handoff                         engine -> trainer transport (payload specs from lib.data)
     lib.eval                            speculative decoding and online evaluation of a draft
     lib.engine                          target backends and the engine role's loop (which serves eval)
@@ -47,6 +48,8 @@ ALLOWED = {
     "lib.engine": _BELOW_HANDOFF | {"lib.handoff", "lib.eval"},
     "lib.trainer": _BELOW_HANDOFF | {"lib.handoff", "lib.eval", "lib.engine"},
 }
+# Packages that serve every draft family: they import lib.drafts' seam, never a family's package.
+GENERIC_PACKAGES = ("lib.eval", "lib.engine", "lib.handoff", "lib.trainer")
 KNOWN_EXCEPTIONS = {
     # config -> data: validation reads the template registry (lazily), while lib.data imports lib.config.
     ("lib/config_check.py", "lib.data.templates"),
@@ -90,12 +93,21 @@ def imported_modules(path: str) -> list[tuple[str, int]]:
                 name = node.module
             # `from lib import data` imports the package lib.data
             found += [(f"{name}.{alias.name}", node.lineno) for alias in node.names] if name == "lib" else [(name, node.lineno)]
+            # `from lib.drafts import eagle3` imports the subpackage too
+            found += [(f"{name}.{alias.name}", node.lineno) for alias in node.names
+                      if name != "lib" and is_module(f"{name}.{alias.name}")]
         elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
               and isinstance(node.args[0].value, str)
               and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
                    or (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module")))):
             found.append((node.args[0].value, node.lineno))
     return found
+
+
+def is_module(name: str) -> bool:
+    """A module or package of this repository (name.py or name/__init__.py)."""
+    path = os.path.join(REPO, *name.split("."))
+    return os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__init__.py"))
 
 
 def where(path: str, line: int) -> str:
@@ -150,6 +162,25 @@ def test_package_imports_only_packages_below_it(package):
            if (path, name) not in KNOWN_EXCEPTIONS]
     assert not bad, (f"{package} may import only {sorted(ALLOWED[package]) or 'no other lib package'} "
                      "(order in this file's docstring):\n" + "\n".join(bad))
+
+
+def draft_families() -> list[str]:
+    """The family packages under lib/drafts/ (the seam's own modules sit beside them as files)."""
+    drafts = os.path.join(LIB, "drafts")
+    return sorted(f"lib.drafts.{d}" for d in os.listdir(drafts)
+                  if os.path.isfile(os.path.join(drafts, d, "__init__.py")))
+
+
+def test_generic_packages_import_no_draft_family():
+    """The engine, the handoff, the trainer loop and evaluation reach a family only through the strategy
+    seam (lib/drafts/base.py, drafting.py): a family is added without touching them."""
+    families = draft_families()
+    assert "lib.drafts.eagle3" in families
+    bad = [f"{where(path, line)} imports {name}" for path in lib_files()
+           if package_of(module_name(path)) in GENERIC_PACKAGES
+           for name, line in imported_modules(path) if any(name == f or name.startswith(f + ".") for f in families)]
+    assert not bad, ("import the family through get_strategy(cfg.draft.name) (lib/drafts/base.py) instead:\n"
+                     + "\n".join(bad))
 
 
 def test_known_exceptions_still_occur():

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lib.config import EngineConfig, TargetConfig
+from lib.drafts.base import get_strategy
 from lib.data.datasets import EvalPrompt
 from lib.drafts.eagle3.export import export_draft
 from lib.drafts.eagle3.loss import ttt_forward
@@ -71,6 +72,11 @@ def build_draft(target, draft_vocab: int = 200, seed: int = 1, std: float = 0.05
     return draft.eval()
 
 
+def as_drafter(draft: Eagle3Draft):
+    """The draft as decoding takes it: wrapped by its family's strategy (lib/eval names no family)."""
+    return get_strategy("eagle3").drafter(draft)
+
+
 @pytest.fixture(scope="module")
 def target():
     return build_target()
@@ -106,7 +112,7 @@ def test_greedy_decode_equals_transformers_generate(target, prompts):
 def test_random_draft_output_equals_greedy(target, prompts, k):
     draft = build_draft(target)
     stop = frequent_token(greedy_decode(target, prompts, 16))
-    result = speculative_decode(target, draft, prompts, k, 16, [stop], batch_size=3, progress=False)
+    result = speculative_decode(target, as_drafter(draft), prompts, k, 16, [stop], batch_size=3, progress=False)
     assert result.matches_greedy, result.mismatched_prompts
     assert result.outputs == greedy_decode(target, prompts, 16, [stop])
     stats = result.stats
@@ -190,9 +196,9 @@ def test_briefly_trained_draft_is_accepted_and_output_stays_greedy(target, promp
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    untrained = speculative_decode(target, build_draft(target, draft_vocab=VOCAB), prompts, 3, 24,
+    untrained = speculative_decode(target, as_drafter(build_draft(target, draft_vocab=VOCAB)), prompts, 3, 24,
                                    check_greedy=False, progress=False)
-    trained = speculative_decode(target, draft.eval(), prompts, 3, 24, progress=False)
+    trained = speculative_decode(target, as_drafter(draft), prompts, 3, 24, progress=False)
     assert trained.matches_greedy
     assert trained.tau > 1.5 and trained.tau > untrained.tau + 0.5
     assert trained.accept_rates[0] > 0.5
@@ -212,10 +218,11 @@ def test_evaluate_online_through_the_engine_backend(target, prompts, tmp_path):
     runner = TargetRunner.from_backend(backend, target.get_output_embeddings().weight)
     draft = build_draft(target, std=0.2)
     evals = [EvalPrompt(str(i), p, []) for i, p in enumerate(prompts)]
-    row = evaluate_online(runner, draft, evals, [3, 2], 8, step=7)
+    row = evaluate_online(runner, as_drafter(draft), evals, [3, 2], 8, step=7)
     assert backend.model.config._attn_implementation == "engine_varlen" and not compiled
     assert row["step"] == 7
-    direct = {k: speculative_decode(target, draft, prompts, k, 8, check_greedy=False, progress=False) for k in (3, 2)}
+    direct = {k: speculative_decode(target, as_drafter(draft), prompts, k, 8, check_greedy=False, progress=False)
+              for k in (3, 2)}
     assert row["accept_len"] == row["accept_len_k3"] == direct[3].tau
     assert row["accept_len_k2"] == direct[2].tau
     assert [row[f"accept_rate_{i}"] for i in range(3)] == direct[3].accept_rates
@@ -229,14 +236,16 @@ def test_cuda_decoding_equals_greedy_and_forced_taus(prompts):
     cpu_target = build_target()
     draft = build_draft(cpu_target, std=0.2).cuda()
     target = cpu_target.cuda()
-    result = speculative_decode(target, draft, prompts, 3, 16, progress=False)
+    result = speculative_decode(target, as_drafter(draft), prompts, 3, 16, progress=False)
     assert result.matches_greedy, result.mismatched_prompts
     assert speculative_decode(target, None, prompts, 3, 16, forced="oracle", progress=False).tau == 4
     assert speculative_decode(target, None, prompts, 3, 16, forced="wrong", progress=False).tau == 1
 
 
 def test_bad_inputs_name_the_problem(target, prompts):
-    draft = build_draft(target)
+    with pytest.raises(TypeError, match=r"Eagle3Draft, not a Drafter: .*get_strategy\(name\)\.drafter\(model\)"):
+        speculative_decode(target, build_draft(target), prompts, 2, 8)
+    draft = as_drafter(build_draft(target))
     with pytest.raises(ValueError, match="k=0"):
         speculative_decode(target, draft, prompts, 0, 8)
     with pytest.raises(ValueError, match="prompt 1 is empty"):

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.unit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules that serve every draft family: none of them may name one (issue 15).
-GENERIC_MODULES = ["lib/engine/worker.py", "lib/trainer/loop.py", "lib/trainer/sources.py", "lib/eval/online.py"] + [
+GENERIC_MODULES = ["lib/engine/worker.py", "lib/trainer/loop.py", "lib/trainer/sources.py", "lib/eval/online.py",
+                   "lib/eval/spec_decode.py"] + [
     os.path.join("lib/handoff", f) for f in sorted(os.listdir(os.path.join(REPO, "lib/handoff"))) if f.endswith(".py")]
 QWEN3 = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=256)
@@ -54,6 +55,9 @@ class _WideStrategy(DraftStrategy):
                            final_hidden=False)
 
     build = prepare = micro_loss = summarize = export = eval_weights = eval_model = load_export = drafter = None
+
+    def recognizes(self, config_json):
+        return False  # writes no exports (family_of_export asks every registered family)
 
 
 def test_a_registered_strategy_is_selectable_and_names_are_unique():

@@ -7,14 +7,19 @@ the run's `DraftStrategy` (cfg.draft.name, e.g. `draft=eagle3`) for
 - `build`: the trainer-side bundle (the FSDP2 unit the loop optimises, plus the family's own state);
 - `prepare` / `micro_loss` / `summarize`: one optimiser step's loss and metrics;
 - `export`: the draft on disk, in the formats its servers load;
-- `eval_*` / `load_export` / `drafter`: speculative-decoding evaluation, online and offline.
+- `eval_*` / `load_export` / `drafter`: speculative-decoding evaluation, online and offline;
+- `recognizes`: whether an export's config.json is this family's (eval.py reads the family from it).
 
-A new family (DFlash, ...) is a subclass registered with `register_strategy`; its modules live under
-lib/drafts/<name>/ and are imported when the config first names it.
+A family is a package lib/drafts/<name>/ whose __init__.py registers its subclass with
+`register_strategy`, plus conf/draft/<name>.yaml: nothing else names it. The package is found by
+scanning (lib/config_choices.py draft_families, also over $SPECDRAFT_DRAFT_ROOTS) and imported when a
+config or an export first needs it, so naming one family never pulls in the others.
 """
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 
 from lib.config import Config, ConfigError, TargetConfig
+from lib.config_choices import draft_families
 from lib.data.batch import TensorSpec
 
 # Payload names for what the engine captures; the packed batch's own tensors come first.
@@ -170,14 +176,18 @@ class DraftStrategy(ABC):
     def drafter(self, model: nn.Module):
         """A lib.drafts.drafting.Drafter that proposes tokens with `model`."""
 
+    @abstractmethod
+    def recognizes(self, config_json: Mapping[str, Any]) -> bool:
+        """Whether an export's config.json is this family's (the one `load_export` reads). Key on what
+        the export writes to say what it is (architectures, a family-specific block), so that exactly
+        one family claims any export; family_of_export asks every family."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
 _STRATEGIES: dict[str, DraftStrategy] = {}
-# Built-in families, imported on first use so that naming one never pulls in the others.
-_BUILTIN = {"eagle3": "lib.drafts.eagle3.strategy", "dflash": "lib.drafts.dflash.strategy"}
 
 
 def register_strategy(cls: type[DraftStrategy]) -> type[DraftStrategy]:
@@ -193,19 +203,79 @@ def register_strategy(cls: type[DraftStrategy]) -> type[DraftStrategy]:
 
 
 def known_strategies() -> list[str]:
-    return sorted(set(_STRATEGIES) | set(_BUILTIN))
+    """The families on disk (imported or not) and any strategy registered in code."""
+    return sorted(set(_STRATEGIES) | set(draft_families()))
+
+
+def _import_family(name: str, package_dir: str) -> None:
+    """Import lib.drafts.<name>, which registers it. A family under an extra root joins this package's
+    search path first, so it imports under the same name (and with the same relative imports) as one
+    in the repository."""
+    import lib.drafts
+
+    parent = os.path.dirname(package_dir)
+    if parent not in lib.drafts.__path__:
+        lib.drafts.__path__.append(parent)
+    importlib.import_module(f"lib.drafts.{name}")
+    if name not in _STRATEGIES:
+        raise ConfigError(f"draft.name={name!r}: {package_dir} registers no DraftStrategy named {name!r}; its "
+                          f"__init__.py must import the module whose class has name = {name!r} and "
+                          f"@register_strategy (lib/drafts/base.py)")
 
 
 def get_strategy(name: str) -> DraftStrategy:
-    """The strategy registered as `name` (a DraftFamily or its value); an unknown name is a ConfigError
-    naming draft.name and the known ones."""
-    name = getattr(name, "value", name)
-    if name not in _STRATEGIES and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
+    """The strategy registered as `name`, importing its package on first use; an unknown name is a
+    ConfigError naming draft.name and the known ones."""
+    name = getattr(name, "value", name)  # a str enum member from older code
+    if name not in _STRATEGIES:
+        families = draft_families()
+        if name in families:
+            _import_family(name, families[name])
     if name not in _STRATEGIES:
         raise ConfigError(f"draft.name={name!r} is not a known draft strategy; use one of "
-                          f"{', '.join(known_strategies())} (draft=<name>), or register one with register_strategy")
+                          f"{', '.join(known_strategies())} (draft=<name>), or add lib/drafts/{name}/ (registering "
+                          f"a DraftStrategy) and conf/draft/{name}.yaml")
     return _STRATEGIES[name]
+
+
+def export_config(directory: str) -> dict[str, Any]:
+    """An export's config.json."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read the draft export's config ({err}); point at a draft export "
+                          f"directory (config.json + model.safetensors)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object: not a draft export")
+    return data
+
+
+def family_of_export(directory: str, requested: Optional[str] = None,
+                     fix: str = "pass draft={family}, or an export of the {requested} family") -> str:
+    """The family whose export `directory` is, asked of every known family (`recognizes`).
+
+    requested: a family the user named (draft=<name>). It must agree with the export; it decides only
+    for an export no family recognizes (a third-party config without its family's keys). ConfigError,
+    one line, when it disagrees (ending in `fix`, formatted with family and requested), when no family
+    claims the export and none was named, or when several claim it."""
+    data = export_config(directory)
+    claims = [name for name in known_strategies() if get_strategy(name).recognizes(data)]
+    shown = f"{os.path.join(directory, 'config.json')} (architectures={data.get('architectures')})"
+    if requested is not None:
+        requested = getattr(requested, "value", requested)
+        get_strategy(requested)  # an unknown name fails as in the config
+        if claims and requested not in claims:
+            raise ConfigError(f"draft={requested} disagrees with the export: {shown} is the {' / '.join(claims)} "
+                              f"family's; {fix.format(family=claims[0], requested=requested)}")
+        return requested
+    if len(claims) == 1:
+        return claims[0]
+    if not claims:
+        raise ConfigError(f"{shown} is no known draft family's export (known: {', '.join(known_strategies())}); "
+                          f"pass draft=<family> to say which, or point at a draft/ export directory")
+    raise ConfigError(f"{shown} is claimed by several draft families ({', '.join(claims)}); pass draft=<one of them>")
 
 
 def default_capture_plan(target: TargetConfig, hf_config: Any) -> CapturePlan:

@@ -2,7 +2,7 @@
 
 ForcedDrafter proposes from the target's own greedy continuation, to test the decode loop at
 tau = k+1 ("oracle") and tau = 1 ("wrong"). The drafter interface is lib/drafts/drafting.py; each
-family's drafter lives with the family (lib/drafts/eagle3/drafter.py).
+family's drafter lives with the family (lib/drafts/<family>/drafter.py).
 """
 from __future__ import annotations
 

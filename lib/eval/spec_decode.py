@@ -1,13 +1,14 @@
-"""Greedy speculative decoding with a transformers target and an EAGLE-3 draft: the draft's real
+"""Greedy speculative decoding with a transformers target and any family's drafter: the draft's real
 acceptance length, offline (eval.py) and during training (evaluate_online).
 
-A round: the draft proposes k tokens as a chain (each step reads its own out_hidden); the target
-verifies [newest token, d1..dk] in one forward and keeps the longest prefix equal to its own greedy
-choices plus its bonus token. The output is therefore the target's greedy decoding whatever the draft
-does; the draft only changes how many target forwards it takes. Reported: tau = mean tokens per
-verify forward = mean(accepted + 1), per-position acceptance rates and speedup proxies
-(docs/evaluation.md has the formulas). The counts are also kept per prompt (lib/eval/acceptance.py),
-so groups of prompts (categories) get their own numbers from the same batched decoding.
+A round: the drafter (lib/drafts/drafting.py; a family's comes from its DraftStrategy.drafter)
+proposes k tokens; the target verifies [newest token, d1..dk] in one forward and keeps the longest
+prefix equal to its own greedy choices plus its bonus token. The output is therefore the target's
+greedy decoding whatever the draft does; the draft only changes how many target forwards it takes.
+Reported: tau = mean tokens per verify forward = mean(accepted + 1), per-position acceptance rates
+and speedup proxies (docs/evaluation.md has the formulas). The counts are also kept per prompt
+(lib/eval/acceptance.py), so groups of prompts (categories) get their own numbers from the same
+batched decoding.
 
 Batching: rows accept different counts per round, so no KV cache (target or draft) is cropped.
 Every round appends k+1 slots to every row; slots a row rejected stay as holes hidden by an explicit
@@ -24,9 +25,7 @@ from typing import Any, Hashable, Optional, Sequence
 import torch
 from tqdm import tqdm  # a dependency of transformers, so always present
 
-from lib.drafts.eagle3.model import Eagle3Draft
 from lib.drafts.drafting import Drafter, VerifiedBlock, visible_keys
-from lib.drafts.eagle3.drafter import EagleDrafter
 from lib.eval.acceptance import AcceptanceCounts, AcceptanceStats
 from lib.eval.drafters import FORCED_MODES, ForcedDrafter
 from lib.eval.target import TargetRunner, as_target_runner  # noqa: F401 (re-exported)
@@ -225,15 +224,15 @@ class SpecDecodeResult:
                 "verify_s": self.stats.verify_s}
 
 
-def speculative_decode(target: Any, draft: Optional[Eagle3Draft | Drafter], prompts: Sequence[Sequence[int]], k: int,
+def speculative_decode(target: Any, draft: Optional[Drafter], prompts: Sequence[Sequence[int]], k: int,
                        max_new_tokens: int, stop_token_ids: Sequence[int] = (), *, forced: Optional[str] = None,
                        check_greedy: bool = True, batch_size: Optional[int] = None,
                        progress: bool = True) -> SpecDecodeResult:
     """Greedy speculative decoding of `prompts` (token id lists) with k-token drafts.
 
-    target: TargetRunner or transformers causal LM. draft: an Eagle3Draft on the target's device, or
-    any Drafter. forced="oracle"|"wrong" replaces the draft by proposals from the target's own greedy
-    continuation (tests: tau = k+1 and tau = 1).
+    target: TargetRunner or transformers causal LM. draft: a Drafter on the target's device (a family's
+    model wrapped by its strategy: get_strategy(name).drafter(model)). forced="oracle"|"wrong" replaces
+    the draft by proposals from the target's own greedy continuation (tests: tau = k+1 and tau = 1).
     check_greedy also runs plain greedy decoding and compares (result.matches_greedy).
     """
     runner = as_target_runner(target)
@@ -256,11 +255,10 @@ def speculative_decode(target: Any, draft: Optional[Eagle3Draft | Drafter], prom
         drafter: Drafter = ForcedDrafter(reference, forced, runner.vocab_size)
         draft_params = None
     else:
-        if isinstance(draft, Eagle3Draft):
-            draft = EagleDrafter(draft.eval())
         if not callable(getattr(draft, "propose", None)):
-            raise TypeError(f"draft is {type(draft).__name__}: pass an Eagle3Draft (load_draft(dir)), a Drafter, "
-                            f"or forced='oracle'|'wrong'")
+            # Decoding knows no family: wrapping a model in its drafter is the family's business.
+            raise TypeError(f"draft is {type(draft).__name__}, not a Drafter: wrap a draft model with its family's "
+                            f"get_strategy(name).drafter(model) (lib/drafts/base.py), or pass forced='oracle'|'wrong'")
         drafter = draft
         if callable(getattr(drafter, "check_target", None)):
             drafter.check_target(runner)
@@ -272,7 +270,7 @@ def speculative_decode(target: Any, draft: Optional[Eagle3Draft | Drafter], prom
     return SpecDecodeResult(k, outputs, greedy, stats, draft_params, runner.cost_parameters(), spec_s, greedy_s)
 
 
-def evaluate_online(target: Any, draft: Eagle3Draft | Drafter, prompts: Sequence[Any], draft_tokens: Sequence[int],
+def evaluate_online(target: Any, draft: Drafter, prompts: Sequence[Any], draft_tokens: Sequence[int],
                     max_new_tokens: int, step: Optional[int] = None, stop_token_ids: Sequence[int] = (),
                     lm_head: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
     """One metrics row for the engine to call between batches: accept_len (first k), accept_len_k{K}

@@ -144,3 +144,10 @@ class DFlashStrategy(DraftStrategy):
         from lib.drafts.dflash.drafter import DFlashDrafter
 
         return DFlashDrafter(model.eval())
+
+    def recognizes(self, config_json: Mapping[str, Any]) -> bool:
+        """Ours and the DFlash authors' layout: the check export.config_from_export makes."""
+        from lib.drafts.dflash.export import ARCHITECTURE
+
+        architectures = config_json.get("architectures")
+        return isinstance(architectures, list) and ARCHITECTURE in architectures and "dflash_config" in config_json

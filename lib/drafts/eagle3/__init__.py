@@ -9,6 +9,9 @@ from lib.drafts.eagle3.target_head import (TargetDistribution, TargetHead, load_
 from lib.drafts.eagle3.vocab import (VOCAB_MAP_FILENAME, build_vocab_map, ensure_vocab_map, load_vocab_map,
                               save_vocab_map)
 
+# Importing the package registers the family (lib/drafts/base.py get_strategy imports it by name).
+from lib.drafts.eagle3 import strategy as _strategy  # noqa: F401
+
 __all__ = [
     "DraftKVCache", "TTTAttention", "config_from_export", "draft_config_json", "export_draft", "load_draft",
     "count_valid_positions", "sim_accept_len", "soft_cross_entropy", "ttt_forward", "valid_positions",

@@ -144,3 +144,14 @@ class Eagle3Strategy(DraftStrategy):
         from lib.drafts.eagle3.drafter import EagleDrafter
 
         return EagleDrafter(model.eval())
+
+    def recognizes(self, config_json: Mapping[str, Any]) -> bool:
+        """Ours and SpecForge/sglang-style research exports: what export.config_from_export reads. The
+        speculators layout (draft_speculators/, vLLM's) is not: load_export reads the research one."""
+        from lib.drafts.eagle3.export import ARCHITECTURE
+
+        if "speculators_config" in config_json:
+            return False
+        architectures = config_json.get("architectures")
+        return ((isinstance(architectures, list) and ARCHITECTURE in architectures)
+                or "eagle_config" in config_json or "eagle_aux_hidden_state_layer_ids" in config_json)
