@@ -58,7 +58,7 @@ def test_options_are_checked_and_name_the_key():
 def test_draft_eagle3_1_is_eagle3_with_fc_norm():
     strategy = Eagle3Strategy()
     cfg = compose(["draft=eagle3_1"])
-    assert cfg.draft.name.value == "eagle3" and cfg.draft.options == {"fc_norm": True}
+    assert cfg.draft.name == "eagle3" and cfg.draft.options == {"fc_norm": True}
     assert strategy.options(cfg).fc_norm is True
     assert strategy.options(compose(["draft=eagle3"])).fc_norm is False
     assert strategy.options(compose(["draft=eagle3", "+draft.options.fc_norm=true"])).fc_norm is True
