@@ -75,8 +75,8 @@ data() {
   regen --input "$WORK/prompts/train.jsonl" --output "$WORK/real_train.answered.jsonl" || return 1
   regen --input "$WORK/prompts/heldout.jsonl" --output "$WORK/heldout.jsonl" --max-new-tokens "$EVAL_TOKENS" || return 1
   cat "$WORK/self_instruct.answered.jsonl" "$WORK/real_train.answered.jsonl" > "$WORK/train.jsonl"
-  # Regeneration speed against the batch: the same 512 self-instruct prompts, 128 new tokens each.
-  head -n 512 "$WORK/self_instruct.answered.jsonl" > "$WORK/sweep_input.jsonl"
+  # Regeneration speed against the batch: the same SWEEP_LINES self-instruct prompts, 128 new tokens each.
+  head -n "${SWEEP_LINES:-256}" "$WORK/self_instruct.answered.jsonl" > "$WORK/sweep_input.jsonl"
   for b in $SWEEP_BATCHES; do
     rm -f "$WORK/sweep_$b.jsonl"*
     "$PYTHON" tools/regenerate.py --target "$GGUF" --temperature 0 --max-new-tokens 128 --batch-size "$b" \
@@ -118,5 +118,8 @@ for p in "$@"; do case $p in
         "$WORK/curve/$step.json" "$step"
     done ;;
   report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
+  # Everything small (logs, JSON, metrics, the data) into one archive, for a device call's $OUT.
+  pack) tar czf "${PACK_TO:-$WORK/results.tar.gz}" -C "$WORK" --exclude=checkpoints --exclude='*.safetensors' \
+      --exclude='*.tokcache' --exclude='*.pt' --exclude='*.distcp' --exclude=results.tar.gz . ;;
   *) echo "unknown phase $p (data eagle3 dflash eagle3_1 curve report)"; exit 2 ;;
 esac; done
