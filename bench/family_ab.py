@@ -65,6 +65,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--eagle-steps", type=int, default=1500)
+    p.add_argument("--eagle-time-s", type=float, default=0,
+                   help="also end EAGLE-3's training after this many seconds (train.max_time_s; 0: steps only)")
     p.add_argument("--calibration-steps", type=int, default=40)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--limit-s", type=float, default=1200, help="time limit of each training or evaluation")
@@ -89,7 +91,8 @@ def main() -> None:
 
     results: dict = {"overrides": args.overrides}
     if args.phase in ("all", "eagle3"):
-        eagle = train(f"{out}/eagle3", args.eagle_steps, args.overrides, args.limit_s)
+        time_cap = [f"train.max_time_s={args.eagle_time_s}"] if args.eagle_time_s > 0 else []
+        eagle = train(f"{out}/eagle3", args.eagle_steps, [*args.overrides, *time_cap], args.limit_s)
         results["eagle3"] = {**eagle, "eval": evaluate(f"{out}/eagle3/draft", f"{out}/eagle3_eval.json",
                                                        ["eval.draft_tokens=[3,7]", *args.overrides], args.limit_s)}
         with open(eagle_json, "w") as f:
@@ -105,7 +108,9 @@ def main() -> None:
         calibration = train(f"{out}/{name}_calibration", args.calibration_steps, [*family, *args.overrides],
                             args.limit_s)
         steps = max(1, round(eagle_train_s / calibration["median_step_s"]))
-        run = train(f"{out}/{name}", steps, [*family, *args.overrides], args.limit_s)
+        # The time cap only guards against a calibration that underestimated the step time.
+        run = train(f"{out}/{name}", steps, [*family, *args.overrides, f"train.max_time_s={1.2 * eagle_train_s + 30:.0f}"],
+                    args.limit_s)
         results[name] = {**run, "eagle3_train_s": eagle_train_s,
                          "eval": evaluate(f"{out}/{name}/draft", f"{out}/{name}_eval.json",
                                           [*family, f"eval.draft_tokens={lengths}", *args.overrides], args.limit_s)}

@@ -95,6 +95,10 @@ class HandoffConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 200  # 0 = dry run: build groups, check them, write topology.json, exit
+    # >0: end training once the step loop has run this many seconds (compile warm-up included), as if
+    # max_steps were reached there: final checkpoint, export, evaluation. The learning-rate schedule still
+    # decays over max_steps, so set that near the steps the time allows. All trainers stop at the same step.
+    max_time_s: float = 0.0
     ttt_length: int = 7
     lr: float = 1e-4
     min_lr_ratio: float = 0.1

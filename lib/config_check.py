@@ -72,6 +72,8 @@ def _check_ranges(cfg: Config) -> None:
                        "train.max_consecutive_skips": cfg.train.max_consecutive_skips}.items():
         if value < 0:
             _fail(key, value, "must be >= 0")
+    if cfg.train.max_time_s < 0:
+        _fail("train.max_time_s", cfg.train.max_time_s, "must be >= 0 (0: no time limit)")
     if cfg.train.lr <= 0:
         _fail("train.lr", cfg.train.lr, "must be > 0, e.g. 1e-4")
     if cfg.data.max_length > cfg.engine.token_budget:

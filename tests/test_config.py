@@ -76,6 +76,7 @@ GPU_NODE = LaunchShape(world_size=8, nproc_per_node=8, nnodes=1, gpus_per_node=4
     (["engine.attn_impl=varlen"], CPU2, "engine.attn_impl=varlen: needs a CUDA device and bf16/fp16 weights"),
     (["engine.attn_impl=varlen", "target.dtype=float32"], GPU_NODE, "engine.attn_impl=varlen: needs a CUDA"),
     (["draft=dflash", "train.recompute=true"], CPU2, "train.recompute=true: only the EAGLE-3 unroll has it"),
+    (["train.max_time_s=-1"], CPU2, "train.max_time_s=-1.0: must be >= 0"),
 ])
 def test_invalid_configs_fail_with_the_key_and_a_fix(overrides, shape, needle):
     with pytest.raises(ConfigError) as err:

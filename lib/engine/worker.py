@@ -136,7 +136,7 @@ def run_engine(ctx: RunContext) -> None:
     except HandoffClosed:
         # The trainer closed before taking every micro-batch: it stopped on a signal after its checkpoint
         # (or failed, and torchrun names it). Either way nothing is left for this engine to produce.
-        log.info("the trainer closed the handoff early (stop on %s): engine stops",
+        log.info("the trainer closed the handoff early (stop on %s, or train.max_time_s): engine stops",
                  stop_requested() or "a trainer's signal")
     except BaseException:
         sender.close(wait=False)  # failing: a stalled trainer must not hold this exit for another timeout

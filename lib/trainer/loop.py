@@ -70,17 +70,25 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
     enter_loop_timeouts(ctx.groups, cfg.run.loop_timeout_s)
     metrics = MetricsWriter(ctx.run_dir, ctx.is_trainer_leader, cfg.metrics, start_step,
                             config_dict(cfg) if ctx.is_trainer_leader else None)
-    stopped_by, consecutive_skips = None, 0
+    stopped_by, timed_out, consecutive_skips = None, False, 0
+    time_up_at = time.monotonic() + cfg.train.max_time_s if cfg.train.max_time_s > 0 else math.inf
     try:
         for step in range(start_step, end_step):
             for row in evaluator.maybe_evaluate(step, bundle.model) if evaluator else []:
                 metrics.write(row)
             try:
-                row, loader_state = train_step(ctx, strategy, bundle, optimizer, source, counters, step + 1)
+                row, loader_state = train_step(ctx, strategy, bundle, optimizer, source, counters, step + 1,
+                                               time_up=time.monotonic() >= time_up_at)
             except torch.OutOfMemoryError as e:
                 raise RuntimeError(out_of_memory_hint(ctx, step + 1)) from e
             # Every trainer holds the same flag (it was summed in the step's all-reduce), so all stop here.
             stopped_by = row.pop("stop_signal")
+            if row.pop("time_up") and not stopped_by and step + 1 < end_step:
+                if ctx.is_trainer_leader:
+                    log.info("train.max_time_s=%g reached after step %d: final checkpoint and export there "
+                             "(online evaluation ends with it; score the export with eval.py)",
+                             cfg.train.max_time_s, step + 1)
+                end_step, timed_out = step + 1, True
             schedule.step()
             row.update(step=step + 1, lr=schedule.get_last_lr()[0], **counters)
             metrics.write(row)
@@ -96,7 +104,9 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
             if stopped_by:
                 stop_here(ctx, stopped_by, step + 1)
                 break
-        if evaluator is not None and not stopped_by:
+            if timed_out:
+                break
+        if evaluator is not None and not stopped_by and not timed_out:
             for row in evaluator.maybe_evaluate(end_step, bundle.model) + evaluator.finish():
                 metrics.write(row)
     finally:
@@ -195,9 +205,11 @@ def out_of_memory_hint(ctx: RunContext, step: int) -> str:
 
 
 def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, optimizer: torch.optim.Optimizer,
-               source: PayloadSource, counters: dict[str, int], step: int = 0) -> tuple[dict[str, Any], Optional[dict]]:
+               source: PayloadSource, counters: dict[str, int], step: int = 0,
+               time_up: bool = False) -> tuple[dict[str, Any], Optional[dict]]:
     """One optimizer step (`step`, 1-based). row["stop_signal"]: a signal name when any trainer, or any
-    trainer's engine (payload header "stop"), was asked to stop; the same on every trainer."""
+    trainer's engine (payload header "stop"), was asked to stop; row["time_up"]: any trainer's clock passed
+    train.max_time_s. Both are the same on every trainer."""
     cfg, device, group = ctx.cfg, ctx.device, ctx.groups.trainer
     t0 = time.perf_counter()
     micro, wait_s = receive_micro_batches(source, cfg.train.grad_accum, device)
@@ -228,11 +240,11 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
                            sum(len(h.get("skipped_sample_ids", ())) for h, _ in micro)],
                           dtype=torch.float32, device=device)
     signal_name = stop_requested() or next((h["stop"] for h, _ in micro if h.get("stop")), None)
-    flag = torch.tensor([1.0 if signal_name else 0.0], device=device)
-    reduced = torch.cat([stats.to(device=device, dtype=torch.float32), tokens, flag])
+    flags = torch.tensor([1.0 if time_up else 0.0, 1.0 if signal_name else 0.0], device=device)
+    reduced = torch.cat([stats.to(device=device, dtype=torch.float32), tokens, flags])
     dist.all_reduce(reduced, group=group)
-    stop = bool(reduced[-1].item() > 0)
-    reduced = reduced[:-1]
+    stop, time_up = bool(reduced[-1].item() > 0), bool(reduced[-2].item() > 0)
+    reduced = reduced[:-2]
     counters["samples_seen"] += int(reduced[-2].item())
     counters["skipped_samples"] += int(reduced[-1].item())
     step_time = time.perf_counter() - t0
@@ -242,6 +254,7 @@ def train_step(ctx: RunContext, strategy: DraftStrategy, bundle: DraftBundle, op
                peak_alloc_bytes=peak_memory(device),
                engine_peak_alloc_bytes=max(h.get("engine_peak_alloc_bytes", 0) for h, _ in micro))
     row["stop_signal"] = (signal_name or "SIGTERM (another rank's)") if stop else None
+    row["time_up"] = time_up
     return row, micro[-1][0].get("loader_state")
 
 
