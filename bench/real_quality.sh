@@ -18,7 +18,7 @@
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
 # Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
-# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, RUN_LIMIT (seconds for each launch or eval inside a phase), TRAIN_OVERRIDES (extra Hydra overrides for every run),
+# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, RUN_LIMIT (seconds for each launch or eval inside a phase), CAL_STEPS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
 # PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,7 +100,7 @@ for p in "$@"; do case $p in
       --eagle-steps "$EAGLE_STEPS" --eagle-time-s "${EAGLE_TIME_S:-0}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
       "checkpoint.every=$CKPT_EVERY" checkpoint.keep=100 ;;
   dflash|eagle3_1) phase "$p" "${MATCH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" \
-      --phase "$p" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
+      --phase "$p" --calibration-steps "${CAL_STEPS:-40}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
   curve) if [[ ${CURVE_RUN:-0} == 1 ]]; then
       phase curve "${CURVE_LIMIT:-420}" bash launch.sh "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
         "train.max_steps=$CURVE_STEPS" "eval.every=$CURVE_EVERY" "eval.num_prompts=$CURVE_PROMPTS" \
