@@ -18,7 +18,7 @@
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
 # Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
-# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, RUN_LIMIT (seconds for each launch or eval inside a phase), CAL_STEPS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
+# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, RUN_LIMIT (seconds for each launch or eval inside a phase), CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
 # PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +53,7 @@ fi
 
 TARGET=(target=smollm2_135m)
 DATA=(data=jsonl "data.path=$WORK/train.jsonl" "data.heldout_path=$WORK/heldout.jsonl" data.max_length=2048
-      "eval.num_prompts=1000" "eval.max_new_tokens=$EVAL_TOKENS")
+      "eval.num_prompts=${EVAL_PROMPTS:-1000}" "eval.max_new_tokens=$EVAL_TOKENS")
 read -r -a EXTRA <<< "${TRAIN_OVERRIDES:-}"
 phase() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t=$SECONDS
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1; local rc=$?
