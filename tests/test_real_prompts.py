@@ -168,3 +168,7 @@ def test_cli_writes_both_files(tmp_path):
         assert categories[HUMANEVAL] == 164
     assert len(lines) == len(load_prompts(PROMPTS_PATH)) + 164 * expect_humaneval
     assert "heldout" in run.stdout and "total" in run.stdout
+    # eval.num_prompts=N takes the first N held-out lines: any prefix holds every category about equally
+    heldout = [x["category"] for x in read_jsonl(out_dir / "heldout.jsonl")]
+    prefix = Counter(heldout[:4 * len(categories)])
+    assert set(prefix) == set(categories) and max(prefix.values()) - min(prefix.values()) <= 1, prefix

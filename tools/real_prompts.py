@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -131,6 +132,16 @@ def split(prompts: Iterable[dict], every: int = 4) -> tuple[list[dict], list[dic
     return train, heldout
 
 
+def interleave_categories(prompts: list[dict]) -> list[dict]:
+    """One prompt of each category in turn (categories in first-seen order, each in input order), so that
+    eval.num_prompts=N, which takes the first N held-out lines, scores every category about equally."""
+    groups: dict[str, list[dict]] = {}
+    for prompt in prompts:
+        groups.setdefault(prompt["category"], []).append(prompt)
+    rounds = itertools.zip_longest(*groups.values())
+    return [prompt for round_ in rounds for prompt in round_ if prompt is not None]
+
+
 def to_conversation(prompt: dict) -> dict:
     """The chat-format line for one prompt; between two user turns goes an empty assistant turn for
     tools/regenerate.py to fill, since a chat template expects the roles to alternate."""
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     train, heldout = split(prompts, args.heldout_every)
     os.makedirs(args.out_dir, exist_ok=True)
     write_jsonl(os.path.join(args.out_dir, "train.jsonl"), train)
-    write_jsonl(os.path.join(args.out_dir, "heldout.jsonl"), heldout)
+    write_jsonl(os.path.join(args.out_dir, "heldout.jsonl"), interleave_categories(heldout))
 
     counts = count(train, heldout)
     print(f"{'category':<12} {'turns 1/2':>9} {'train':>6} {'heldout':>8}")
