@@ -30,7 +30,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Families trained for EAGLE-3's time: their overrides and the draft lengths they are scored at
 # (block_size is filled in from --block-size).
 MATCHED = {"dflash": (["draft=dflash", "draft.options.block_size={block}"], "[{last}]"),
-           "eagle3_1": (["draft=eagle3_1"], "[3,7]")}
+           "eagle3_1": (["draft=eagle3_1"], "[3,7]"),
+           # DFlash with D-PACE position weights (speculators' DFlash default) against the decay above
+           "dflash_dpace": (["draft=dflash", "draft.options.block_size={block}", "draft.options.loss_weights=dpace"],
+                            "[{last}]")}
 
 
 def train(run_dir: str, steps: int, overrides: list[str], limit_s: float) -> dict:

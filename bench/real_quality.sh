@@ -13,6 +13,9 @@
 #   eagle3  EAGLE-3 for EAGLE_STEPS steps (bench/family_ab.py --phase eagle3), evaluated at k=3 and k=7
 #   dflash  DFlash for EAGLE-3's training time (its --phase dflash), evaluated at k = block size - 1
 #   eagle3_1  EAGLE-3.1 (fc_norm) for EAGLE-3's training time, evaluated at k=3 and k=7
+#   dflash_dpace  as dflash, with D-PACE position weights (draft.options.loss_weights=dpace)
+#   <family>  any other name of bench/family_ab.py's MATCHED table, the same way (CAL_STEPS=0: EAGLE-3's
+#           step count instead of a calibration run, for families of EAGLE-3's cost per step)
 #   curve   tau at k=3/7 against steps: eval.py on each checkpoint's export of the eagle3 phase (it saves
 #           every CKPT_EVERY steps), CURVE_PROMPTS held-out prompts each; CURVE_RUN=1 instead trains
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
@@ -99,8 +102,6 @@ for p in "$@"; do case $p in
   eagle3) phase eagle3 "${EAGLE_LIMIT:-330}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase eagle3 \
       --eagle-steps "$EAGLE_STEPS" --eagle-time-s "${EAGLE_TIME_S:-0}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
       "checkpoint.every=$CKPT_EVERY" checkpoint.keep=100 ;;
-  dflash|eagle3_1) phase "$p" "${MATCH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" \
-      --phase "$p" --calibration-steps "${CAL_STEPS:-40}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
   curve) if [[ ${CURVE_RUN:-0} == 1 ]]; then
       phase curve "${CURVE_LIMIT:-420}" bash launch.sh "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
         "train.max_steps=$CURVE_STEPS" "eval.every=$CURVE_EVERY" "eval.num_prompts=$CURVE_PROMPTS" \
@@ -121,5 +122,8 @@ for p in "$@"; do case $p in
   # Everything small (logs, JSON, metrics, the data) into one archive, for a device call's $OUT.
   pack) tar czf "${PACK_TO:-$WORK/results.tar.gz}" -C "$WORK" --exclude=checkpoints --exclude='*.safetensors' \
       --exclude='*.tokcache' --exclude='*.pt' --exclude='*.distcp' --exclude=results.tar.gz . ;;
-  *) echo "unknown phase $p (data eagle3 dflash eagle3_1 curve report)"; exit 2 ;;
+  # Any other name is a family that bench/family_ab.py trains for EAGLE-3's time (its MATCHED table;
+  # it refuses names it does not know).
+  *) phase "$p" "${MATCH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" \
+      --phase "$p" --calibration-steps "${CAL_STEPS:-40}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
 esac; done

@@ -14,6 +14,8 @@ import os
 import re
 import sys
 
+FAMILIES = ("eagle3", "eagle3_1", "dflash", "dflash_dpace")  # bench/family_ab.py's phases, in table order
+
 
 def _load(path: str):
     if not os.path.isfile(path):
@@ -25,7 +27,7 @@ def _load(path: str):
 def family_rows(work: str) -> list[str]:
     out = ["| draft | steps | train s | k | tau (tokens per target forward) | acceptance per position | "
            "matches greedy |", "|---|---|---|---|---|---|---|"]
-    for name in ("eagle3", "eagle3_1", "dflash"):
+    for name in FAMILIES:
         ev = _load(os.path.join(work, "family", f"{name}_eval.json"))
         run = (_load(os.path.join(work, "family", f"family_ab_{name}.json")) or {}).get(name) or {}
         for r in (ev or {}).get("results", []):
@@ -38,7 +40,7 @@ def family_rows(work: str) -> list[str]:
 def training_rows(work: str) -> list[str]:
     """Median tokens/s and step time over each run's second half (compiling and warm-up left out)."""
     out = ["| draft | steps | median tokens/s (packed tokens, all trainers) | median step s |", "|---|---|---|---|"]
-    for name in ("eagle3", "eagle3_1", "dflash"):
+    for name in FAMILIES:
         path = os.path.join(work, "family", name, "metrics.jsonl")
         if not os.path.isfile(path):
             continue
@@ -53,7 +55,7 @@ def training_rows(work: str) -> list[str]:
 
 def category_rows(work: str) -> list[str]:
     columns, cells = [], {}
-    for name in ("eagle3", "eagle3_1", "dflash"):
+    for name in FAMILIES:
         ev = _load(os.path.join(work, "family", f"{name}_eval.json")) or {}
         for r in ev.get("results", []):
             col = f"{name} k={r['k']}"

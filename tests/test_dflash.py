@@ -151,18 +151,23 @@ def test_block_loss_weights_positions_by_decay_and_counts_per_position():
     ids, loss_mask, positions, cu = packed()
     aux = torch.randn(ids.shape[0], c.fc_in_features)
     b = build_blocks(ids, loss_mask, positions, cu, torch.tensor([2, 6, 11]), 4, MASK)
-    opts = DFlashOptions(block_size=4, loss_gamma=2.0)
+    opts = DFlashOptions(block_size=4, loss_gamma=0.5)  # the default at block 4 is 2
     counts = b.valid().view(-1, 4)[:, 1:].float().sum(0)
     norm = (counts * opts.decay()).sum()
     batch = {"aux_hidden": aux, "position_ids": positions}
     loss, sums = block_loss(draft, batch, b, opts.decay(), norm, use_flex=False)
-    ce, correct, count = sums.view(3, 3)
+    ce, correct, count, weighted, counted = sums.view(5, 3)
     assert count.tolist() == counts.tolist() == [3.0, 3.0, 2.0]
     torch.testing.assert_close(loss, (ce * opts.decay()).sum() / norm)
+    torch.testing.assert_close(weighted, ce * opts.decay())
+    torch.testing.assert_close(counted.sum(), norm)
     loss.backward()
     assert draft.fc.weight.grad is not None and draft.lm_head.grad is None
     row = DFlashStrategy().summarize(sums)
     assert set(row) >= {"loss", "acc_0", "acc_1", "acc_2", "sim_accept_len"}
+    # The logged loss is the trained one, also at a gamma other than the default (it used the
+    # default's weights before the sums carried the loss's own numerator and denominator).
+    assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
 
 
 def test_options_defaults_validation_and_target_layers():

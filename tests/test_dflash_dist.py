@@ -1,6 +1,7 @@
 """DFlash's distributed update with real gloo groups and FSDP2: 1 trainer with two micro-batches has
-the gradient of 2 trainers with one each (the global weighted normaliser, and anchors that depend on
-the batch alone, not on which rank draws them)."""
+the gradient of 2 trainers with one each (the global normaliser, and anchors that depend on the batch
+alone, not on which rank draws them), under both position weightings (decay: the weighted count;
+dpace: per-row weights from each block's own forward, over the plain count)."""
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,10 @@ def _batch(seed: int) -> dict:
     }
 
 
-def _bundle(group) -> DFlashBundle:
+WEIGHTINGS = ("decay", "dpace")
+
+
+def _bundle(group, weighting: str) -> DFlashBundle:
     c = DFlashConfig(hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=8, num_hidden_layers=2, rms_norm_eps=1e-6, rope_theta=10000.0,
                      max_position_embeddings=128, vocab_size=VOCAB, target_hidden_size=HIDDEN, num_target_layers=6,
@@ -40,7 +44,7 @@ def _bundle(group) -> DFlashBundle:
     draft = DFlashDraft(c)
     g = torch.Generator().manual_seed(1)
     draft.set_target_weights(torch.randn(VOCAB, HIDDEN, generator=g), torch.randn(VOCAB, HIDDEN, generator=g))
-    options = DFlashOptions(block_size=BLOCK)
+    options = DFlashOptions(block_size=BLOCK, loss_weights=weighting)
     module = DFlashModule(draft, options, use_flex=False)
     return DFlashBundle(shard(module, group, torch.device("cpu")), draft_config=c, options=options, seed=0)
 
@@ -48,20 +52,23 @@ def _bundle(group) -> DFlashBundle:
 def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     group = dist.group.WORLD
-    bundle = _bundle(group)
     mine = [_batch(s) for s in batch_seeds[rank]]
     strategy = get_strategy("dflash")
-    contexts, norm = strategy.prepare(bundle, mine)
-    norm = norm.float()
-    dist.all_reduce(norm, group=group)
-    sums = None
-    for b, ctx in zip(mine, contexts):
-        loss, s = strategy.micro_loss(bundle, b, ctx, norm, float(world))
-        loss.backward()
-        sums = s if sums is None else sums + s
-    dist.all_reduce(sums, group=group)
-    grads = {n: p.grad.full_tensor().clone() for n, p in bundle.model.named_parameters() if p.grad is not None}
-    torch.save({"grads": grads, "row": strategy.summarize(sums)}, f"{out}-{rank}.pt")
+    result = {}
+    for weighting in WEIGHTINGS:  # one process start for both: spawning dominates this test's time
+        bundle = _bundle(group, weighting)
+        contexts, norm = strategy.prepare(bundle, mine)
+        norm = norm.float()
+        dist.all_reduce(norm, group=group)
+        sums = None
+        for b, ctx in zip(mine, contexts):
+            loss, s = strategy.micro_loss(bundle, b, ctx, norm, float(world))
+            loss.backward()
+            sums = s if sums is None else sums + s
+        dist.all_reduce(sums, group=group)
+        grads = {n: p.grad.full_tensor().clone() for n, p in bundle.model.named_parameters() if p.grad is not None}
+        result[weighting] = {"grads": grads, "row": strategy.summarize(sums)}
+    torch.save(result, f"{out}-{rank}.pt")
     # Both ranks leave together: a rank tearing gloo down while its peer is still in the last
     # collective's cleanup aborted the peer once (std::terminate in gloo's pair threads).
     dist.barrier(group=group)
@@ -76,11 +83,15 @@ def _run(tmp_path, world: int, batch_seeds) -> list[dict]:
 
 
 def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path):
-    one = _run(tmp_path, 1, [[10, 11]])[0]
-    two = _run(tmp_path, 2, [[10], [11]])
-    assert one["grads"] and one["grads"].keys() == two[0]["grads"].keys()
-    for name, g in one["grads"].items():
-        for r in two:
-            torch.testing.assert_close(r["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
-    assert two[0]["row"]["loss"] == pytest.approx(one["row"]["loss"], rel=1e-5)
-    assert two[0]["row"]["acc_0"] == pytest.approx(one["row"]["acc_0"])
+    ones = _run(tmp_path, 1, [[10, 11]])[0]
+    twos = _run(tmp_path, 2, [[10], [11]])
+    for weighting in WEIGHTINGS:
+        one, two = ones[weighting], [r[weighting] for r in twos]
+        assert one["grads"] and one["grads"].keys() == two[0]["grads"].keys()
+        for name, g in one["grads"].items():
+            for r in two:
+                torch.testing.assert_close(r["grads"][name], g, rtol=1e-5, atol=1e-7, msg=f"{weighting}: {name}")
+        assert two[0]["row"]["loss"] == pytest.approx(one["row"]["loss"], rel=1e-5)
+        assert two[0]["row"]["acc_0"] == pytest.approx(one["row"]["acc_0"])
+    # The two weightings train differently on the same batches.
+    assert ones["dpace"]["row"]["loss"] != pytest.approx(ones["decay"]["row"]["loss"], rel=1e-3)

@@ -49,11 +49,13 @@ def test_launch_sh_trains_dflash_with_falling_loss_online_eval_export_and_greedy
     assert k15["k"] == 15 and k15["matches_greedy"] is True and k15["tau"] >= 1.0
 
 
-def test_dflash_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    """Stopped after 4 of 8 steps and resumed equals 8 steps: the checkpoint holds the draft and optimiser, and the
-    anchors come from the run seed and each batch's tokens (no sampler state to lose)."""
-    base = ["draft=dflash", "engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",
-            "train.warmup_steps=2", "train.max_steps=8"]
+def test_dflash_dpace_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """Under D-PACE position weights (draft.options.loss_weights=dpace; the launch above trains with the
+    default decay): the option reaches the trainer, and stopped after 4 of 8 steps and resumed equals 8
+    steps: the checkpoint holds the draft and optimiser, the anchors come from the run seed and each
+    batch's tokens (no sampler state to lose), and D-PACE's weights from each step's own forward."""
+    base = ["draft=dflash", "draft.options.loss_weights=dpace", "engine.token_budget=256", "data.max_length=256",
+            "eval.every=0", "train.log_every=1", "train.warmup_steps=2", "train.max_steps=8"]
     losses = {}
     for name, runs in (("whole", [[]]), ("split", [["run.stop_after_steps=4"], ["checkpoint.resume=true"]])):
         run_dir = str(tmp_path / name)
@@ -61,6 +63,7 @@ def test_dflash_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
             proc = launch([*base, f"run.dir={run_dir}", *extra])
             out, _ = proc.communicate(timeout=240)
             assert proc.returncode == 0, out[-3000:]
+            assert "loss weights dpace (alpha 0.5)" in out, out[-3000:]
         losses[name] = {r["step"]: r["loss"] for r in metric_rows(run_dir)}
     assert sorted(losses["split"]) == list(range(1, 9))
     for step in range(5, 9):

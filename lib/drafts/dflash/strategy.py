@@ -38,12 +38,14 @@ def batch_generator(seed: int, input_ids: torch.Tensor) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + digest)
 
 
-def summarize_sums(sums: torch.Tensor, decay: torch.Tensor) -> dict[str, float]:
-    """sums = [CE_j..., correct_j..., count_j...]; acc_j = accuracy of drafted index j (block position j+1)."""
-    n = decay.numel()
-    ce, correct, count = sums[:n], sums[n:2 * n], sums[2 * n:3 * n]
+def summarize_sums(sums: torch.Tensor) -> dict[str, float]:
+    """sums = [CE_j..., correct_j..., count_j..., weighted CE_j..., normaliser_j...] (block_loss);
+    acc_j = accuracy of drafted index j (block position j+1). The loss is the one trained, under
+    either weighting: its numerator over its denominator."""
+    n = sums.numel() // SUMS_PER_POSITION
+    correct, count, weighted, normaliser = sums[n:2 * n], sums[2 * n:3 * n], sums[3 * n:4 * n], sums[4 * n:]
     denom = count.clamp_min(1)
-    row: dict[str, float] = {"loss": float((decay * ce).sum() / (decay * count).sum().clamp_min(1e-6))}
+    row: dict[str, float] = {"loss": float(weighted.sum() / normaliser.sum().clamp_min(1e-6))}
     for j in range(n):
         row[f"acc_{j}"] = float(correct[j] / denom[j])
     # Expected accepted drafts per block if position j is accepted with probability acc_j given the
@@ -92,7 +94,7 @@ class DFlashStrategy(DraftStrategy):
             b = build_blocks(batch["input_ids"], batch["loss_mask"], batch["position_ids"], batch["cu_seqlens"],
                              anchors, c.block_size, c.mask_token_id)
             valid = b.valid().view(-1, c.block_size)[:, 1:].float().sum(0)
-            weighted = (valid * opts.decay(valid.device)).sum()
+            weighted = (valid * opts.position_weights(valid.device)).sum()
             norm = weighted if norm is None else norm + weighted
             blocks.append(b)
         return blocks, norm
@@ -105,8 +107,7 @@ class DFlashStrategy(DraftStrategy):
         if sums.numel() % SUMS_PER_POSITION:
             raise ValueError(f"DFlash metric sums have {sums.numel()} entries; expected {SUMS_PER_POSITION} per "
                              f"drafted position")
-        n = sums.numel() // SUMS_PER_POSITION
-        return summarize_sums(sums.float().cpu(), DFlashOptions(block_size=n + 1).decay())
+        return summarize_sums(sums.float().cpu())
 
     def export(self, bundle: DFlashBundle, state: Mapping[str, torch.Tensor], out_dir: str, dtype: torch.dtype,
                verifier_path: Optional[str] = None) -> list[str]:

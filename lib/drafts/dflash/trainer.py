@@ -1,14 +1,20 @@
 """DFlash's trainer side: options, the loss module (the FSDP2 unit) and the bundle built for one run.
 
-loss = sum_j w_j * CE_j / sum_j w_j * count_j, where j is the drafted index (block position j+1),
-w_j = exp(-j / gamma) (earlier positions matter more: a rejection ends the accepted prefix), CE_j the
-summed cross-entropy against the data's next tokens over valid rows, and the denominator the global
-weighted count over all micro-batches and trainers (so 1 or N trainers give the same update).
+j is the drafted index (block position j+1) and CE_r the cross-entropy of valid row r against the
+data's next token. Two position weightings (draft.options.loss_weights):
+- decay (default, the DFlash recipe): loss = sum_r w_j(r) * CE_r / sum_j w_j * count_j with
+  w_j = exp(-j / gamma): earlier positions matter more, as a rejection ends the accepted prefix;
+- dpace (D-PACE, speculators' default for DFlash): loss = sum_r w_r * CE_r / count, with w_r from the
+  draft's own detached confidences in r's block (dpace_weights). The denominator is the plain count
+  of valid rows, as speculators divides.
+Either denominator is global over all micro-batches and trainers (so 1 or N trainers give the same
+update): prepare() sums position_weights(j) over valid rows before any forward.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Mapping, Optional
 
 import torch
@@ -20,9 +26,19 @@ from lib.drafts.dflash.mask import Blocks, dense_attention, flex_attention_fn
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
 
 log = logging.getLogger("specdraft.trainer")
-SUMS_PER_POSITION = 3  # CE sum, correct argmax count, valid rows
+# Per drafted index: CE sum, correct argmax count, valid rows, weighted CE sum (the loss numerator),
+# normaliser weight sum (the loss denominator); the logged loss is their ratio, whatever the weighting.
+SUMS_PER_POSITION = 5
 DEFAULT_DRAFT_LAYERS = 5
 CE_CHUNK_ROWS = 2048
+DPACE_DEFAULT_ALPHA = 0.5  # speculators' default confidence smoothing
+
+
+class LossWeights(str, Enum):
+    """draft.options.loss_weights: how the loss weighs the drafted positions of a block."""
+
+    DECAY = "decay"  # exp(-j / gamma), fixed; what every run before this option trained with
+    DPACE = "dpace"  # D-PACE: from the expected accepted length under the draft's own confidences
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,8 @@ class DFlashOptions:
     mask_token_id: Optional[int] = None
     loss_gamma: Optional[float] = None
     max_anchors: Optional[int] = None
+    loss_weights: LossWeights = LossWeights.DECAY
+    dpace_alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 2:
@@ -44,6 +62,23 @@ class DFlashOptions:
             raise ValueError(f"draft.options.loss_gamma={self.loss_gamma!r} must be > 0 or null (recipe default)")
         if self.max_anchors is not None and int(self.max_anchors) < 1:
             raise ValueError(f"draft.options.max_anchors={self.max_anchors!r} must be >= 1 or null")
+        weights = self.loss_weights.value if isinstance(self.loss_weights, LossWeights) else self.loss_weights
+        choices = [w.value for w in LossWeights]
+        if weights not in choices:
+            raise ValueError(f"draft.options.loss_weights={weights!r} is not one of {choices}; use decay "
+                             f"(exp(-j/gamma), the default) or dpace (D-PACE)")
+        object.__setattr__(self, "loss_weights", LossWeights(weights))
+        # A knob of the other weighting would be silently ignored: refuse it instead.
+        if self.loss_weights is LossWeights.DPACE and self.loss_gamma is not None:
+            raise ValueError(f"draft.options.loss_gamma={self.loss_gamma!r} applies to loss_weights=decay only; "
+                             f"drop it, or use loss_weights=decay")
+        if self.dpace_alpha is not None:
+            if self.loss_weights is not LossWeights.DPACE:
+                raise ValueError(f"draft.options.dpace_alpha={self.dpace_alpha!r} applies to loss_weights=dpace "
+                                 f"only; drop it, or set draft.options.loss_weights=dpace")
+            if not 0.0 < float(self.dpace_alpha) <= 1.0:
+                raise ValueError(f"draft.options.dpace_alpha={self.dpace_alpha!r} must be in (0, 1] or null "
+                                 f"({DPACE_DEFAULT_ALPHA})")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "DFlashOptions":
@@ -56,8 +91,22 @@ class DFlashOptions:
         return 7.0 if self.block_size == 16 else self.block_size / 2
 
     def decay(self, device=None) -> torch.Tensor:
-        """[B-1] loss weight of each drafted index."""
+        """[B-1] exp(-j / gamma): the decay weighting's loss weight of each drafted index."""
         return torch.exp(-torch.arange(self.block_size - 1, device=device, dtype=torch.float32) / self.gamma)
+
+    @property
+    def alpha(self) -> Optional[float]:
+        """D-PACE's confidence smoothing, or None under the decay weighting."""
+        if self.loss_weights is not LossWeights.DPACE:
+            return None
+        return DPACE_DEFAULT_ALPHA if self.dpace_alpha is None else float(self.dpace_alpha)
+
+    def position_weights(self, device=None) -> torch.Tensor:
+        """[B-1] what a valid row of drafted index j adds to the loss's denominator: its decay weight, or
+        1 under D-PACE (whose per-row weights come from the forward; speculators divides by the count)."""
+        if self.loss_weights is LossWeights.DPACE:
+            return torch.ones(self.block_size - 1, device=device)
+        return self.decay(device)
 
 
 def default_target_layers(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -112,9 +161,37 @@ def chunked_ce(draft: DFlashDraft, hidden: torch.Tensor, labels: torch.Tensor) -
     return _HeadCrossEntropy.apply(hidden, head, labels)
 
 
+@torch.no_grad()
+def dpace_weights(ce: torch.Tensor, rows: torch.Tensor, num_blocks: int, block_size: int,
+                  alpha: float) -> torch.Tensor:
+    """D-PACE's weight of each valid row (rows: their indices in the [num_blocks * block_size] layout).
+
+    The draft's confidence in row r's label is q_r = exp(-CE_r), smoothed to s_r = (1 - alpha) q_r + alpha
+    (alpha keeps a position that is still wrong from zeroing every later one). With s = 1 at rows
+    without a loss, P_m = s_1 * ... * s_m is the chance that the block is accepted through position m,
+    and the expected accepted length is sum_m P_m over valid m. The weight of row k is
+    w_k = sum_{valid m >= k} P_m, the derivative of that length in log s_k (log q_k at alpha = 0): a
+    position counts for every later one whose acceptance it gates. All of it is detached: the weights scale the
+    cross-entropy's gradient, they are not trained through. Definition and precision (fp32) as
+    speculators 0.9.0's dpace_loss_decay; tests/test_dflash_loss_parity.py holds the two equal.
+    """
+    cells = num_blocks * block_size
+    smooth = torch.ones(cells, device=ce.device, dtype=torch.float32)
+    smooth[rows] = (1.0 - alpha) * torch.exp(-ce.detach().float()) + alpha
+    valid = torch.zeros(cells, device=ce.device, dtype=torch.float32)
+    valid[rows] = 1.0
+    through = torch.cumprod(smooth.view(num_blocks, block_size), dim=-1) * valid.view(num_blocks, block_size)
+    # sum over m >= k: a cumulative sum from the block's end
+    after = torch.cumsum(through.flip(-1), dim=-1).flip(-1)
+    return after.flatten()[rows]
+
+
 def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Blocks, decay: torch.Tensor,
-               normaliser: torch.Tensor, use_flex: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, sums [3*(B-1)]) of one micro-batch's blocks."""
+               normaliser: torch.Tensor, use_flex: bool,
+               dpace_alpha: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, sums [SUMS_PER_POSITION*(B-1)]) of one micro-batch's blocks. decay: [B-1] the fixed
+    per-position weights (DFlashOptions.position_weights); with dpace_alpha set, each row's loss weight
+    is D-PACE's instead, and decay only says what the normaliser counted (ones)."""
     attn = flex_attention_fn(blocks) if use_flex else dense_attention(blocks)
     hidden = draft(blocks.ids[None], blocks.positions[None], batch["aux_hidden"][None],
                    batch["position_ids"][None], attn)[0]
@@ -124,12 +201,18 @@ def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Bl
     labels = blocks.labels[rows]
     j = drafted[rows]
     ce, correct = chunked_ce(draft, hidden[rows], labels)
-    loss = (ce * decay[j]).sum() / normaliser.clamp_min(1e-6)
+    if dpace_alpha is None:
+        weight = decay[j]
+    else:
+        weight = dpace_weights(ce, rows, blocks.num_blocks, b, dpace_alpha)
+    loss = (ce * weight).sum() / normaliser.clamp_min(1e-6)
     with torch.no_grad():
-        sums = torch.zeros(3, b - 1, device=hidden.device)
+        sums = torch.zeros(SUMS_PER_POSITION, b - 1, device=hidden.device)
         sums[0].index_add_(0, j, ce.detach())
         sums[1].index_add_(0, j, correct)
         sums[2].index_add_(0, j, torch.ones_like(correct))
+        sums[3].index_add_(0, j, ce.detach() * weight)
+        sums[4].index_add_(0, j, decay[j])
     return loss, sums.flatten()
 
 
@@ -143,8 +226,8 @@ class DFlashModule(nn.Module):
         self.use_flex = use_flex
 
     def forward(self, batch, blocks: Blocks, normaliser: torch.Tensor, grad_scale: float = 1.0):
-        decay = self.options.decay(normaliser.device)
-        loss, sums = block_loss(self.draft, batch, blocks, decay, normaliser, self.use_flex)
+        weights = self.options.position_weights(normaliser.device)
+        loss, sums = block_loss(self.draft, batch, blocks, weights, normaliser, self.use_flex, self.options.alpha)
         return loss * grad_scale, sums
 
 
@@ -207,6 +290,9 @@ def build_bundle(ctx, options: DFlashOptions, layers: list[int]) -> DFlashBundle
     model = shard(module, ctx.groups.trainer, device)
     if ctx.is_trainer_leader:
         params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        log.info("dflash draft: %d layers, block %d, target layers %s, mask id %d, %.1fM trainable parameters",
-                 draft_cfg.num_hidden_layers, draft_cfg.block_size, layers, draft_cfg.mask_token_id, params / 1e6)
+        weights = (f"dpace (alpha {options.alpha})" if options.alpha is not None
+                   else f"decay (gamma {options.gamma:g})")
+        log.info("dflash draft: %d layers, block %d, target layers %s, mask id %d, loss weights %s, "
+                 "%.1fM trainable parameters", draft_cfg.num_hidden_layers, draft_cfg.block_size, layers,
+                 draft_cfg.mask_token_id, weights, params / 1e6)
     return DFlashBundle(model, draft_config=draft_cfg, options=options, seed=int(cfg.train.seed))
