@@ -22,6 +22,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from lib.drafts.base import AUX_HIDDEN, FINAL_HIDDEN
 from lib.drafts.dflash.mask import dense_attention, flex_attention_fn
 from lib.drafts.dspark.blocks import DSparkBlocks
 from lib.drafts.dspark.model import DSparkDraft
@@ -55,6 +56,11 @@ ops = OpTable(kl_rows_with_grad=kl_rows_with_grad, kl_rows_value=kl_rows_value)
 use_compiled, compiled = ops.use_compiled, ops.compiled
 
 
+def _cat(parts: list, empty_like: torch.Tensor) -> torch.Tensor:
+    """torch.cat, or an empty tensor shaped like empty_like when a micro-batch has no valid slot."""
+    return torch.cat(parts) if parts else torch.zeros_like(empty_like)
+
+
 class _MarkovKL(torch.autograd.Function):
     """sum_r weight_r KL(p_r || q_r) with q_r = softmax(h_r head^T + f_r W2^T), p_r = softmax(t_r head^T).
 
@@ -84,11 +90,11 @@ class _MarkovKL(torch.autograd.Function):
                 d_feat.append(g @ w2)
                 d_w2 += (g.t() @ features[rows]).float()
         ctx.has_w2 = w2 is not None
-        saved = [torch.cat(d_hidden)]
+        saved = [_cat(d_hidden, hidden)]
         if w2 is not None:
-            saved += [torch.cat(d_feat), d_w2.to(w2.dtype)]
+            saved += [_cat(d_feat, features), d_w2.to(w2.dtype)]
         ctx.save_for_backward(*saved)
-        kl, overlap, correct = torch.cat(kls), torch.cat(overlaps), torch.cat(corrects)
+        kl, overlap, correct = (_cat(part, loss.new_zeros(0)) for part in (kls, overlaps, corrects))
         ctx.mark_non_differentiable(kl, overlap, correct)
         return loss, kl, overlap, correct
 
@@ -117,7 +123,7 @@ def markov_kl(draft: DSparkDraft, hidden: torch.Tensor, features: Optional[torch
         if w2 is not None:
             z = z + features[rows] @ w2.t()
         parts.append(ops.kl_rows_value(z, target_hidden[rows].to(head.dtype) @ head.t()))
-    kl, overlap, correct = (torch.cat([p[i] for p in parts]) for i in range(3))
+    kl, overlap, correct = (_cat([p[i] for p in parts], weight) for i in range(3))
     return (kl * weight).sum(), kl, overlap, correct
 
 
@@ -126,7 +132,7 @@ def block_loss(draft: DSparkDraft, batch: Mapping[str, torch.Tensor], blocks: DS
     """(loss, metric sums) of one micro-batch's blocks; decay [B] = w_k."""
     b, n = blocks.block_size, blocks.num_blocks
     attn = flex_attention_fn(blocks.blocks) if use_flex else dense_attention(blocks.blocks)
-    hidden = draft(blocks.blocks.ids[None], blocks.blocks.positions[None], batch["aux_hidden"][None],
+    hidden = draft(blocks.blocks.ids[None], blocks.blocks.positions[None], batch[AUX_HIDDEN][None],
                    batch["position_ids"][None], attn)[0]  # [N*B, H]
     emb = draft.prev_embedding(blocks.prev_ids)
     features = None
@@ -137,7 +143,7 @@ def block_loss(draft: DSparkDraft, batch: Mapping[str, torch.Tensor], blocks: DS
     norm = normaliser.clamp_min(1.0)
     weight = decay[slot] / norm
     kl_loss, kl, overlap, correct = markov_kl(draft, hidden[rows], None if features is None else features[rows],
-                                              batch["final_hidden"][blocks.target_rows[rows]], weight)
+                                              batch[FINAL_HIDDEN][blocks.target_rows[rows]], weight)
     loss = kl_loss
     conf = draft.confidence(hidden[rows], None if emb is None else emb[rows])
     bce = torch.zeros_like(kl)
