@@ -4,6 +4,8 @@ The decode loop (lib/eval/spec_decode.py) verifies k proposed tokens per round w
 forward and gives the drafter a `VerifiedBlock` of the slots it just processed; each family's drafter
 (lib/drafts/<name>/drafter.py) proposes the next k tokens from it. Slots a row rejected stay in the
 caches and are hidden by masks (`visible_keys`), so rows that accept different counts share a batch.
+A drafter may end a row's proposal early (a verification schedule): the slots after it hold
+NOT_PROPOSED, which the target never accepts.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
+
+NOT_PROPOSED = -1  # a proposal slot left empty: never equal to the target's choice, so never accepted
 
 
 def visible_keys(valid: torch.Tensor, new: int) -> torch.Tensor:

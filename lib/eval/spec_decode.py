@@ -101,7 +101,8 @@ def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: lis
         t1 = _clock(device)
         positions = next_position[:, None] + offsets
         slot_valid = torch.cat([slot_valid, torch.ones(len(rows), k + 1, dtype=torch.bool, device=device)], 1)
-        greedy, aux, cache = target.forward(torch.cat([newest[:, None], proposals], 1), positions,
+        sent = proposals.clamp_min(0)  # NOT_PROPOSED slots run as token 0; the comparison below rejects them
+        greedy, aux, cache = target.forward(torch.cat([newest[:, None], sent], 1), positions,
                                             visible_keys(slot_valid, k + 1), cache, aux_layers)
         t2 = _clock(device)
         accepted = (proposals == greedy[:, :k]).long().cumprod(1).sum(1)
@@ -109,7 +110,7 @@ def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: lis
         newest = greedy[pick, accepted]  # the bonus token: the target's choice after the accepted prefix
         kept = offsets[None] <= accepted[:, None]
         slot_valid[:, -(k + 1):] = kept
-        next_ids = torch.cat([proposals, greedy[:, k:]], 1)
+        next_ids = torch.cat([sent, greedy[:, k:]], 1)
         next_ids[pick, accepted] = newest
         block = VerifiedBlock(next_ids, aux, positions, kept, accepted)
         next_position = next_position + accepted + 1
