@@ -62,6 +62,12 @@ class DFlashDrafter:
 
     @torch.no_grad()
     def propose(self, block: VerifiedBlock, k: int, rows: list[int], generated: list[int]) -> torch.Tensor:
+        hidden, _ = self.block_hidden(block, k)
+        return self.draft.logits(hidden[:, 1:]).argmax(-1)
+
+    def block_hidden(self, block: VerifiedBlock, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden states [B, k+1, H] of the round's block, its bonus tokens [B]), the verified
+        slots appended to the context first. DFlash2's drafter (lib/drafts/dflash2/) drafts from them too."""
         c = self.draft.config
         if k > c.block_size - 1:
             raise ValueError(f"k={k} draft tokens exceed what a block of {c.block_size} proposes ({c.block_size - 1}): "
@@ -81,5 +87,4 @@ class DFlashDrafter:
         def attn(q, key, value):
             return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, enable_gqa=q.shape[1] != key.shape[1])
 
-        hidden = self.draft.forward_kv(ids, positions, self.kv, attn)
-        return self.draft.logits(hidden[:, 1:]).argmax(-1)
+        return self.draft.forward_kv(ids, positions, self.kv, attn), bonus
