@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Optional
 
 from lib.config_choices import (  # noqa: F401 - the choices are part of this module's interface
     Placement, Device, MpsMode, Backend, AttnImpl, VarlenKernel,
-    MoeImpl, TargetDtype, Overlong, WandbMode, DRAFT_ROOTS_ENV, draft_conf_dirs, draft_families,
+    MoeImpl, TargetDtype, Overlong, TrainLoss, WandbMode, DRAFT_ROOTS_ENV, draft_conf_dirs, draft_families,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,6 +117,9 @@ class TrainConfig:
     # Recompute each unroll step's MLP, logits and cross-entropy in backward instead of keeping their
     # activations (EAGLE-3): for long contexts, where those are most of the trainer's memory.
     recompute: bool = False
+    # The unroll's per-row loss (EAGLE-3 line only): ce (soft cross-entropy, the default), lk (-log of the
+    # acceptance rate sum_v min(p_v, q_v)), lk_hybrid, tv or jsd, as speculators defines them (docs/launching.md)
+    loss: TrainLoss = TrainLoss.ce
 
 
 @dataclass
@@ -449,7 +452,8 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
                      varlen_kernel=_as_enum("engine.varlen_kernel", cfg.engine.varlen_kernel, VarlenKernel),
                      compile=cuda if cfg.engine.compile is None else cfg.engine.compile)
     # train.compile: fuse the draft step on GPU; on CPU compiling costs more than it saves.
-    train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile)
+    train = replace(cfg.train, compile=cuda if cfg.train.compile is None else cfg.train.compile,
+                    loss=_as_enum("train.loss", cfg.train.loss, TrainLoss))
     run = replace(cfg.run, dir=new_run_dir() if cfg.run.dir == "auto" else os.path.abspath(cfg.run.dir))
     data = replace(cfg.data, overlong=_as_enum("data.overlong", cfg.data.overlong, Overlong))
     draft = replace(cfg.draft, name=check_draft_name(cfg.draft.name))

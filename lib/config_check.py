@@ -23,9 +23,13 @@ from typing import Any, Optional
 
 from lib.config import (
     CONF_DIR, MEMORY_HEADROOM, Backend, Config, ConfigError, Device, LaunchShape, Overlong, Placement,
-    ProcessLayout, TargetDtype, VarlenKernel, WandbMode, _as_enum, _fail, check_draft_name, compose,
+    ProcessLayout, TargetDtype, TrainLoss, VarlenKernel, WandbMode, _as_enum, _fail, check_draft_name, compose,
     resolve_attn_impl, resolve_device, target_name,
 )
+
+# Families whose strategy reads train.loss (draft=eagle3_1 is draft.name=eagle3 with an option); the others
+# train with their own cross-entropy and refuse any other value here, before anything loads.
+LOSS_FAMILIES = ("eagle3",)
 
 
 def validate(cfg: Config, shape: LaunchShape) -> None:
@@ -101,6 +105,10 @@ def _check_choices(cfg: Config, shape: LaunchShape) -> None:
     if cfg.train.recompute and draft != "eagle3":
         _fail("train.recompute", True, "only the EAGLE-3 unroll has it (DFlash keeps no logits for backward: its "
               "cross-entropy forms the gradient chunk by chunk in forward); drop the key for draft=dflash")
+    loss = _as_enum("train.loss", cfg.train.loss, TrainLoss)
+    if loss != TrainLoss.ce and draft not in LOSS_FAMILIES:
+        _fail("train.loss", loss, f"only the EAGLE-3 line (draft=eagle3, draft=eagle3_1) trains with another loss "
+              f"than its own cross-entropy; draft={draft} does not: drop the key or set train.loss=ce")
     if cfg.checkpoint.resume and cfg.run.dir == "auto":
         _fail("checkpoint.resume", True, "run.dir=auto makes a fresh directory, which holds no checkpoint; "
               "pass the run's directory, e.g. run.dir=outputs/20250101-120000")

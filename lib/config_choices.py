@@ -79,6 +79,17 @@ class Overlong(str, enum.Enum):
     skip = "skip"  # drop it (counted)
 
 
+class TrainLoss(str, enum.Enum):
+    """train.loss: the per-row loss of the EAGLE-3 unroll against the target's distribution over the
+    draft vocabulary (lib/drafts/eagle3/loss.py; speculators 0.9.0's names in brackets)."""
+
+    ce = "ce"  # soft cross-entropy -sum p log q: KL(p||q) plus the target's entropy [kl_div]
+    lk = "lk"  # -log(alpha), alpha = sum_v min(p_v, q_v), the acceptance rate of sampled drafts [nla]
+    lk_hybrid = "lk_hybrid"  # w KL(p||q) + (1 - w) TV, w = exp(-3 alpha) not differentiated [lk_hybrid]
+    tv = "tv"  # total variation 1 - alpha [tv]
+    jsd = "jsd"  # Jensen-Shannon divergence [jsd]
+
+
 class WandbMode(str, enum.Enum):
     online = "online"
     offline = "offline"  # no network needed: the run lands in run.dir/wandb; `wandb sync` uploads it later

@@ -241,6 +241,7 @@ BAD = {  # override(s) -> the start of the one line that must name them
     "data.template=nonexistent": "data.template='nonexistent'",
     "checkpoint.resume=true": "checkpoint.resume=true",
     "train_frac=0.6 infer_frac=0.4": "train_frac+infer_frac=1.0",
+    "draft=dflash train.loss=lk": "train.loss=lk",  # the EAGLE-3 line's losses only
 }
 
 

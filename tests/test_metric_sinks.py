@@ -162,12 +162,17 @@ def test_a_real_run_writes_loss_and_acc_0_to_tensorboard(tmp_path):
     from tests.helpers import metric_rows, torchrun
 
     run = tmp_path / "run"
+    # Also the CPU suite's one real run of an acceptance-aligned loss (train.loss=lk, -log of the acceptance
+    # rate; tests/test_eagle3_train_loss.py holds the rest): it must train and log like the default.
     res = torchrun(2, ["train.max_steps=3", "engine.token_budget=256", "data.max_length=256", "eval.every=0",
-                       "train.log_every=1", "metrics.tensorboard=true", f"run.dir={run}"])
+                       "train.log_every=1", "metrics.tensorboard=true", f"run.dir={run}", "train.loss=lk"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     scalars = read_scalars(str(run / "tensorboard"))
     assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
     assert [s for s, _ in scalars["acc_0"]] == [1, 2, 3]
     jsonl = metric_rows(str(run))
     assert [v for _, v in scalars["loss"]] == pytest.approx([r["loss"] for r in jsonl], rel=1e-6)
+    assert "loss lk" in res.stdout + res.stderr and "  loss: lk\n" in (run / "config.yaml").read_text()
+    losses = [r["loss"] for r in jsonl]
+    assert all(math.isfinite(x) and x > 0 for x in losses) and losses[-1] < losses[0], losses
     assert len(glob.glob(str(run / "tensorboard" / "events.*"))) == 1  # rank 0 only

@@ -16,7 +16,7 @@ from torch import nn
 from lib.drafts.base import DraftBundle, dataclass_from_keys
 from lib.drafts.eagle3.export import load_draft
 from lib.drafts.eagle3.fused import use_compiled
-from lib.drafts.eagle3.loss import ttt_forward
+from lib.drafts.eagle3.loss import check_row_loss, ttt_forward
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
 from lib.drafts.eagle3.target_head import TargetDistribution, TargetHead, load_target_embedding
 from lib.drafts.eagle3.vocab import vocab_map
@@ -54,11 +54,12 @@ class TTTModule(nn.Module):
     """
 
     def __init__(self, draft: Eagle3Draft, ttt_length: int, head: Optional[TargetHead] = None,
-                 recompute: bool = False):
+                 recompute: bool = False, loss: str = "ce"):
         super().__init__()
         self.draft = draft
         self.ttt_length = ttt_length
         self.recompute = recompute
+        self.loss = check_row_loss(loss)  # train.loss
         self._head = head
 
     @property
@@ -78,7 +79,7 @@ class TTTModule(nn.Module):
         averages gradients across ranks, so scaling by the count turns that average into the sum
         (exact in fp32 for power-of-two counts; gloo has no pre-multiplied sum to do it instead)."""
         loss, metrics = ttt_forward(self.draft, self.head, batch, self.ttt_length, denominators=denominators,
-                                    target=target, recompute=self.recompute)
+                                    target=target, recompute=self.recompute, loss=self.loss)
         return loss * grad_scale, metrics
 
 
@@ -139,7 +140,7 @@ def build_bundle(ctx, aux_layers: list[int], options: Optional[Eagle3Options] = 
         draft.load_embedding(torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02)
         head_weight = torch.randn(shape.vocab_size, shape.hidden_size, generator=gen) * 0.02
     draft.to(device)
-    module = TTTModule(draft, cfg.train.ttt_length, recompute=cfg.train.recompute)
+    module = TTTModule(draft, cfg.train.ttt_length, recompute=cfg.train.recompute, loss=cfg.train.loss)
     model = shard(module, ctx.groups.trainer, device)
     head_dtype = shape.dtype
     if head_weight is None:
@@ -149,7 +150,7 @@ def build_bundle(ctx, aux_layers: list[int], options: Optional[Eagle3Options] = 
     module.set_head(head)
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if ctx.is_trainer_leader:
-        log.info("draft: hidden %d, draft vocab %d, aux layers %s%s, %.1fM trainable parameters",
+        log.info("draft: hidden %d, draft vocab %d, aux layers %s%s, %.1fM trainable parameters, loss %s",
                  draft_cfg.hidden_size, draft_vocab, list(aux_layers), " (fc_norm: EAGLE-3.1)" if draft_cfg.fc_norm
-                 else "", params / 1e6)
+                 else "", params / 1e6, module.loss)
     return Eagle3Bundle(model, draft_config=draft_cfg, target_head=head, ttt_length=cfg.train.ttt_length)
