@@ -33,7 +33,12 @@ MATCHED = {"dflash": (["draft=dflash", "draft.options.block_size={block}"], "[{l
            "eagle3_1": (["draft=eagle3_1"], "[3,7]"),
            # DFlash with D-PACE position weights (speculators' DFlash default) against the decay above
            "dflash_dpace": (["draft=dflash", "draft.options.block_size={block}", "draft.options.loss_weights=dpace"],
-                            "[{last}]")}
+                            "[{last}]"),
+           # the block successors at their own defaults (block 8: seven drafted tokens per round)
+           "dspark": (["draft=dspark"], "[7]"),
+           "dflash2": (["draft=dflash2"], "[7]"),
+           # EAGLE-3 under the acceptance-aligned losses (train.loss): EAGLE-3's cost per step
+           **{f"eagle3_{loss}": ([f"train.loss={loss}"], "[3,7]") for loss in ("lk", "lk_hybrid", "tv", "jsd")}}
 
 
 def train(run_dir: str, steps: int, overrides: list[str], limit_s: float) -> dict:

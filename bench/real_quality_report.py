@@ -14,7 +14,8 @@ import os
 import re
 import sys
 
-FAMILIES = ("eagle3", "eagle3_1", "dflash", "dflash_dpace")  # bench/family_ab.py's phases, in table order
+FAMILIES = ("eagle3", "eagle3_1", "eagle3_lk", "eagle3_lk_hybrid", "eagle3_tv", "eagle3_jsd", "peagle", "dflash", "dflash_dpace",
+            "dspark", "dflash2")  # bench/family_ab.py's phases, in table order (missing ones are left out)
 
 
 def _load(path: str):
