@@ -49,4 +49,5 @@ class Drafter(Protocol):
     def keep(self, rows: torch.Tensor) -> None: ...  # finished rows leave the batch
     def propose(self, block: VerifiedBlock, k: int, rows: list[int], generated: list[int]) -> torch.Tensor: ...
     # Optional: check_target(runner) raises if the draft was built for another target or device;
-    # num_parameters() -> weights one draft forward multiplies by (for speedup_params; None if unknown).
+    # num_parameters() -> weights one draft forward multiplies by (for speedup_params; None if unknown);
+    # draft_forwards(k) -> draft forwards per round of k proposals (default k, a chain; 1 for parallel drafting).

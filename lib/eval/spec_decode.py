@@ -174,6 +174,7 @@ class SpecDecodeResult:
     target_params: int
     spec_s: float
     greedy_s: Optional[float]
+    draft_forwards: Optional[int] = None  # draft forwards per round (None: k, one per token of a chain)
 
     @property
     def tau(self) -> float:
@@ -200,10 +201,12 @@ class SpecDecodeResult:
 
     @property
     def speedup_params(self) -> Optional[float]:
-        """tau / (1 + k * c), c = draft / target parameters a token's forward multiplies by."""
+        """tau / (1 + f * c), c = draft / target parameters a token's forward multiplies by, f = draft
+        forwards per round (k for a chain; a drafter proposing all k in one forward says 1)."""
         if self.draft_params is None:
             return None
-        return self.tau / (1.0 + self.k * self.draft_params / self.target_params)
+        forwards = self.k if self.draft_forwards is None else self.draft_forwards
+        return self.tau / (1.0 + forwards * self.draft_params / self.target_params)
 
     @property
     def speedup_measured(self) -> float:
@@ -217,7 +220,8 @@ class SpecDecodeResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers (no token lists)."""
         return {"k": self.k, "tau": self.tau, "accept_rates": self.accept_rates,
-                "speedup_params": self.speedup_params, "speedup_measured": self.speedup_measured,
+                "speedup_params": self.speedup_params, "draft_forwards": self.draft_forwards or self.k,
+                "speedup_measured": self.speedup_measured,
                 "wall_speedup": self.wall_speedup, "matches_greedy": self.matches_greedy,
                 "mismatched_prompts": self.mismatched_prompts, "verify_rows": self.stats.verify_rows,
                 "rounds": self.stats.rounds, "tokens": sum(len(o) for o in self.outputs),
@@ -254,7 +258,7 @@ def speculative_decode(target: Any, draft: Optional[Drafter], prompts: Sequence[
         for out, ref in zip(greedy, reference):
             _extend(out, ref, max_new_tokens, stop_ids)
         drafter: Drafter = ForcedDrafter(reference, forced, runner.vocab_size)
-        draft_params = None
+        draft_params = forwards = None
     else:
         if not callable(getattr(draft, "propose", None)):
             # Decoding knows no family: wrapping a model in its drafter is the family's business.
@@ -264,11 +268,13 @@ def speculative_decode(target: Any, draft: Optional[Drafter], prompts: Sequence[
         if callable(getattr(drafter, "check_target", None)):
             drafter.check_target(runner)
         draft_params = drafter.num_parameters() if callable(getattr(drafter, "num_parameters", None)) else None
+        forwards = drafter.draft_forwards(k) if callable(getattr(drafter, "draft_forwards", None)) else None
         if check_greedy:
             greedy, _, greedy_s = _run(runner, None, checked, 0, max_new_tokens, stop_ids, batch_size, "greedy", progress)
     outputs, stats, spec_s = _run(runner, drafter, checked, k, max_new_tokens, stop_ids, batch_size,
                                   f"speculative k={k}", progress)
-    return SpecDecodeResult(k, outputs, greedy, stats, draft_params, runner.cost_parameters(), spec_s, greedy_s)
+    return SpecDecodeResult(k, outputs, greedy, stats, draft_params, runner.cost_parameters(), spec_s, greedy_s,
+                            forwards)
 
 
 def evaluate_online(target: Any, draft: Drafter, prompts: Sequence[Any], draft_tokens: Sequence[int],
