@@ -37,6 +37,8 @@ MATCHED = {"dflash": (["draft=dflash", "draft.options.block_size={block}"], "[{l
            # the block successors at their own defaults (block 8: seven drafted tokens per round)
            "dspark": (["draft=dspark"], "[7]"),
            "dflash2": (["draft=dflash2"], "[7]"),
+           # P-EAGLE: k tokens from one draft forward per round
+           "peagle": (["draft=peagle"], "[3,7]"),
            # EAGLE-3 under the acceptance-aligned losses (train.loss): EAGLE-3's cost per step
            **{f"eagle3_{loss}": ([f"train.loss={loss}"], "[3,7]") for loss in ("lk", "lk_hybrid", "tv", "jsd")}}
 
