@@ -1,7 +1,9 @@
 """Shared test utilities: run the real torchrun on this machine."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +74,19 @@ def metric_rows(run_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [r for r in (json.loads(x) for x in f if x.strip()) if "loss" in r]
+
+
+def rewound_copy(run_dir: str, dest: str, exports=("draft",), last_step: int = 2, checkpoint: str = "step-4") -> None:
+    """dest = run_dir as it stood at the checkpoint of last_step: a copy without the later checkpoint,
+    the final exports and the metrics rows after last_step (a resume from it should redo the rest)."""
+    shutil.copytree(run_dir, dest)
+    shutil.rmtree(os.path.join(dest, "checkpoints", checkpoint))
+    for name in exports:
+        shutil.rmtree(os.path.join(dest, name))
+    with open(os.path.join(dest, "metrics.jsonl")) as f:
+        kept = [line for line in f if json.loads(line).get("step", 0) <= last_step]
+    with open(os.path.join(dest, "metrics.jsonl"), "w") as f:
+        f.writelines(kept)
 
 
 def masked_segments(tokenizer, ids: list[int], mask: list[bool], **decode_kwargs) -> list[str]:

@@ -13,38 +13,18 @@ from lib.drafts.dflash.mask import IGNORE, build_blocks, dense_attention, dense_
 from lib.drafts.dflash.model import DFlashConfig, DFlashDraft
 from lib.drafts.dflash.strategy import DFlashStrategy
 from lib.drafts.dflash.trainer import DFlashOptions, block_loss, default_target_layers
+from tests.block_fixtures import MASK, drawn_draft, packed, tiny_spec
 from tests.helpers import assert_same_steps, compiled_against_eager
 
 pytestmark = pytest.mark.unit
-MASK = 1
 
 
 def tiny_config(**over) -> DFlashConfig:
-    spec = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                num_hidden_layers=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
-                vocab_size=50, target_hidden_size=32, num_target_layers=6, target_layer_ids=[1, 3, 4],
-                block_size=4, mask_token_id=MASK)
-    spec.update(over)
-    return DFlashConfig(**spec)
+    return DFlashConfig(**tiny_spec(**over))
 
 
 def tiny_draft(c: DFlashConfig, seed: int = 0) -> DFlashDraft:
-    torch.manual_seed(seed)
-    draft = DFlashDraft(c)
-    draft.set_target_weights(torch.randn(c.vocab_size, c.target_hidden_size),
-                             torch.randn(c.vocab_size, c.target_hidden_size) * 0.1)
-    return draft
-
-
-def packed(lengths=(9, 7), vocab=50, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = sum(lengths)
-    ids = torch.randint(2, vocab, (tokens,), generator=g)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    loss_mask = torch.ones(tokens, dtype=torch.bool)
-    loss_mask[:2] = False  # a prompt in the first sequence
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return ids, loss_mask, positions, cu
+    return drawn_draft(DFlashDraft, c, seed, perturb=False, head_scale=0.1)
 
 
 def test_blocks_put_the_anchor_first_mask_tokens_after_and_labels_inside_the_sequence():

@@ -20,42 +20,20 @@ from lib.drafts.dflash.model import DFlashDraft
 from lib.drafts.dflash2 import fused, loss as loss_lib
 from lib.drafts.dflash2.model import DFlash2Config, DFlash2Draft
 from lib.drafts.dflash2.trainer import DFlash2Options
+from tests.block_fixtures import MASK, drawn_draft, packed, tiny_spec
 from tests.helpers import assert_same_steps, compiled_against_eager
 
 pytestmark = pytest.mark.unit
-MASK = 1
 
 
 def config(**over) -> DFlash2Config:
-    spec = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                num_hidden_layers=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
-                vocab_size=50, target_hidden_size=32, num_target_layers=6, target_layer_ids=[1, 3, 4], block_size=4,
-                mask_token_id=MASK, conv_kernel_size=2, conv_group_size=8, selector_rank=6, selector_top_k=5)
-    spec.update(over)
-    return DFlash2Config(**spec)
+    sizes = dict(conv_kernel_size=2, conv_group_size=8, selector_rank=6, selector_top_k=5)
+    return DFlash2Config(**tiny_spec(**{**sizes, **over}))
 
 
 def drawn(c: DFlash2Config, seed: int = 0) -> DFlash2Draft:
     """A draft with every weight drawn (the identity convolutions and unit norms moved off)."""
-    torch.manual_seed(seed)
-    draft = DFlash2Draft(c)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    draft.set_target_weights(torch.randn(c.vocab_size, c.target_hidden_size),
-                             torch.randn(c.vocab_size, c.target_hidden_size) * 0.3)
-    return draft
-
-
-def packed(lengths=(9, 7), vocab=50, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = sum(lengths)
-    ids = torch.randint(2, vocab, (tokens,), generator=g)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    loss_mask = torch.ones(tokens, dtype=torch.bool)
-    loss_mask[:2] = False
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return ids, loss_mask, positions, cu
+    return drawn_draft(DFlash2Draft, c, seed)
 
 
 def batch_for(c: DFlash2Config, ids, positions, seed=0) -> dict:

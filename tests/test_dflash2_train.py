@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cpu_env, metric_rows, torchrun
+from tests.helpers import REPO, cpu_env, metric_rows, rewound_copy, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +39,7 @@ def runs(tmp_path_factory):
     whole, split = str(root / "whole"), str(root / "split")
     done = torchrun(4, [*TRAIN, f"run.dir={whole}"], timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    shutil.copytree(whole, split)
-    shutil.rmtree(os.path.join(split, "checkpoints", "step-4"))
-    for layout in LAYOUTS:
-        shutil.rmtree(os.path.join(split, layout))
-    with open(os.path.join(split, "metrics.jsonl")) as f:
-        kept = [line for line in f if json.loads(line).get("step", 0) <= 2]
-    with open(os.path.join(split, "metrics.jsonl"), "w") as f:
-        f.writelines(kept)
+    rewound_copy(whole, split, LAYOUTS)
     resumed = torchrun(4, [*TRAIN, f"run.dir={split}", "checkpoint.resume=true"], timeout=400)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     result = str(root / "eval.json")

@@ -13,7 +13,8 @@ from lib.drafts.dflash.mask import dense_attention
 from lib.drafts.dflash.strategy import DFlashStrategy
 from lib.drafts.dflash.trainer import (DFlashBundle, DFlashModule, DFlashOptions, LossWeights, block_loss,
                                        dpace_weights)
-from tests.test_dflash import MASK, packed, tiny_config, tiny_draft
+from tests.block_fixtures import MASK, packed
+from tests.test_dflash import tiny_config, tiny_draft
 
 pytestmark = pytest.mark.unit
 

@@ -19,40 +19,17 @@ from lib.drafts.dspark.blocks import build_dspark_blocks
 from lib.drafts.dspark.drafter import DSparkDrafter, schedule_lengths
 from lib.drafts.dspark.model import DSparkConfig, DSparkDraft
 from lib.drafts.dspark.trainer import DSparkOptions
+from tests.block_fixtures import MASK, drawn_draft, packed, tiny_spec
 
 pytestmark = pytest.mark.unit
-MASK = 1
 
 
 def tiny_config(**over) -> DSparkConfig:
-    spec = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                num_hidden_layers=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
-                vocab_size=50, target_hidden_size=32, num_target_layers=6, target_layer_ids=[1, 3, 4],
-                block_size=4, mask_token_id=MASK, markov_rank=8)
-    spec.update(over)
-    return DSparkConfig(**spec)
+    return DSparkConfig(**tiny_spec(**{"markov_rank": 8, **over}))
 
 
 def tiny_draft(c: DSparkConfig, seed: int = 0) -> DSparkDraft:
-    torch.manual_seed(seed)
-    draft = DSparkDraft(c)
-    with torch.no_grad():
-        for p in draft.parameters():  # norms and biases off their initial values, so a mix-up shows
-            p.add_(torch.randn(p.shape) * 0.1)
-    draft.set_target_weights(torch.randn(c.vocab_size, c.target_hidden_size),
-                             torch.randn(c.vocab_size, c.target_hidden_size) * 0.3)
-    return draft
-
-
-def packed(lengths=(9, 7), vocab=50, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = sum(lengths)
-    ids = torch.randint(2, vocab, (tokens,), generator=g)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    loss_mask = torch.ones(tokens, dtype=torch.bool)
-    loss_mask[:2] = False  # a prompt in the first sequence
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return ids, loss_mask, positions, cu
+    return drawn_draft(DSparkDraft, c, seed)
 
 
 def test_every_slot_predicts_the_token_after_it_from_the_target_row_it_stands_at():

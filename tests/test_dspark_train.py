@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cpu_env, metric_rows, torchrun
+from tests.helpers import REPO, cpu_env, metric_rows, rewound_copy, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -63,13 +62,7 @@ def test_two_colocated_pairs_train_and_export_every_checkpoint_in_speculators_la
 
 def test_resume_from_a_checkpoint_continues_exactly(run_dir, tmp_path):
     resumed = str(tmp_path / "resumed")
-    shutil.copytree(run_dir, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "step-4"))
-    shutil.rmtree(os.path.join(resumed, "draft"))
-    with open(os.path.join(resumed, "metrics.jsonl")) as f:
-        kept = [line for line in f if json.loads(line).get("step", 0) <= 2]
-    with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
-        f.writelines(kept)
+    rewound_copy(run_dir, resumed)
     res = torchrun(4, [*BASE, f"run.dir={resumed}", "checkpoint.resume=true"], timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "resumed from" in res.stdout + res.stderr

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -186,20 +186,27 @@ def dpace_weights(ce: torch.Tensor, rows: torch.Tensor, num_blocks: int, block_s
     return after.flatten()[rows]
 
 
+def block_forward(draft: nn.Module, batch: Mapping[str, torch.Tensor], blocks: Blocks,
+                  use_flex: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [N*B, H], rows, j): the draft's output at every block cell, the cells with a label, and
+    their drafted index j (block position j+1). One forward of a DFlash-backbone draft over its blocks."""
+    attn = flex_attention_fn(blocks) if use_flex else dense_attention(blocks)
+    hidden = draft(blocks.ids[None], blocks.positions[None], batch["aux_hidden"][None],
+                   batch["position_ids"][None], attn)[0]
+    drafted = (torch.arange(hidden.shape[0], device=hidden.device) % blocks.block_size) - 1  # -1 at the anchor
+    rows = blocks.valid().nonzero().flatten()
+    return hidden, rows, drafted[rows]
+
+
 def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Blocks, decay: torch.Tensor,
                normaliser: torch.Tensor, use_flex: bool,
                dpace_alpha: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, sums [SUMS_PER_POSITION*(B-1)]) of one micro-batch's blocks. decay: [B-1] the fixed
     per-position weights (DFlashOptions.position_weights); with dpace_alpha set, each row's loss weight
     is D-PACE's instead, and decay only says what the normaliser counted (ones)."""
-    attn = flex_attention_fn(blocks) if use_flex else dense_attention(blocks)
-    hidden = draft(blocks.ids[None], blocks.positions[None], batch["aux_hidden"][None],
-                   batch["position_ids"][None], attn)[0]
+    hidden, rows, j = block_forward(draft, batch, blocks, use_flex)
     b = blocks.block_size
-    drafted = (torch.arange(hidden.shape[0], device=hidden.device) % b) - 1  # -1 at the anchor
-    rows = blocks.valid().nonzero().flatten()
     labels = blocks.labels[rows]
-    j = drafted[rows]
     ce, correct = chunked_ce(draft, hidden[rows], labels)
     if dpace_alpha is None:
         weight = decay[j]
@@ -216,15 +223,18 @@ def block_loss(draft: DFlashDraft, batch: Mapping[str, torch.Tensor], blocks: Bl
     return loss, sums.flatten()
 
 
-class DFlashModule(nn.Module):
-    """forward(batch, blocks, normaliser) = (loss, sums); the FSDP2 unit."""
+class BlockLossModule(nn.Module):
+    """forward(batch, blocks, normaliser) = (loss, sums); the FSDP2 unit of a DFlash-backbone family
+    (its state is the draft's, under `draft.`). Subclasses give the forward."""
 
-    def __init__(self, draft: DFlashDraft, options: DFlashOptions, use_flex: bool):
+    def __init__(self, draft: nn.Module, options: Any, use_flex: bool):
         super().__init__()
         self.draft = draft
         self.options = options
         self.use_flex = use_flex
 
+
+class DFlashModule(BlockLossModule):
     def forward(self, batch, blocks: Blocks, normaliser: torch.Tensor, grad_scale: float = 1.0):
         weights = self.options.position_weights(normaliser.device)
         loss, sums = block_loss(self.draft, batch, blocks, weights, normaliser, self.use_flex, self.options.alpha)
@@ -232,13 +242,21 @@ class DFlashModule(nn.Module):
 
 
 @dataclass
-class DFlashBundle(DraftBundle):
-    draft_config: DFlashConfig
-    options: DFlashOptions
+class BlockBundle(DraftBundle):
+    """The bundle of a DFlash-backbone family: its draft config, options and the run seed."""
+
+    draft_config: Any  # a DFlashConfig or a family's extension of it (to_dict)
+    options: Any
     seed: int  # anchor sampling: with each batch's tokens (strategy.batch_generator)
 
     def config_dict(self) -> dict[str, Any]:
         return self.draft_config.to_dict()
+
+
+@dataclass
+class DFlashBundle(BlockBundle):
+    draft_config: DFlashConfig
+    options: DFlashOptions
 
 
 def draft_config_for(hf: Any, cfg, options: DFlashOptions, layers: list[int]) -> DFlashConfig:
@@ -262,19 +280,17 @@ def draft_config_for(hf: Any, cfg, options: DFlashOptions, layers: list[int]) ->
         block_size=options.block_size, mask_token_id=mask_id)
 
 
-def build_bundle(ctx, options: DFlashOptions, layers: list[int]) -> DFlashBundle:
-    from lib.launch.sharding import shard
-    from lib.target.shape import load_hf_config
+def init_block_draft(ctx, draft_cls: Callable[[Any], nn.Module], draft_cfg: Any,
+                     load_draft: Callable[[str], nn.Module]) -> nn.Module:
+    """draft_cls(draft_cfg) initialised from train.seed (or draft.init_from's export, read by load_draft)
+    on ctx.device, with the frozen target embedding and lm_head bound (bf16 on CUDA): the target's own,
+    or fixed random ones for a random-init target."""
     from lib.target.weights import load_target_embedding, load_target_lm_head
 
     cfg, device = ctx.cfg, ctx.device
-    hf = load_hf_config(cfg.target)
-    draft_cfg = draft_config_for(hf, cfg, options, layers)
-    use_compiled(cfg.train.compile)  # resolved by lib.config.resolve: on for CUDA unless set
     torch.manual_seed(cfg.train.seed)
-    draft = DFlashDraft(draft_cfg)
+    draft = draft_cls(draft_cfg)
     if cfg.draft.init_from is not None:
-        from lib.drafts.dflash.export import load_draft
         draft.load_state_dict(load_draft(cfg.draft.init_from).state_dict())
     source = cfg.target.path
     if source is not None:
@@ -286,13 +302,32 @@ def build_bundle(ctx, options: DFlashOptions, layers: list[int]) -> DFlashBundle
     draft.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     draft.set_target_weights(embedding.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype))
+    return draft
+
+
+def shard_trainer_module(ctx, module: nn.Module) -> tuple[nn.Module, float]:
+    """(module sharded with FSDP2 over the trainer group, its trainable parameters in millions)."""
+    from lib.launch.sharding import shard
+
+    model = shard(module, ctx.groups.trainer, ctx.device)
+    return model, sum(p.numel() for p in module.parameters() if p.requires_grad) / 1e6
+
+
+def build_bundle(ctx, options: DFlashOptions, layers: list[int]) -> DFlashBundle:
+    from lib.drafts.dflash.export import load_draft
+    from lib.target.shape import load_hf_config
+
+    cfg, device = ctx.cfg, ctx.device
+    hf = load_hf_config(cfg.target)
+    draft_cfg = draft_config_for(hf, cfg, options, layers)
+    use_compiled(cfg.train.compile)  # resolved by lib.config.resolve: on for CUDA unless set
+    draft = init_block_draft(ctx, DFlashDraft, draft_cfg, load_draft)
     module = DFlashModule(draft, options, use_flex=device.type == "cuda")
-    model = shard(module, ctx.groups.trainer, device)
+    model, params = shard_trainer_module(ctx, module)
     if ctx.is_trainer_leader:
-        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         weights = (f"dpace (alpha {options.alpha})" if options.alpha is not None
                    else f"decay (gamma {options.gamma:g})")
         log.info("dflash draft: %d layers, block %d, target layers %s, mask id %d, loss weights %s, "
                  "%.1fM trainable parameters", draft_cfg.num_hidden_layers, draft_cfg.block_size, layers,
-                 draft_cfg.mask_token_id, weights, params / 1e6)
+                 draft_cfg.mask_token_id, weights, params)
     return DFlashBundle(model, draft_config=draft_cfg, options=options, seed=int(cfg.train.seed))

@@ -16,13 +16,10 @@ are not written.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
-
+from lib.drafts.dflash.export import checked_tensors, config_fields, load_export, verifier_entry, write_export
 from lib.drafts.dflash.export import export_config as dflash_export_config
 from lib.drafts.dflash2.model import DFlash2Config, DFlash2Draft
 
@@ -46,10 +43,6 @@ def speculators_config(c: DFlash2Config, dtype: torch.dtype, verifier_path: Opti
     research = research_config(c, dtype)
     layer = {key: research[key] for key in _LAYER_KEYS}
     layer.update(rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, dtype=research["torch_dtype"])
-    verifier_architectures = []
-    if verifier_path is not None and os.path.isfile(os.path.join(verifier_path, "config.json")):
-        with open(os.path.join(verifier_path, "config.json")) as f:
-            verifier_architectures = list(json.load(f).get("architectures") or [])
     return {
         "speculators_model_type": SPECULATORS_MODEL_TYPE,
         "speculators_version": SCHEMA_VERSION,
@@ -69,7 +62,7 @@ def speculators_config(c: DFlash2Config, dtype: torch.dtype, verifier_path: Opti
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.block_size - 1,
                                   "verifier_accept_k": 1, "accept_tolerance": 0.0}],
             "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": verifier_path, "architectures": verifier_architectures},
+            "verifier": verifier_entry(verifier_path),
         },
     }
 
@@ -109,59 +102,24 @@ def config_from_export(data: Mapping[str, Any]) -> DFlash2Config:
                          f"speculators_model_type={data.get('speculators_model_type')}); point at a draft/ or "
                          f"draft_speculators/ directory written by draft=dflash2")
     d = data["dflash_config"]
-    return DFlash2Config(
-        hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
-        num_attention_heads=data["num_attention_heads"], num_key_value_heads=data["num_key_value_heads"],
-        head_dim=data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"],
-        num_hidden_layers=data["num_hidden_layers"], rms_norm_eps=data["rms_norm_eps"],
-        rope_theta=data.get("rope_theta", 10000.0), max_position_embeddings=data["max_position_embeddings"],
-        vocab_size=data["vocab_size"], target_hidden_size=data.get("target_hidden_size", data["hidden_size"]),
-        num_target_layers=data["num_target_layers"], target_layer_ids=list(d["target_layer_ids"]),
-        block_size=d.get("block_size", data.get("block_size")), mask_token_id=d["mask_token_id"],
-        **{k: d[k] for k in SIZE_KEYS})
-
-
-def _write(out_dir: str, tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> str:
-    """config.json + model.safetensors, each written under a temporary name and renamed (a reader
-    never sees half an export)."""
-    os.makedirs(out_dir, exist_ok=True)
-    weights, meta = os.path.join(out_dir, "model.safetensors"), os.path.join(out_dir, "config.json")
-    save_file(dict(tensors), weights + ".tmp")
-    with open(meta + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(weights + ".tmp", weights)
-    os.replace(meta + ".tmp", meta)
-    return out_dir
-
-
-def checked_tensors(state: Mapping[str, torch.Tensor], config: DFlash2Config,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    expected = set(DFlash2Draft(config).state_dict())
-    missing, extra = expected - set(state), set(state) - expected
-    if missing or extra:
-        raise ValueError(f"DFlash2 state does not match its config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]}")
-    return {k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}
+    return DFlash2Config(**config_fields(data, d.get("block_size", data.get("block_size"))),
+                         **{k: d[k] for k in SIZE_KEYS})
 
 
 def export_draft(state: Mapping[str, torch.Tensor], config: DFlash2Config, out_dir: str, dtype: torch.dtype,
                  verifier_path: Optional[str] = None) -> str:
     """The research layout (draft/)."""
-    return _write(out_dir, checked_tensors(state, config, dtype), research_config(config, dtype, verifier_path))
+    return write_export(out_dir, checked_tensors(state, DFlash2Draft(config), "DFlash2", dtype),
+                        research_config(config, dtype, verifier_path))
 
 
 def export_speculators(state: Mapping[str, torch.Tensor], config: DFlash2Config, out_dir: str, dtype: torch.dtype,
                        verifier_path: Optional[str] = None) -> str:
     """The speculators format (draft_speculators/)."""
-    return _write(out_dir, checked_tensors(state, config, dtype), speculators_config(config, dtype, verifier_path))
+    return write_export(out_dir, checked_tensors(state, DFlash2Draft(config), "DFlash2", dtype),
+                        speculators_config(config, dtype, verifier_path))
 
 
 def load_draft(directory: str) -> DFlash2Draft:
     """The draft from either layout, without the target's embedding and lm_head (set_target_weights)."""
-    with open(os.path.join(directory, "config.json")) as f:
-        config = config_from_export(json.load(f))
-    draft = DFlash2Draft(config)
-    state = load_file(os.path.join(directory, "model.safetensors"))
-    dtype = next(iter(state.values())).dtype
-    draft.load_state_dict(state)
-    return draft.to(dtype)
+    return load_export(directory, config_from_export, DFlash2Draft)

@@ -17,7 +17,8 @@ from typing import Mapping
 
 import torch
 
-from lib.drafts.dflash.mask import Blocks, dense_attention, flex_attention_fn
+from lib.drafts.dflash.mask import Blocks
+from lib.drafts.dflash.trainer import block_forward
 from lib.drafts.dflash2.fused import ops
 from lib.drafts.dflash2.model import DFlash2Draft
 
@@ -82,13 +83,8 @@ def block_loss(draft: DFlash2Draft, batch: Mapping[str, torch.Tensor], blocks: B
     """(loss, sums [1 + 6*(B-1)]): sums[0] the loss numerator, then per drafted index KL, selector CE,
     selector hits (the served path, so only where the unary top-K held the target), unary argmax hits,
     recall@K and valid rows."""
-    attn = flex_attention_fn(blocks) if use_flex else dense_attention(blocks)
-    hidden = draft(blocks.ids[None], blocks.positions[None], batch["aux_hidden"][None],
-                   batch["position_ids"][None], attn)[0]
+    hidden, rows, j = block_forward(draft, batch, blocks, use_flex)
     b = blocks.block_size
-    drafted = (torch.arange(hidden.shape[0], device=hidden.device) % b) - 1  # -1 at the anchor
-    rows = blocks.valid().nonzero().flatten()
-    j = drafted[rows]
     # Block position j+1 of anchor a predicts x[a+j+1]: from the target's state at a+j, after token x[a+j].
     source = blocks.anchors.repeat_interleave(b)[rows] + j
     h = hidden[rows]

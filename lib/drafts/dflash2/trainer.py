@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
-from torch import nn
 
-from lib.drafts.base import DraftBundle, dataclass_from_keys
+from lib.drafts.base import dataclass_from_keys
 from lib.drafts.dflash.mask import Blocks
-from lib.drafts.dflash.trainer import draft_config_for
+from lib.drafts.dflash.trainer import (BlockBundle, BlockLossModule, draft_config_for, init_block_draft,
+                                       shard_trainer_module)
 from lib.drafts.dflash2.fused import use_compiled
 from lib.drafts.dflash2.loss import block_loss
 from lib.drafts.dflash2.model import DFlash2Config, DFlash2Draft
@@ -64,15 +64,7 @@ class DFlash2Options:
                          / float(self.loss_gamma))
 
 
-class DFlash2Module(nn.Module):
-    """forward(batch, blocks, normaliser) = (loss, sums); the FSDP2 unit."""
-
-    def __init__(self, draft: DFlash2Draft, options: DFlash2Options, use_flex: bool):
-        super().__init__()
-        self.draft = draft
-        self.options = options
-        self.use_flex = use_flex
-
+class DFlash2Module(BlockLossModule):
     def forward(self, batch, blocks: Blocks, normaliser: torch.Tensor, grad_scale: float = 1.0):
         loss, sums = block_loss(self.draft, batch, blocks, self.options.decay(normaliser.device),
                                 float(self.options.selector_loss_alpha), normaliser, self.use_flex)
@@ -80,13 +72,9 @@ class DFlash2Module(nn.Module):
 
 
 @dataclass
-class DFlash2Bundle(DraftBundle):
+class DFlash2Bundle(BlockBundle):
     draft_config: DFlash2Config
     options: DFlash2Options
-    seed: int  # anchor sampling: with each batch's tokens (lib/drafts/dflash/strategy.py batch_generator)
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.draft_config.to_dict()
 
 
 def dflash2_config_for(hf: Any, cfg, options: DFlash2Options, layers: list[int]) -> DFlash2Config:
@@ -99,33 +87,18 @@ def dflash2_config_for(hf: Any, cfg, options: DFlash2Options, layers: list[int])
 
 
 def build_bundle(ctx, options: DFlash2Options, layers: list[int]) -> DFlash2Bundle:
-    from lib.launch.sharding import shard
+    from lib.drafts.dflash2.export import load_draft
     from lib.target.shape import load_hf_config
-    from lib.target.weights import load_target_embedding, load_target_lm_head
 
     cfg, device = ctx.cfg, ctx.device
     draft_cfg = dflash2_config_for(load_hf_config(cfg.target), cfg, options, layers)
     use_compiled(cfg.train.compile)  # resolved by lib.config.resolve: on for CUDA unless set
-    torch.manual_seed(cfg.train.seed)
-    draft = DFlash2Draft(draft_cfg)
-    if cfg.draft.init_from is not None:
-        from lib.drafts.dflash2.export import load_draft
-        draft.load_state_dict(load_draft(cfg.draft.init_from).state_dict())
-    if cfg.target.path is not None:
-        embedding, head = load_target_embedding(cfg.target.path), load_target_lm_head(cfg.target.path)
-    else:  # random-init target (benchmarks): any fixed weights are as faithful as the engine's
-        gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-        embedding = torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02
-        head = torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02
-    draft.to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    draft.set_target_weights(embedding.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype))
+    draft = init_block_draft(ctx, DFlash2Draft, draft_cfg, load_draft)
     module = DFlash2Module(draft, options, use_flex=device.type == "cuda")
-    model = shard(module, ctx.groups.trainer, device)
+    model, params = shard_trainer_module(ctx, module)
     if ctx.is_trainer_leader:
-        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         log.info("dflash2 draft: %d layers, block %d, target layers %s, mask id %d, top-%d selector of rank %d, "
                  "%d-tap convolutions, %.1fM trainable parameters", draft_cfg.num_hidden_layers,
                  draft_cfg.block_size, layers, draft_cfg.mask_token_id, draft_cfg.selector_top_k,
-                 draft_cfg.selector_rank, draft_cfg.conv_kernel_size, params / 1e6)
+                 draft_cfg.selector_rank, draft_cfg.conv_kernel_size, params)
     return DFlash2Bundle(model, draft_config=draft_cfg, options=options, seed=int(cfg.train.seed))

@@ -17,26 +17,15 @@ not written (speculators reloads them from the verifier).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
-
+from lib.drafts.dflash.export import checked_tensors, load_export, verifier_entry, write_export
 from lib.drafts.dspark.model import DSparkConfig, DSparkDraft
 
 ARCHITECTURE = "DSparkDraftModel"
 MODEL_TYPE = "dspark"
 SPECULATORS_VERSION = "0.9.0"
-
-
-def _verifier(verifier_path: Optional[str]) -> dict[str, Any]:
-    architectures = []
-    if verifier_path and os.path.isfile(os.path.join(verifier_path, "config.json")):
-        with open(os.path.join(verifier_path, "config.json")) as f:
-            architectures = list(json.load(f).get("architectures") or [])
-    return {"name_or_path": verifier_path, "architectures": architectures}
 
 
 def export_config(c: DSparkConfig, dtype: torch.dtype, verifier_path: Optional[str] = None) -> dict[str, Any]:
@@ -75,7 +64,7 @@ def export_config(c: DSparkConfig, dtype: torch.dtype, verifier_path: Optional[s
             "default_proposal_method": "greedy",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.block_size,
                                   "verifier_accept_k": 1, "accept_tolerance": 0.0}],
-            "verifier": _verifier(verifier_path),
+            "verifier": verifier_entry(verifier_path),
         },
         # Ours, beside speculators' keys:
         "num_target_layers": c.num_target_layers,
@@ -128,25 +117,10 @@ def config_from_export(data: Mapping[str, Any]) -> DSparkConfig:
 
 def export_draft(state: Mapping[str, torch.Tensor], config: DSparkConfig, out_dir: str, dtype: torch.dtype,
                  verifier_path: Optional[str] = None) -> str:
-    expected = set(DSparkDraft(config).state_dict())
-    missing, extra = expected - set(state), set(state) - expected
-    if missing or extra:
-        raise ValueError(f"DSpark state does not match its config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]}")
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()},
-              os.path.join(out_dir, "model.safetensors"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(export_config(config, dtype, verifier_path), f, indent=2)
-    return out_dir
+    return write_export(out_dir, checked_tensors(state, DSparkDraft(config), "DSpark", dtype),
+                        export_config(config, dtype, verifier_path))
 
 
 def load_draft(directory: str) -> DSparkDraft:
     """The draft from an export directory, without the target's embedding and lm_head (set_target_weights)."""
-    with open(os.path.join(directory, "config.json")) as f:
-        config = config_from_export(json.load(f))
-    draft = DSparkDraft(config)
-    state = load_file(os.path.join(directory, "model.safetensors"))
-    dtype = next(iter(state.values())).dtype
-    draft.load_state_dict(state)
-    return draft.to(dtype)
+    return load_export(directory, config_from_export, DSparkDraft)

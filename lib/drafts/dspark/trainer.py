@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
-from torch import nn
 
-from lib.drafts.base import DraftBundle, dataclass_from_keys
+from lib.drafts.base import dataclass_from_keys
 from lib.drafts.dflash import fused as dflash_fused
-from lib.drafts.dflash.trainer import DEFAULT_DRAFT_LAYERS, DFlashOptions, draft_config_for
+from lib.drafts.dflash.trainer import (DEFAULT_DRAFT_LAYERS, BlockBundle, BlockLossModule, DFlashOptions,
+                                       draft_config_for, init_block_draft, shard_trainer_module)
 from lib.drafts.dspark import loss as dspark_loss
 from lib.drafts.dspark.blocks import DSparkBlocks
 from lib.drafts.dspark.model import MARKOV_HEAD_TYPES, DSparkConfig, DSparkDraft
@@ -87,15 +87,7 @@ class DSparkOptions:
         return math.ceil(tokens / self.block_size) if self.max_anchors is None else int(self.max_anchors)
 
 
-class DSparkModule(nn.Module):
-    """forward(batch, blocks, normaliser) = (loss, sums); the FSDP2 unit."""
-
-    def __init__(self, draft: DSparkDraft, options: DSparkOptions, use_flex: bool):
-        super().__init__()
-        self.draft = draft
-        self.options = options
-        self.use_flex = use_flex
-
+class DSparkModule(BlockLossModule):
     def forward(self, batch, blocks: DSparkBlocks, normaliser: torch.Tensor, grad_scale: float = 1.0):
         decay = self.options.decay(normaliser.device)
         loss, sums = dspark_loss.block_loss(self.draft, batch, blocks, decay, float(self.options.confidence_alpha),
@@ -104,13 +96,9 @@ class DSparkModule(nn.Module):
 
 
 @dataclass
-class DSparkBundle(DraftBundle):
+class DSparkBundle(BlockBundle):
     draft_config: DSparkConfig
     options: DSparkOptions
-    seed: int  # anchor sampling: with each batch's tokens (lib/drafts/dflash/strategy.py batch_generator)
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.draft_config.to_dict()
 
 
 def dspark_config_for(hf: Any, cfg, options: DSparkOptions, layers: list[int]) -> DSparkConfig:
@@ -120,35 +108,19 @@ def dspark_config_for(hf: Any, cfg, options: DSparkOptions, layers: list[int]) -
 
 
 def build_bundle(ctx, options: DSparkOptions, layers: list[int]) -> DSparkBundle:
-    from lib.launch.sharding import shard
+    from lib.drafts.dspark.export import load_draft
     from lib.target.shape import load_hf_config
-    from lib.target.weights import load_target_embedding, load_target_lm_head
 
     cfg, device = ctx.cfg, ctx.device
     draft_cfg = dspark_config_for(load_hf_config(cfg.target), cfg, options, layers)
     dflash_fused.use_compiled(cfg.train.compile)  # the backbone's norms, rotary, SiLU-multiply
     dspark_loss.use_compiled(cfg.train.compile)  # the per-chunk KL and its gradient
-    torch.manual_seed(cfg.train.seed)
-    draft = DSparkDraft(draft_cfg)
-    if cfg.draft.init_from is not None:
-        from lib.drafts.dspark.export import load_draft
-        draft.load_state_dict(load_draft(cfg.draft.init_from).state_dict())
-    source = cfg.target.path
-    if source is not None:
-        embedding, head = load_target_embedding(source), load_target_lm_head(source)
-    else:  # random-init target (benchmarks): any fixed weights are as faithful as the engine's
-        gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-        embedding = torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02
-        head = torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02
-    draft.to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    draft.set_target_weights(embedding.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype))
+    draft = init_block_draft(ctx, DSparkDraft, draft_cfg, load_draft)
     module = DSparkModule(draft, options, use_flex=device.type == "cuda")
-    model = shard(module, ctx.groups.trainer, device)
+    model, params = shard_trainer_module(ctx, module)
     if ctx.is_trainer_leader:
-        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         log.info("dspark draft: %d layers, block %d, target layers %s, mask id %d, markov %s rank %d, confidence "
                  "head %s, %.1fM trainable parameters", draft_cfg.num_hidden_layers, draft_cfg.block_size, layers,
                  draft_cfg.mask_token_id, draft_cfg.markov_head_type, draft_cfg.markov_rank,
-                 draft_cfg.enable_confidence_head, params / 1e6)
+                 draft_cfg.enable_confidence_head, params)
     return DSparkBundle(model, draft_config=draft_cfg, options=options, seed=int(cfg.train.seed))

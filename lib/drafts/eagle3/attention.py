@@ -39,6 +39,16 @@ def _compiled_flex(name: str):
     return _compiled[name]
 
 
+def flex_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float):
+    """(out [N, Hq, D], lse [N, Hq]) of compiled flex_attention under block_mask; q [N, Hq, D], k, v
+    [T, Hkv, D] (grouped heads when Hq != Hkv)."""
+    from torch.nn.attention.flex_attention import AuxRequest
+    out, aux = _compiled_flex("flex_attention")(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True))
+    return out.squeeze(0).transpose(0, 1), aux.lse.squeeze(0).transpose(0, 1)
+
+
 class TTTAttention:
     """Per-batch TTT attention: build once from cu_seqlens, call once per unroll step."""
 
@@ -75,7 +85,7 @@ class TTTAttention:
         if q.shape[1] % keys[0].shape[1]:
             raise ValueError(f"query heads {q.shape[1]} not a multiple of key/value heads {keys[0].shape[1]}")
         if self.backend == "flex":
-            out, lse = self._flex(q, keys[0], values[0])
+            out, lse = flex_with_lse(q, keys[0], values[0], self.block_mask, self.scale)
         else:
             out, lse = self._reference(q, keys[0], values[0])
         if len(keys) == 1:
@@ -101,14 +111,6 @@ class TTTAttention:
             outs.append(torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vh[:, start:end]))
             lses.append(lse)
         return torch.cat(outs, dim=1).transpose(0, 1), torch.cat(lses, dim=1).transpose(0, 1)
-
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        from torch.nn.attention.flex_attention import AuxRequest
-        out, aux = _compiled_flex("flex_attention")(
-            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-            block_mask=self.block_mask, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
-            return_aux=AuxRequest(lse=True))
-        return out.squeeze(0).transpose(0, 1), aux.lse.squeeze(0).transpose(0, 1)
 
 
 def merge_diagonal(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, keys: list[torch.Tensor],

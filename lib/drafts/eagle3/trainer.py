@@ -108,6 +108,13 @@ def warm_start(draft: Eagle3Draft, export_dir: str) -> None:
     draft.load_state_dict(init.state_dict(), strict=False)
 
 
+def layer_overrides(cfg) -> dict[str, int]:
+    """The draft layer's sizes set in cfg.draft (the rest follow the target)."""
+    return {k: v for k, v in (("intermediate_size", cfg.draft.intermediate_size),
+                              ("num_attention_heads", cfg.draft.num_attention_heads),
+                              ("num_key_value_heads", cfg.draft.num_key_value_heads)) if v is not None}
+
+
 def build_bundle(ctx, aux_layers: list[int], options: Optional[Eagle3Options] = None) -> Eagle3Bundle:
     """The draft, its vocab map and target head for this run; aux_layers from the capture plan."""
     from lib.target.shape import load_hf_config, target_shape
@@ -116,9 +123,7 @@ def build_bundle(ctx, aux_layers: list[int], options: Optional[Eagle3Options] = 
     hf = load_hf_config(cfg.target)
     shape = target_shape(cfg.target, device, hf)
     draft_vocab = min(cfg.draft.draft_vocab_size, shape.vocab_size)
-    overrides = {k: v for k, v in (("intermediate_size", cfg.draft.intermediate_size),
-                                   ("num_attention_heads", cfg.draft.num_attention_heads),
-                                   ("num_key_value_heads", cfg.draft.num_key_value_heads)) if v is not None}
+    overrides = layer_overrides(cfg)
     overrides["fc_norm"] = (options or Eagle3Options()).fc_norm
     draft_cfg = Eagle3DraftConfig.from_target(hf, draft_vocab, list(aux_layers), overrides)
     init_map = None if cfg.draft.init_from is None else partial(_vocab_map_of, cfg.draft.init_from)

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from lib.drafts.eagle3.attention import BACKENDS, FLEX_MIN_HEAD_DIM, _compiled_flex, document_ids, merge_diagonal
+from lib.drafts.eagle3.attention import (BACKENDS, FLEX_MIN_HEAD_DIM, _compiled_flex, document_ids, flex_with_lse,
+                                         merge_diagonal)
 from lib.drafts.peagle.sampling import Slots
 
 
@@ -77,7 +78,8 @@ class ParallelAttention:
             raise ValueError(f"attention over {self.slots.anchor.numel()} slots got q {tuple(q.shape)}, "
                              f"k {tuple(k.shape)}")
         real_k, real_v = k[:self.tokens], v[:self.tokens]
-        out, lse = self._flex(q, real_k, real_v) if self.backend == "flex" else self._reference(q, real_k, real_v)
+        out, lse = (flex_with_lse(q, real_k, real_v, self.block_mask, self.scale) if self.backend == "flex"
+                    else self._reference(q, real_k, real_v))
         parts = [out[:self.tokens].to(q.dtype)]
         for start, end, links in self.chains:
             parts.append(merge_diagonal(q[start:end], out[start:end], lse[start:end], [k[i] for i in links],
@@ -105,11 +107,3 @@ class ParallelAttention:
             lses.append(lse)
         out = torch.cat(outs, dim=1).transpose(0, 1)[self.inverse]
         return out, torch.cat(lses, dim=1).transpose(0, 1)[self.inverse]
-
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        from torch.nn.attention.flex_attention import AuxRequest
-        out, aux = _compiled_flex("flex_attention")(
-            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-            block_mask=self.block_mask, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
-            return_aux=AuxRequest(lse=True))
-        return out.squeeze(0).transpose(0, 1), aux.lse.squeeze(0).transpose(0, 1)

@@ -153,6 +153,7 @@ def mask_token_id(options: PEagleOptions, vocab_size: int, tokenizer_path: Optio
 def build_bundle(ctx, layers: list[int], options: PEagleOptions) -> PEagleBundle:
     """The draft, its vocab map and target head for this run; layers from the capture plan."""
     from lib.drafts.eagle3.fused import use_compiled
+    from lib.drafts.eagle3.trainer import layer_overrides
     from lib.drafts.eagle3.vocab import vocab_map
     from lib.drafts.peagle.export import load_draft
     from lib.launch.sharding import shard
@@ -163,9 +164,7 @@ def build_bundle(ctx, layers: list[int], options: PEagleOptions) -> PEagleBundle
     hf = load_hf_config(cfg.target)
     shape = target_shape(cfg.target, device, hf)
     draft_vocab = min(cfg.draft.draft_vocab_size, shape.vocab_size)
-    overrides = {k: v for k, v in (("intermediate_size", cfg.draft.intermediate_size),
-                                   ("num_attention_heads", cfg.draft.num_attention_heads),
-                                   ("num_key_value_heads", cfg.draft.num_key_value_heads)) if v is not None}
+    overrides = layer_overrides(cfg)
     overrides.update(fc_norm=options.fc_norm, num_hidden_layers=options.num_layers, num_depths=options.num_depths,
                      norm_before_residual=options.norm_before_residual,
                      mask_token_id=mask_token_id(options, shape.vocab_size, ctx.tokenizer_path))
