@@ -3,7 +3,7 @@
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
 #     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
-#     moe_e2e regen decode_step moe_parts moe_capture moe_final moe_inductor
+#     moe_e2e regen decode_step moe_parts moe_capture moe_final moe_inductor family_steps draft_e2e
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -67,6 +67,17 @@ for p in "$@"; do case $p in
     done ;;
   dflash_e2e) part dflash_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/dflash_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft=dflash ${E2E_ONLY:+--only $E2E_ONLY} ;;
+  # Issues 33/34: the trainer step (ms, MFU) of every draft family and variant at the Qwen3-8B shape, in one
+  # process (bench/trainer.py --variants); the table goes to $OUT/family_steps.md, rewritten after each row.
+  # FAMILY_TABLE_VARIANTS: all, or a comma list of bench/trainer.py VARIANTS (to split it over two calls).
+  family_steps) part family_steps "${FAMILY_TABLE_LIMIT:-540}" python3 bench/trainer.py \
+      --variants "${FAMILY_TABLE_VARIANTS:-all}" --out "$WORK/family_steps.json" --table "$WORK/family_steps.md" \
+      --steps "${FAMILY_TABLE_STEPS:-10}" --warmup "${FAMILY_TABLE_WARMUP:-4}" ${FAMILY_TABLE_ARGS:-}
+    cp "$WORK/family_steps.md" "$WORK/family_steps.json" "$OUT/" 2>/dev/null ;;
+  # Colocate+MPS vs sequential on one GPU for another draft family (E2E_DRAFT, default peagle: issue 34).
+  draft_e2e) part draft_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/draft_e2e" \
+      --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft="${E2E_DRAFT:-peagle}" \
+      --only ${E2E_ONLY:-sequential colocate+MPS} ;;
   # MoE (issue 17): capture of the 30B-A3B and gpt-oss-20b shapes (grouped experts vs transformers'), end to
   # end on one GPU.
   moe_engine) part moe_engine 300 python3 bench/engine.py --out "$WORK/moe_engine.json" --shape qwen3-30b-a3b \

@@ -1,14 +1,41 @@
-"""Benchmark the trainer's draft step: EAGLE-3 TTT forward + backward + AdamW on one GPU.
+"""Benchmark one trainer step of any draft family: lib/trainer/loop.py's train_step, on one GPU.
 
-Same code path as training (TTTModule under FSDP2 on a one-rank trainer group, bf16 compute with
-fp32 master weights, the frozen target head), on random captured states of a Qwen3-8B-shaped
-target: 8192 tokens per step from samples of 512-4096 tokens, ttt_length 7.
+The family comes from its DraftStrategy (`get_strategy(cfg.draft.name)`): `build` the bundle as a run
+does (FSDP2 on a one-rank trainer group, bf16 compute with fp32 master weights on GPU, the frozen
+target weights random), then the loop's own `train_step` (prepare, normaliser all-reduce, micro_loss,
+backward, clipped fused AdamW, metric reduction) on synthetic captured states of a target shape (no
+target forward): 8192 tokens per step from samples of 512-4096 tokens, random tokens, a loss mask over
+the last 70% of each sample (a response after its prompt), and, for the EAGLE-3 line, final hidden
+states whose target argmax lies in the draft vocabulary (so its valid rows, P-EAGLE's mask chains and
+the rows its heads compute are what real data gives). `--data iid` gives the earlier benches' data
+instead: a 70% random loss mask and random final hidden states (few valid rows for the EAGLE-3 line).
 
-    python bench/trainer.py --out trainer.json [--shape qwen3_8b|tiny] [--device cuda|cpu]
+MFU: useful FLOPs per step from the family's count (lib/drafts/<family>/flops.py `step_flops`, the
+rule in lib/drafts/flops.py: matmuls and visible attention pairs, the gradients that exist, only rows
+the step computes), over the median step time, against 989 TFLOP/s (H100/H200 dense bf16). A family
+without flops.py is timed with its FLOP columns empty. Against docs/benchmarks.md's earlier trainer
+tables: those used `--data iid`, and EAGLE-3's earlier count (bench/flops.py) gave every row logits
+at every unroll step, where the step computes them for valid rows only (15% of rows on iid data: the
+same step is about 98 TFLOP under this count against 137 under that one, at the Qwen3-8B shape).
+
+One family (the config as `train.py` composes it: `--draft` is the draft=<conf> group, any Hydra
+override after it):
+    python bench/trainer.py --out trainer.json [--draft eagle3] [--shape qwen3_8b|...|tiny]
+        [--device cuda|cpu] [--tokens N] [--steps N] [--warmup N] [--no-compile] [--profile FILE]
+        [train.loss=lk] [draft.options.loss_weights=dpace] ...
+    (EAGLE-3's older flags still work: --ttt N, --draft-vocab N, --recompute.)
+Every family and variant in one process, a markdown table (`bash bench/gpu_suite.sh family_steps`):
+    python bench/trainer.py --variants all --out family_steps.json --table family_steps.md
+    (--variants eagle3,peagle,... picks presets from VARIANTS; every family under lib/drafts/ is in `all`.)
+CPU smoke check at a tiny shape:
+    python bench/trainer.py --variants all --shape tiny --device cpu --tokens 512 --min-len 64 \\
+        --max-len 256 --steps 1 --warmup 1 --out /tmp/fs.json --table /tmp/fs.md
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import json
 import os
 import random
@@ -16,28 +43,41 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.flops import BF16_PEAK_TFLOPS, draft_step_flops  # noqa: E402
-from lib.drafts.eagle3.trainer import TTTModule  # noqa: E402
-from lib.drafts.eagle3.fused import use_compiled  # noqa: E402
-from lib.drafts.eagle3.loss import count_valid_positions  # noqa: E402
-from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig  # noqa: E402
-from lib.drafts.eagle3.target_head import TargetHead  # noqa: E402
-from lib.trainer.optim import build_optimizer, clipped_step  # noqa: E402
+from bench.flops import BF16_PEAK_TFLOPS  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TOKENIZER = os.path.join(REPO, "assets", "tiny_target")
 # Target shapes come from conf/target (random-init shapes); "tiny" is a CPU-sized stand-in.
 SHAPES = ("qwen3_8b", "qwen3_14b", "qwen3_32b", "tiny")
 TINY = dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, vocab_size=2048, max_position_embeddings=4096, rope_theta=1e6,
             rms_norm_eps=1e-6)
+PROMPT_FRACTION = 0.3  # --data chat: each sample's first 30% carries no loss
+# label -> (draft=<conf>, overrides): issues 33/34's table. Families on disk without a preset join `all`
+# with their defaults.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "eagle3": ("eagle3", ()),
+    "eagle3_1": ("eagle3_1", ()),
+    "peagle": ("peagle", ()),
+    "dflash": ("dflash", ()),
+    "dflash_dpace": ("dflash", ("draft.options.loss_weights=dpace",)),
+    "dspark": ("dspark", ()),
+    "dflash2": ("dflash2", ()),
+    **{f"eagle3_{loss}": ("eagle3", (f"train.loss={loss}",)) for loss in ("lk", "lk_hybrid", "tv", "jsd")},
+}
 
 
 def target_config(shape: str):
+    """The transformers config of a target shape (conf/target/<shape>.yaml's hf_config, or TINY)."""
     from transformers import AutoConfig
 
     if shape == "tiny":
@@ -53,19 +93,6 @@ def sample_lengths(tokens: int, lo: int, hi: int, rng: random.Random) -> list[in
     while sum(lengths) < tokens:
         lengths.append(min(rng.randint(lo, hi), tokens - sum(lengths)))
     return lengths
-
-
-def make_batch(lengths, hf, n_aux, dtype, device, gen):
-    t = sum(lengths)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
-    return {
-        "input_ids": torch.randint(0, hf.vocab_size, (t,), device=device, generator=gen),
-        "loss_mask": torch.rand(t, device=device, generator=gen) < 0.7,
-        "position_ids": torch.cat([torch.arange(n, device=device) for n in lengths]),
-        "cu_seqlens": cu,
-        "aux_hidden": torch.randn(t, n_aux * hf.hidden_size, device=device, generator=gen).to(dtype),
-        "final_hidden": torch.randn(t, hf.hidden_size, device=device, generator=gen).to(dtype),
-    }
 
 
 def write_profile(path: str, batches: list, train_step, cuda: bool) -> None:
@@ -102,14 +129,9 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse the elementwise work (train.compile); default as in training: on for cuda")
     p.add_argument("--profile", help="after timing, profile 3 steps and write the top kernels' table here")
-
-
-def parse_step_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """Parse add_step_args' arguments (and the benchmark's own); --compile defaults as training's does."""
-    args = p.parse_args(argv)
-    if args.compile is None:
-        args.compile = args.device == "cuda"
-    return args
+    p.add_argument("--data", choices=["chat", "iid"], default="chat",
+                   help="chat: loss on each sample's last 70%%, target argmax in the draft vocabulary; "
+                        "iid: the earlier benches' random 70%% mask and random final states")
 
 
 def init_one_rank(device: torch.device) -> None:
@@ -118,9 +140,9 @@ def init_one_rank(device: torch.device) -> None:
     dist.init_process_group(backend, init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
 
 
-def time_steps(step, batches: list, flops: list[float], warmup: int, steps: int, cuda: bool
-               ) -> tuple[float, float]:
-    """(median step seconds, median TFLOP/s) of `step(batch)` over the batches in turn, after warm-up."""
+def time_steps(step, batches: list, flops: list[Optional[float]], warmup: int, steps: int, cuda: bool
+               ) -> tuple[float, Optional[float]]:
+    """(median step seconds, median TFLOP/s or None) of `step(batch)` over the batches in turn, after warm-up."""
     times, done = [], []
     for i in range(warmup + steps):
         if cuda:
@@ -132,77 +154,259 @@ def time_steps(step, batches: list, flops: list[float], warmup: int, steps: int,
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             done.append(flops[i % len(batches)])
+    if any(f is None for f in done):
+        return statistics.median(times), None
     return statistics.median(times), statistics.median(f / t for f, t in zip(done, times)) / 1e12
 
 
-def report_step(title: str, args, step_s: float, tflops: float, cuda: bool, **fields) -> None:
-    """Print the step's figures, write them (with `fields`) to args.out and leave the one-rank group."""
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "shape": args.shape, "tokens": args.tokens, **fields,
-              "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s, "tflops": tflops,
-              "mfu": tflops / BF16_PEAK_TFLOPS,
-              "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
-    print(f"{title}: {step_s * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tok/s, {tflops:.1f} TFLOP/s, "
-          f"MFU {100 * result['mfu']:.1f}% of {BF16_PEAK_TFLOPS:.0f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    dist.destroy_process_group()
+_GLOO = None
+
+
+def bench_context(cfg, device: torch.device, run_dir: str) -> SimpleNamespace:
+    """What DraftStrategy.build and the loop's train_step read of lib.launch.runtime.RunContext, for one
+    process that is the whole trainer group (a gloo twin of the group for barriers, as runs have)."""
+    global _GLOO
+    if _GLOO is None:
+        _GLOO = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return SimpleNamespace(cfg=cfg, device=device, run_dir=run_dir, is_trainer_leader=True,
+                           groups=SimpleNamespace(trainer=dist.group.WORLD, trainer_gloo=_GLOO),
+                           tokenizer_path=cfg.target.tokenizer or cfg.target.path)
+
+
+class BatchSource:
+    """lib.trainer.loop.PayloadSource over ready-made payloads, set one by one (no handoff: no wait)."""
+
+    next = None
+
+    def recv(self):
+        header, tensors = self.next
+        return header, {k: v for k, v in tensors.items() if k != "cu_seqlens"}
+
+    def release(self) -> None:
+        pass
+
+
+def bench_config(draft: str, overrides, args, run_dir: str):
+    """The resolved Config a run of `draft=<draft> overrides` would train with, at --shape on --device."""
+    from lib.config import LaunchShape, compose, resolve
+    from lib.config_check import validate
+
+    shape = "qwen3_8b" if args.shape == "tiny" else args.shape
+    base = [f"draft={draft}", f"target={shape}", "target.random_init=true", f"target.tokenizer={TINY_TOKENIZER}",
+            "placement=sequential", f"device={args.device}", f"run.dir={run_dir}", "eval.every=0"]
+    if args.compile is not None:
+        base.append(f"train.compile={str(args.compile).lower()}")
+    cfg = compose(base + list(overrides))
+    if args.shape == "tiny":
+        cfg = replace(cfg, target=replace(cfg.target, name="tiny_shape", hf_config=dict(TINY)))
+    launch = LaunchShape(1, 1, 1, torch.cuda.device_count() if args.device == "cuda" else 0)
+    validate(cfg, launch)
+    return resolve(cfg, launch)
+
+
+def write_vocab_map(run_dir: str, draft_vocab: int, vocab: int) -> None:
+    """The first draft_vocab target ids as the draft vocabulary (the EAGLE-3 line reads it from run.dir;
+    the others ignore it), as the earlier bench built it: no token counting over a dataset."""
+    from lib.drafts.eagle3.vocab import save_vocab_map
+
+    dv = min(draft_vocab, vocab)
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[:dv] = True
+    save_vocab_map(run_dir, torch.zeros(dv, dtype=torch.long), t2d)
+
+
+def make_batch(lengths: list[int], plan, vocab: int, dtype, device, gen: torch.Generator, data: str,
+               head=None) -> dict[str, torch.Tensor]:
+    """A captured payload as the handoff delivers it (plus cu_seqlens): the plan's aux and final states."""
+    from lib.drafts.base import AUX_HIDDEN, FINAL_HIDDEN
+
+    t = sum(lengths)
+    position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])
+    if data == "chat":
+        prompt = torch.cat([torch.full((n,), round(PROMPT_FRACTION * n), device=device) for n in lengths])
+        loss_mask = position_ids >= prompt
+    else:
+        loss_mask = torch.rand(t, device=device, generator=gen) < 0.7
+    batch = {"input_ids": torch.randint(0, vocab, (t,), device=device, generator=gen), "loss_mask": loss_mask,
+             "position_ids": position_ids,
+             "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                                        device=device)}
+    widths = plan.widths
+    if AUX_HIDDEN in widths:
+        batch[AUX_HIDDEN] = torch.randn(t, widths[AUX_HIDDEN], device=device, generator=gen).to(dtype)
+    if FINAL_HIDDEN in widths:
+        if data == "chat" and head is not None:
+            # A target head's own row (scaled to a logit of 8) has its token as the argmax: a draft-vocab token.
+            ids = head.draft_to_target[torch.randint(0, head.draft_to_target.numel(), (t,), device=device,
+                                                     generator=gen)]
+            rows = head.weight[ids].float()
+            batch[FINAL_HIDDEN] = (rows * (8.0 / rows.pow(2).sum(-1, keepdim=True))).to(dtype)
+        else:
+            batch[FINAL_HIDDEN] = torch.randn(t, widths[FINAL_HIDDEN], device=device, generator=gen).to(dtype)
+    return batch
+
+
+def family_flops(family: str):
+    """lib/drafts/<family>/flops.py's step_flops(bundle, batch, context), or None where the family has none."""
+    name = f"lib.drafts.{family}.flops"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        return None
+    return getattr(module, "step_flops", None)
+
+
+def measure(label: str, draft: str, overrides, args, device: torch.device) -> dict[str, Any]:
+    """One variant's median step: build as a run does, time the loop's train_step, count its FLOPs."""
+    from lib.drafts.base import get_strategy
+    from lib.target.shape import load_hf_config
+    from lib.trainer.loop import fresh_counters, train_step
+    from lib.trainer.optim import build_optimizer
+
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = bench_config(draft, overrides, args, run_dir)
+        hf = load_hf_config(cfg.target)
+        write_vocab_map(run_dir, cfg.draft.draft_vocab_size, hf.vocab_size)
+        ctx = bench_context(cfg, device, run_dir)
+        strategy = get_strategy(cfg.draft.name)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        bundle = strategy.build(ctx)
+        optimizer = build_optimizer(bundle.trainable_params(), cfg.train.lr, cfg.train.weight_decay, device)
+        plan = strategy.capture_plan(hf, cfg)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        rng, gen = random.Random(0), torch.Generator(device=device).manual_seed(0)
+        head = getattr(bundle, "target_head", None)
+        batches = [make_batch(sample_lengths(args.tokens, args.min_len, args.max_len, rng), plan, hf.vocab_size,
+                              dtype, device, gen, args.data, head) for _ in range(4)]
+        count = family_flops(cfg.draft.name)
+        flops = []
+        for batch in batches:
+            contexts, _ = strategy.prepare(bundle, [batch])  # as train_step will: seeded by the batch's tokens
+            flops.append(None if count is None else float(count(bundle, batch, contexts[0])))
+        # The handoff's header: sample boundaries as a list (the loop makes cu_seqlens from it), sizes.
+        payloads = [({"cu_seqlens": b["cu_seqlens"].tolist(), "num_rows": int(b["input_ids"].numel()),
+                      "sample_ids": list(range(b["cu_seqlens"].numel() - 1))}, b) for b in batches]
+        source, counters, rows = BatchSource(), fresh_counters(), []
+
+        def step(payload) -> None:
+            source.next = payload
+            row, _ = train_step(ctx, strategy, bundle, optimizer, source, counters, len(rows) + 1)
+            rows.append(row)
+
+        step_s, tflops = time_steps(step, payloads, flops, args.warmup, args.steps, cuda)
+        if args.profile:  # one table per variant under --variants
+            write_profile(f"{args.profile}.{label}" if args.variants else args.profile, payloads[:3], step, cuda)
+        result = {"label": label, "draft": draft, "family": cfg.draft.name, "overrides": list(overrides),
+                  "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                  "shape": args.shape, "tokens": args.tokens, "data": args.data, "compile": cfg.train.compile,
+                  "capture_layers": list(plan.layers), "step_ms": step_s * 1e3, "tokens_per_s": args.tokens / step_s,
+                  "flops_per_step": statistics.median(flops) if count is not None else None, "tflops": tflops,
+                  "mfu": None if tflops is None else tflops / BF16_PEAK_TFLOPS,
+                  "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                  "last_loss": rows[-1]["loss"], "trainable_params": sum(p.numel() for p in bundle.trainable_params())}
+    return result
+
+
+def release_memory(device: torch.device) -> None:
+    """Between variants: the last one's draft, optimizer state and batches back to the allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def print_result(r: dict) -> None:
+    flops = (f", {r['tflops']:.1f} TFLOP/s, MFU {100 * r['mfu']:.1f}% of {BF16_PEAK_TFLOPS:.0f}"
+             if r["tflops"] is not None else ", no FLOP count (lib/drafts/<family>/flops.py)")
+    print(f"{r['label']} trainer step ({r['shape']}, {r['tokens']} tok): {r['step_ms']:.1f} ms, "
+          f"{r['tokens_per_s']:.0f} tok/s{flops}, loss {r['last_loss']:.3f}", flush=True)
+
+
+def markdown_table(results: list[dict]) -> str:
+    def cell(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| variant | draft | overrides | step ms | tokens/s | TFLOP/s | MFU (989) | GFLOP/step | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['draft']} | {' '.join(r['overrides']) or '-'} | error: "
+                         f"{r['error'][:120]} | | | | | |")
+            continue
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        gflop = None if r["flops_per_step"] is None else r["flops_per_step"] / 1e9
+        lines.append(f"| {r['label']} | {r['draft']} | {' '.join(r['overrides']) or '-'} | {r['step_ms']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {cell(r['tflops'], '.1f')} | {cell(mfu, '.1f')}% | "
+                     f"{cell(gflop, ',.1f')} | {cell(r['peak_alloc_gib'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def chosen_variants(spec: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """--variants: `all` (the presets plus every family on disk without one) or a comma list of presets."""
+    from lib.config_choices import draft_families
+
+    if spec == "all":
+        covered = {VARIANTS[k][0] for k in VARIANTS} | {"eagle3"}
+        extra = {name: (name, ()) for name in sorted(draft_families()) if name not in covered}
+        table = {**VARIANTS, **extra}
+        return [(label, *table[label]) for label in table]
+    unknown = [v for v in spec.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; use all or some of {', '.join(VARIANTS)}")
+    return [(v, *VARIANTS[v]) for v in spec.split(",")]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_args(p)
-    p.add_argument("--ttt", type=int, default=7)
-    p.add_argument("--draft-vocab", type=int, default=32000)
-    p.add_argument("--recompute", action="store_true",
-                   help="train.recompute: rerun each step's layer and logits in backward")
-    args = parse_step_args(p, argv)
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    p.add_argument("--draft", default="eagle3", help="the draft=<conf> group: eagle3, eagle3_1, peagle, dflash, ...")
+    p.add_argument("--variants", help="all, or presets a,b,... of VARIANTS: every one in this process")
+    p.add_argument("--table", help="with --variants: the markdown table's path (default: --out with .md)")
+    p.add_argument("--ttt", type=int, help="train.ttt_length (EAGLE-3)")
+    p.add_argument("--draft-vocab", type=int, help="draft.draft_vocab_size")
+    p.add_argument("--recompute", action="store_true", help="train.recompute=true (EAGLE-3)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as train.py takes them (train.loss=lk ...)")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, key in ((args.ttt, "train.ttt_length"), (args.draft_vocab, "draft.draft_vocab_size")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.recompute:
+        overrides.append("train.recompute=true")
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
     init_one_rank(device)
-    hf = target_config(args.shape)
-    use_compiled(args.compile)
-    aux = [1, hf.num_hidden_layers // 2 - 1, hf.num_hidden_layers - 4]
-    dv = min(args.draft_vocab, hf.vocab_size)
-    dc = Eagle3DraftConfig.from_target(hf, dv, aux, {})
-    torch.manual_seed(0)
-    with torch.device(device):
-        draft = Eagle3Draft(dc)
-    d2t = torch.zeros(dv, dtype=torch.long)
-    t2d = torch.zeros(hf.vocab_size, dtype=torch.bool)
-    t2d[:dv] = True
-    draft.set_vocab_map(d2t.to(device), t2d.to(device))
-    module = TTTModule(draft, args.ttt, recompute=args.recompute)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    fully_shard(module, mesh=DeviceMesh.from_group(dist.group.WORLD, device_type=device.type), mp_policy=mp,
-                reshard_after_forward=False)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    head = TargetHead(torch.randn(hf.vocab_size, hf.hidden_size, device=device, dtype=dtype) * 0.02, draft.d2t)
-    module.set_head(head)
-    params = [q for q in module.parameters() if q.requires_grad]
-    opt = build_optimizer(params, 1e-4, 0.0, device)  # as training builds it
-    rng = random.Random(0)
-    gen = torch.Generator(device=device).manual_seed(0)
-    batches = [(l, make_batch(l, hf, len(aux), dtype, device, gen))
-               for l in (sample_lengths(args.tokens, args.min_len, args.max_len, rng) for _ in range(4))]
-
-    def train_step(batch) -> None:
-        target = head.target_probs(batch["final_hidden"])
-        counts = count_valid_positions(head, batch, args.ttt, target=target).float().clamp(min=1)
-        loss, _ = module(batch, target, counts)
-        loss.backward()
-        clipped_step(opt, params, 0.5)  # as training steps
-
-    flops = [draft_step_flops(dc, lengths, args.ttt, hf.vocab_size) for lengths, _ in batches]
-    step_s, tflops = time_steps(train_step, [b for _, b in batches], flops, args.warmup, args.steps, cuda)
-    if args.profile:
-        write_profile(args.profile, [b for _, b in batches[:3]], train_step, cuda)
-    report_step(f"trainer step ({args.shape}, {args.tokens} tok, ttt {args.ttt})", args, step_s, tflops, cuda,
-                compile=args.compile, recompute=args.recompute, ttt=args.ttt, draft_vocab=dv)
-    return 0
+    try:
+        if not args.variants:
+            r = measure(" ".join([args.draft, *overrides]), args.draft, overrides, args, device)
+            print_result(r)
+            with open(args.out, "w") as f:
+                json.dump(r, f, indent=2)
+            return 0
+        # Compiled ops recompile per family and loss; keep them compiled rather than falling back to eager.
+        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+        table = args.table or os.path.splitext(args.out)[0] + ".md"
+        results = []
+        for label, draft, preset in chosen_variants(args.variants):
+            try:
+                r = measure(label, draft, [*preset, *overrides], args, device)
+                print_result(r)
+            except Exception as err:  # one family's failure must not hide the others' figures
+                r = {"label": label, "draft": draft, "overrides": [*preset, *overrides],
+                     "error": f"{type(err).__name__}: {err}"}
+                print(f"{label}: {r['error']}", flush=True)
+            release_memory(device)
+            results.append(r)
+            with open(args.out, "w") as f:  # after every variant: a time limit still leaves the rows done
+                json.dump(results, f, indent=2)
+            with open(table, "w") as f:
+                f.write(markdown_table(results))
+        print(markdown_table(results))
+        return 1 if any("error" in r for r in results) else 0
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
