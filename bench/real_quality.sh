@@ -19,9 +19,10 @@
 #   curve   tau at k=3/7 against steps: eval.py on each checkpoint's export of the eagle3 phase (it saves
 #           every CKPT_EVERY steps), CURVE_PROMPTS held-out prompts each; CURVE_RUN=1 instead trains
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
+#   seen    the eagle3 phase's draft scored on SEEN_PROMPTS of its training conversations (memorised vs mismatch)
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
 # Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
-# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, RUN_LIMIT (seconds for each launch or eval inside a phase), CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
+# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, SWEEP_PROCS, REGEN_PROCS (processes sharing the GPU for the answers), RUN_LIMIT (seconds for each launch or eval inside a phase), CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
 # PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +62,12 @@ read -r -a EXTRA <<< "${TRAIN_OVERRIDES:-}"
 phase() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t=$SECONDS
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1; local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-12}" "$WORK/$name.log"; return $rc; }
-regen() { "$PYTHON" tools/regenerate.py --target "$GGUF" --temperature 0 --max-new-tokens "$ANSWER_TOKENS" \
+# REGEN_PROCS processes share the GPU (tools/regenerate.py: SmolLM2's decode step is launch-bound, so
+# processes overlap their kernel launches); one process is plain python, more go through torchrun.
+regen_cmd() { local procs=$1; shift
+  if (( procs > 1 )); then torchrun --standalone --nproc_per_node="$procs" tools/regenerate.py "$@"
+  else "$PYTHON" tools/regenerate.py "$@"; fi; }
+regen() { regen_cmd "${REGEN_PROCS:-1}" --target "$GGUF" --temperature 0 --max-new-tokens "$ANSWER_TOKENS" \
   --batch-size "$REGEN_BATCH" "$@"; }
 
 data() {
@@ -78,14 +84,16 @@ data() {
   regen --input "$WORK/prompts/train.jsonl" --output "$WORK/real_train.answered.jsonl" || return 1
   regen --input "$WORK/prompts/heldout.jsonl" --output "$WORK/heldout.jsonl" --max-new-tokens "$EVAL_TOKENS" || return 1
   cat "$WORK/self_instruct.answered.jsonl" "$WORK/real_train.answered.jsonl" > "$WORK/train.jsonl"
-  # Regeneration speed against the batch: the same SWEEP_LINES self-instruct prompts, 128 new tokens each.
+  # Regeneration speed against the batch and the processes sharing the GPU: the same SWEEP_LINES
+  # self-instruct prompts, 128 new tokens each; SWEEP_PROCS lists process counts (each takes its share).
   head -n "${SWEEP_LINES:-256}" "$WORK/self_instruct.answered.jsonl" > "$WORK/sweep_input.jsonl"
-  for b in $SWEEP_BATCHES; do
-    rm -f "$WORK/sweep_$b.jsonl"*
-    "$PYTHON" tools/regenerate.py --target "$GGUF" --temperature 0 --max-new-tokens 128 --batch-size "$b" \
-      --input "$WORK/sweep_input.jsonl" --output "$WORK/sweep_$b.jsonl" 2>&1 | grep -E "tokens/s|answered" \
-      | sed "s/^/batch $b: /"
-  done
+  for procs in ${SWEEP_PROCS:-1}; do for b in $SWEEP_BATCHES; do
+    name=sweep_$b$( (( procs > 1 )) && echo "_p$procs")
+    rm -f "$WORK/$name.jsonl"*
+    regen_cmd "$procs" --target "$GGUF" --temperature 0 --max-new-tokens 128 --batch-size "$b" \
+      --input "$WORK/sweep_input.jsonl" --output "$WORK/$name.jsonl" 2>&1 | grep -E "tokens/s|answered" \
+      | sed "s/^/batch $b, $procs processes: /"
+  done; done
   "$PYTHON" - "$WORK" <<'EOF'
 import json, sys
 work = sys.argv[1]
@@ -118,6 +126,14 @@ for p in "$@"; do case $p in
       "$PYTHON" -c 'import json,sys; print(sys.argv[2], *["k=%d tau %.3f" % (r["k"], r["tau"]) for r in json.load(open(sys.argv[1]))["results"]])' \
         "$WORK/curve/$step.json" "$step"
     done ;;
+  # The EAGLE-3 draft scored on SEEN_PROMPTS of its own training conversations (evenly spread over
+  # train.jsonl): against the held-out score it tells a draft that memorised its data from one that
+  # serves differently than it trained (then this score too falls short of the training accuracy).
+  seen) "$PYTHON" -c 'import sys; lines = open(sys.argv[1]).readlines(); n = int(sys.argv[2]); step = max(1, len(lines) // n)
+sys.stdout.writelines(lines[::step][:n])' "$WORK/train.jsonl" "${SEEN_PROMPTS:-72}" > "$WORK/seen.jsonl"
+    phase seen "${RUN_LIMIT:-300}" "$PYTHON" eval.py --draft "$WORK/family/eagle3/draft" --out "$WORK/seen_eagle3.json" \
+      --no-progress --no-greedy-check "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "data.heldout_path=$WORK/seen.jsonl" \
+      "eval.num_prompts=${SEEN_PROMPTS:-72}" "eval.draft_tokens=[3,7]" ;;
   report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
   # Everything small (logs, JSON, metrics, the data) into one archive, for a device call's $OUT.
   pack) tar czf "${PACK_TO:-$WORK/results.tar.gz}" -C "$WORK" --exclude=checkpoints --exclude='*.safetensors' \

@@ -38,6 +38,20 @@ def family_rows(work: str) -> list[str]:
     return out if len(out) > 2 else []
 
 
+def seen_rows(work: str) -> list[str]:
+    """EAGLE-3 on its own training conversations (the `seen` phase) beside its held-out score."""
+    seen = _load(os.path.join(work, "seen_eagle3.json"))
+    held = {r["k"]: r for r in (_load(os.path.join(work, "family", "eagle3_eval.json")) or {}).get("results", [])}
+    if not seen:
+        return []
+    out = ["| prompts | k | tau | acceptance per position | held-out tau |", "|---|---|---|---|---|"]
+    for r in seen.get("results", []):
+        rates = " ".join(f"{a:.2f}" for a in r["accept_rates"])
+        other = f"{held[r['k']]['tau']:.3f}" if r["k"] in held else "-"
+        out.append(f"| training | {r['k']} | **{r['tau']:.3f}** | {rates} | {other} |")
+    return out
+
+
 def training_rows(work: str) -> list[str]:
     """Median tokens/s and step time over each run's second half (compiling and warm-up left out)."""
     out = ["| draft | steps | median tokens/s (packed tokens, all trainers) | median step s |", "|---|---|---|---|"]
@@ -102,18 +116,24 @@ def curve_rows(work: str) -> list[str]:
     return out if evals else []
 
 
-SWEEP = re.compile(r"batch (\d+): .*?(\d+) new tokens in ([\d.]+) s \((\d+) tokens/s\)")
+SWEEP = re.compile(r"batch (\d+)(?:, (\d+) processes)?: .*?(\d+) new tokens in ([\d.]+) s")
 
 
 def sweep_rows(work: str) -> list[str]:
+    """One row per (batch, processes): the processes' new tokens summed over the longest one's seconds."""
     path = os.path.join(work, "data.log")
     if not os.path.isfile(path):
         return []
+    runs: dict[tuple[int, int], list[tuple[int, float]]] = {}
     with open(path) as f:
-        found = [m.groups() for m in map(SWEEP.search, f) if m]
-    out = ["| batch | new tokens | s | tokens/s |", "|---|---|---|---|"]
-    out += [f"| {b} | {n} | {s} | **{r}** |" for b, n, s, r in found]
-    return out if found else []
+        for m in filter(None, map(SWEEP.search, f)):
+            batch, procs, tokens, seconds = m.groups()
+            runs.setdefault((int(batch), int(procs or 1)), []).append((int(tokens), float(seconds)))
+    out = ["| batch | processes | new tokens | s | tokens/s |", "|---|---|---|---|---|"]
+    for (batch, procs), parts in sorted(runs.items()):
+        tokens, seconds = sum(t for t, _ in parts), max(s for _, s in parts)
+        out.append(f"| {batch} | {procs} | {tokens} | {seconds:.1f} | **{tokens / max(seconds, 1e-9):.0f}** |")
+    return out if runs else []
 
 
 def data_line(work: str) -> list[str]:
@@ -132,6 +152,7 @@ def data_line(work: str) -> list[str]:
 def main(work: str) -> None:
     for title, rows in (("Data", data_line(work)), ("Same wall-clock, held-out real prompts", family_rows(work)),
                         ("Per category", category_rows(work)),
+                        ("EAGLE-3 on its training prompts (seen) vs held-out", seen_rows(work)),
                         ("Training speed", training_rows(work)), ("tau against steps (EAGLE-3)", curve_rows(work)),
                         ("Regeneration against the batch", sweep_rows(work))):
         if rows:

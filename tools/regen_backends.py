@@ -50,7 +50,11 @@ class LocalTarget:
         cuda = cfg.device != "cpu" and torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise RuntimeError("--device=cuda: no GPU is visible; use --device=cpu or auto")
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+        # More processes than GPUs share them round-robin: a small target's decode step is launch-bound
+        # (SmolLM2-135M: ~30 ms of mostly CPU per step at batch 512), so processes on one GPU overlap
+        # their launches and the GPU runs the kernels of all of them.
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if cuda else "cpu")
         self.threads = 0 if cuda else cpu_threads(cfg.threads)  # before the load: the conversion runs on them too
         dtype = torch.bfloat16 if cuda else torch.float32  # no fast bf16 matmuls on CPU
         self.path = checkpoint_dir(cfg.target, cuda)

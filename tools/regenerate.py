@@ -4,6 +4,8 @@
     torchrun --standalone --nproc_per_node=8 tools/regenerate.py --target /models/Qwen3-8B \\
         --input sharegpt.jsonl --output regen.jsonl --max-new-tokens 2048 --temperature 0.7 --top-p 0.95
     python tools/regenerate.py --target assets/tiny_target --input in.jsonl --output out.jsonl   # one process
+    # a small target on one GPU: 4 processes share it (its decode step is launch-bound, see below)
+    torchrun --standalone --nproc_per_node=4 tools/regenerate.py --target model.gguf --input ... --output ...
     # a GGUF file (or a directory holding one) works as --target too: dequantized once and cached
     python tools/regenerate.py --target model.gguf --input in.jsonl --output out.jsonl --threads 4
     # no data: the target writes 1000 questions itself, then answers them (tools/self_instruct.py)
@@ -24,6 +26,8 @@ left out and counted in OUTPUT.report.json.
 
 --self-instruct N samples N user turns from the target first (OUTPUT.self_instruct.jsonl, reused by a
 rerun) and answers them after --input's lines, if any; tools/self_instruct.py says how they are chosen.
+With more processes than GPUs, process r decodes on GPU r mod #GPUs: a small target's decode step
+is bound by the CPU launching kernels, and processes sharing a GPU overlap those launches.
 On the CPU, --threads sets torch's thread count (0: one per two cores, lib/launch/runtime.py).
 """
 from __future__ import annotations

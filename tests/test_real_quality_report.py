@@ -1,0 +1,32 @@
+"""bench/real_quality_report.py's regeneration table: rows per (batch, processes), processes summed."""
+import importlib.util
+import os
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("rq_report", os.path.join(ROOT, "bench", "real_quality_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_rows_sum_processes_over_the_longest(tmp_path):
+    (tmp_path / "data.log").write_text(
+        "batch 64: regenerate[0/1]: 256 answers, 28776 new tokens in 9.3 s (3078 tokens/s); 450 decode steps\n"
+        "batch 64: regenerate: 256/256 lines answered, 0 skipped -> x\n"
+        "batch 512, 4 processes: regenerate[0/4]: 64 answers, 7000 new tokens in 2.0 s (3500 tokens/s); 1\n"
+        "batch 512, 4 processes: regenerate[1/4]: 64 answers, 8000 new tokens in 2.5 s (3200 tokens/s); 1\n")
+    rows = _report().sweep_rows(str(tmp_path))
+    assert rows[2] == "| 64 | 1 | 28776 | 9.3 | **3094** |"
+    assert rows[3] == "| 512 | 4 | 15000 | 2.5 | **6000** |"
+    assert len(rows) == 4
+
+
+def test_sweep_rows_without_a_log(tmp_path):
+    assert _report().sweep_rows(str(tmp_path)) == []
