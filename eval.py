@@ -84,11 +84,16 @@ def draft_dir(path: str) -> str:
 
 
 def requested_family(overrides: list[str]) -> str | None:
-    """The family named on the command line (draft=NAME or draft.name=NAME; the last one wins), if any."""
+    """The family named on the command line (draft=CHOICE or draft.name=NAME; the last one wins), if any.
+    draft=CHOICE picks a conf file, whose draft.name is the family (draft=eagle3_1 is eagle3)."""
+    from lib.config_choices import draft_choice_family
+
     found = None
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.lstrip("+") in ("draft", "draft.name"):
+        if key.lstrip("+") == "draft":
+            found = draft_choice_family(value)
+        elif key.lstrip("+") == "draft.name":
             found = value
     return found
 

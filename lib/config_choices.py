@@ -121,6 +121,21 @@ def draft_families() -> dict[str, str]:
     return found
 
 
+def draft_choice_family(choice: str) -> str:
+    """The family (draft.name) that conf group choice draft=<choice> selects: a conf file may name
+    another family's strategy with options (conf/draft/eagle3_1.yaml is eagle3 with fc_norm). A
+    choice with no conf file is returned as given (composing it then fails with Hydra's message)."""
+    import yaml
+
+    for root in draft_roots():
+        path = os.path.join(root, "conf", "draft", f"{choice}.yaml")
+        if os.path.isfile(path):
+            with open(path) as f:
+                name = ((yaml.safe_load(f) or {}).get("draft") or {}).get("name")
+            return name if isinstance(name, str) else choice
+    return choice
+
+
 def draft_conf_dirs() -> list[str]:
     """The conf/ directories of the extra roots (Hydra searches them after the repository's conf/)."""
     return [os.path.join(r, "conf") for r in draft_roots()[1:] if os.path.isdir(os.path.join(r, "conf"))]

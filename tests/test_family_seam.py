@@ -114,6 +114,20 @@ def test_eval_py_adds_the_exports_family_to_the_overrides(tmp_path):
 
 
 @pytest.mark.unit
+def test_eval_py_takes_a_conf_choice_naming_another_familys_strategy(tmp_path):
+    # draft=eagle3_1 is conf/draft/eagle3_1.yaml, whose draft.name is eagle3 (with fc_norm): eval.py
+    # must compare the family it selects, not the file name (it refused EAGLE-3.1 runs on the GPU).
+    import eval as eval_script
+
+    export = eagle3_export(tmp_path / "eagle3")
+    assert eval_script.requested_family(["draft=eagle3_1"]) == "eagle3"
+    assert eval_script.with_export_family(export, ["draft=eagle3_1", "eval.num_prompts=2"]) == [
+        "draft=eagle3_1", "eval.num_prompts=2"]
+    with pytest.raises(ConfigError, match="draft=eagle3 disagrees with the export"):
+        eval_script.with_export_family(dflash_export(tmp_path / "dflash"), ["draft=eagle3_1"])
+
+
+@pytest.mark.unit
 def test_a_family_under_an_extra_root_is_found_composed_and_registered(toy):
     name, _ = toy
     assert name in known_strategies()
