@@ -3,7 +3,8 @@
 1. EAGLE-3 trains --eagle-steps steps through launch.sh; its training time is the sum of its steps'
    step_time_s (each step's wall time on the trainer, handoff wait included; start-up left out).
 2. DFlash trains a short calibration run, then as many steps as fit in that same time at its median
-   step time, with its own full LR schedule.
+   step time, with its own full LR schedule (--match calibrate); or, with --match time, --eagle-steps
+   as its max_steps (EAGLE-3's LR schedule per step) and train.max_time_s = EAGLE-3's training time.
 3. eval.py scores both exports by greedy speculative decoding on the held-out prompts: EAGLE-3 at
    k=3 and k=7, DFlash at its natural setting (a whole block, k = block_size - 1). tau is accepted
    tokens + 1 per target forward, so it is also the tokens per target forward.
@@ -79,6 +80,11 @@ def main() -> None:
                    help="also end EAGLE-3's training after this many seconds (train.max_time_s; 0: steps only)")
     p.add_argument("--calibration-steps", type=int, default=40,
                    help="steps of the run that measures a family's step time (0: take EAGLE-3's step count)")
+    p.add_argument("--match", choices=["calibrate", "steps", "time"], default="calibrate",
+                   help="how a family gets EAGLE-3's budget: calibrate (a short run measures its step time, then "
+                        "as many steps as fit), steps (EAGLE-3's step count; --calibration-steps 0 means this), "
+                        "time (--eagle-steps as max_steps, so the same LR schedule per step, and train.max_time_s "
+                        "= EAGLE-3's training seconds)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--limit-s", type=float, default=1200, help="time limit of each training or evaluation")
     p.add_argument("--phase", choices=["all", "eagle3", *MATCHED], default="all",
@@ -116,15 +122,19 @@ def main() -> None:
     for name in [args.phase] if args.phase in MATCHED else list(MATCHED)[:1] if args.phase == "all" else []:
         family = [o.format(block=args.block_size) for o in MATCHED[name][0]]
         lengths = MATCHED[name][1].format(last=args.block_size - 1)
-        if args.calibration_steps > 0:
+        match = "steps" if args.match == "calibrate" and args.calibration_steps <= 0 else args.match
+        # Calibrated and step-matched runs get a loose time cap (a guard against an underestimated step
+        # time); time-matched runs stop at EAGLE-3's training seconds, counted by the loop as it does.
+        cap = eagle_train_s if match == "time" else 1.2 * eagle_train_s + 30
+        if match == "calibrate":
             calibration = train(f"{out}/{name}_calibration", args.calibration_steps, [*family, *args.overrides],
                                 args.limit_s)
             steps = max(1, round(eagle_train_s / calibration["median_step_s"]))
-        else:  # a family of EAGLE-3's cost per step: its step count, with the time cap below as the guard
+        elif match == "steps":  # a family of EAGLE-3's cost per step
             steps = results["eagle3"]["steps"]
-        # The time cap only guards against a calibration that underestimated the step time.
-        run = train(f"{out}/{name}", steps, [*family, *args.overrides, f"train.max_time_s={1.2 * eagle_train_s + 30:.0f}"],
-                    args.limit_s)
+        else:
+            steps = args.eagle_steps
+        run = train(f"{out}/{name}", steps, [*family, *args.overrides, f"train.max_time_s={cap:.1f}"], args.limit_s)
         results[name] = {**run, "eagle3_train_s": eagle_train_s,
                          "eval": evaluate(f"{out}/{name}/draft", f"{out}/{name}_eval.json",
                                           [*family, f"eval.draft_tokens={lengths}", *args.overrides], args.limit_s)}

@@ -14,15 +14,16 @@
 #   dflash  DFlash for EAGLE-3's training time (its --phase dflash), evaluated at k = block size - 1
 #   eagle3_1  EAGLE-3.1 (fc_norm) for EAGLE-3's training time, evaluated at k=3 and k=7
 #   dflash_dpace  as dflash, with D-PACE position weights (draft.options.loss_weights=dpace)
-#   <family>  any other name of bench/family_ab.py's MATCHED table, the same way (CAL_STEPS=0: EAGLE-3's
-#           step count instead of a calibration run, for families of EAGLE-3's cost per step)
+#   <family>  any other name of bench/family_ab.py's MATCHED table, for EAGLE-3's training seconds with
+#           EAGLE_STEPS as max_steps (MATCH=time, the default; MATCH=calibrate with CAL_STEPS steps of
+#           calibration, or MATCH=steps for EAGLE-3's step count, are family_ab's other ways)
 #   curve   tau at k=3/7 against steps: eval.py on each checkpoint's export of the eagle3 phase (it saves
 #           every CKPT_EVERY steps), CURVE_PROMPTS held-out prompts each; CURVE_RUN=1 instead trains
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
 #   seen    the eagle3 phase's draft scored on SEEN_PROMPTS of its training conversations (memorised vs mismatch)
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
 # Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
-# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, SWEEP_PROCS, REGEN_PROCS (processes sharing the GPU for the answers), RUN_LIMIT (seconds for each launch or eval inside a phase), CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
+# CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, SWEEP_PROCS, REGEN_PROCS (processes sharing the GPU for the answers), RUN_LIMIT (seconds for each launch or eval inside a phase), MATCH, CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
 # PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -141,5 +142,5 @@ sys.stdout.writelines(lines[::step][:n])' "$WORK/train.jsonl" "${SEEN_PROMPTS:-7
   # Any other name is a family that bench/family_ab.py trains for EAGLE-3's time (its MATCHED table;
   # it refuses names it does not know).
   *) phase "$p" "${MATCH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" \
-      --phase "$p" --calibration-steps "${CAL_STEPS:-40}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
+      --phase "$p" --match "${MATCH:-time}" --eagle-steps "$EAGLE_STEPS" --calibration-steps "${CAL_STEPS:-40}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
 esac; done
