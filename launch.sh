@@ -100,7 +100,7 @@ else
   RUN_DEVICE=cuda
 fi
 
-# The process count comes from lib/config.py ProcessLayout, the rule train.py and the topology use;
+# The process count comes from lib/config_launch.py ProcessLayout, the rule train.py and the topology use;
 # it prints its own one-line error (odd GPU count for disaggregate, odd NPROC) and exits 2.
 config_cli() { (cd "$REPO" && "$PYTHON" -m lib.config_check "$@"); }
 if [[ -n ${NPROC:-} ]]; then

@@ -53,6 +53,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import BF16_PEAK_TFLOPS  # noqa: E402
+from bench.step_batches import BatchSource, make_batch, sample_lengths, write_vocab_map  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO, "assets", "tiny_target")
@@ -61,7 +62,6 @@ SHAPES = ("qwen3_8b", "qwen3_14b", "qwen3_32b", "tiny")
 TINY = dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, vocab_size=2048, max_position_embeddings=4096, rope_theta=1e6,
             rms_norm_eps=1e-6)
-PROMPT_FRACTION = 0.3  # --data chat: each sample's first 30% carries no loss
 # label -> (draft=<conf>, overrides): issues 33/34's table. Families on disk without a preset join `all`
 # with their defaults.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -86,13 +86,6 @@ def target_config(shape: str):
     from lib.config import compose
     from lib.target.shape import load_hf_config
     return load_hf_config(compose([f"target={shape}", "target.random_init=true"]).target)
-
-
-def sample_lengths(tokens: int, lo: int, hi: int, rng: random.Random) -> list[int]:
-    lengths = []
-    while sum(lengths) < tokens:
-        lengths.append(min(rng.randint(lo, hi), tokens - sum(lengths)))
-    return lengths
 
 
 def write_profile(path: str, batches: list, train_step, cuda: bool) -> None:
@@ -173,19 +166,6 @@ def bench_context(cfg, device: torch.device, run_dir: str) -> SimpleNamespace:
                            tokenizer_path=cfg.target.tokenizer or cfg.target.path)
 
 
-class BatchSource:
-    """lib.trainer.loop.PayloadSource over ready-made payloads, set one by one (no handoff: no wait)."""
-
-    next = None
-
-    def recv(self):
-        header, tensors = self.next
-        return header, {k: v for k, v in tensors.items() if k != "cu_seqlens"}
-
-    def release(self) -> None:
-        pass
-
-
 def bench_config(draft: str, overrides, args, run_dir: str):
     """The resolved Config a run of `draft=<draft> overrides` would train with, at --shape on --device."""
     from lib.config import LaunchShape, compose, resolve
@@ -202,48 +182,6 @@ def bench_config(draft: str, overrides, args, run_dir: str):
     launch = LaunchShape(1, 1, 1, torch.cuda.device_count() if args.device == "cuda" else 0)
     validate(cfg, launch)
     return resolve(cfg, launch)
-
-
-def write_vocab_map(run_dir: str, draft_vocab: int, vocab: int) -> None:
-    """The first draft_vocab target ids as the draft vocabulary (the EAGLE-3 line reads it from run.dir;
-    the others ignore it), as the earlier bench built it: no token counting over a dataset."""
-    from lib.drafts.eagle3.vocab import save_vocab_map
-
-    dv = min(draft_vocab, vocab)
-    t2d = torch.zeros(vocab, dtype=torch.bool)
-    t2d[:dv] = True
-    save_vocab_map(run_dir, torch.zeros(dv, dtype=torch.long), t2d)
-
-
-def make_batch(lengths: list[int], plan, vocab: int, dtype, device, gen: torch.Generator, data: str,
-               head=None) -> dict[str, torch.Tensor]:
-    """A captured payload as the handoff delivers it (plus cu_seqlens): the plan's aux and final states."""
-    from lib.drafts.base import AUX_HIDDEN, FINAL_HIDDEN
-
-    t = sum(lengths)
-    position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])
-    if data == "chat":
-        prompt = torch.cat([torch.full((n,), round(PROMPT_FRACTION * n), device=device) for n in lengths])
-        loss_mask = position_ids >= prompt
-    else:
-        loss_mask = torch.rand(t, device=device, generator=gen) < 0.7
-    batch = {"input_ids": torch.randint(0, vocab, (t,), device=device, generator=gen), "loss_mask": loss_mask,
-             "position_ids": position_ids,
-             "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                                        device=device)}
-    widths = plan.widths
-    if AUX_HIDDEN in widths:
-        batch[AUX_HIDDEN] = torch.randn(t, widths[AUX_HIDDEN], device=device, generator=gen).to(dtype)
-    if FINAL_HIDDEN in widths:
-        if data == "chat" and head is not None:
-            # A target head's own row (scaled to a logit of 8) has its token as the argmax: a draft-vocab token.
-            ids = head.draft_to_target[torch.randint(0, head.draft_to_target.numel(), (t,), device=device,
-                                                     generator=gen)]
-            rows = head.weight[ids].float()
-            batch[FINAL_HIDDEN] = (rows * (8.0 / rows.pow(2).sum(-1, keepdim=True))).to(dtype)
-        else:
-            batch[FINAL_HIDDEN] = torch.randn(t, widths[FINAL_HIDDEN], device=device, generator=gen).to(dtype)
-    return batch
 
 
 def family_flops(family: str):

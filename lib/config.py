@@ -5,31 +5,34 @@ outside a choice (the enums) is an error at composition time. `lib.config_check.
 what types cannot: ranges, sums, paths, combinations and the fit between the config and the launch
 (process count, GPUs); launch.sh runs the same checks once (`python -m lib.config_check check`) before
 it starts anything. Every failure is one line that names the key, the value and the fix. `resolve()` then
-decides every auto/None once, and all roles read that resolved copy. This module imports no other lib
-module: config_check imports it, never the reverse.
+decides every auto/None once, and all roles read that resolved copy.
+
+This module is where the config's names are imported from. Parts of it live beside it and are re-exported
+here: the choices (lib/config_choices.py), ConfigError and the rules of single keys (lib/config_values.py),
+the launch shape and the process-count rule (lib/config_launch.py). Those import no other lib module and
+this one imports only them: config_check imports it, never the reverse.
 """
 from __future__ import annotations
 
-import enum
 import os
 import re
-import time
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 from lib.config_choices import (  # noqa: F401 - the choices are part of this module's interface
     Placement, Device, MpsMode, Backend, AttnImpl, VarlenKernel,
     MoeImpl, TargetDtype, Overlong, TrainLoss, WandbMode, DRAFT_ROOTS_ENV, draft_conf_dirs, draft_families,
+)
+from lib.config_launch import LaunchShape, ProcessLayout  # noqa: F401 - part of this module's interface
+from lib.config_values import (  # noqa: F401 - part of this module's interface
+    ConfigError, _as_enum, _fail, _resolve_moe_impl, check_draft_name, new_run_dir, resolve_attn_impl, resolve_device,
+    resolve_target_dtype,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TARGET_DIR = os.path.join(REPO_ROOT, "assets", "tiny_target")
 TINY_DATA_DIR = os.path.join(REPO_ROOT, "assets", "tiny_data")
 MEMORY_HEADROOM = 0.10  # CUDA contexts, NCCL buffers and fragmentation
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the value and the fix."""
 
 
 @dataclass
@@ -290,125 +293,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch shape and the placement -> process-count rule
+# "auto" and None, resolved in one place (the rules of single keys: lib/config_values.py)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcessLayout:
-    """Processes per node for a placement, and the GPUs they need: the only place this rule lives.
-
-    launch.sh asks it (`python -m lib.config_check nproc`), validate() checks a launch against it and
-    lib/launch/topology.py lays ranks out by it.
-    """
-
-    placement: Placement
-    nproc: int  # processes on one node
-    key: str = field(default="nproc_per_node", compare=False)  # how the caller spells nproc in errors
-
-    def __post_init__(self) -> None:
-        if self.nproc < 1:
-            _fail(self.key, self.nproc, "must be >= 1")
-        if self.placement != Placement.sequential and self.nproc % 2:
-            _fail(self.key, self.nproc, f"placement={Placement(self.placement).value} needs an even process "
-                  "count per node (trainer r pairs with engine r + P/2); use 2x the number of pairs")
-
-    @property
-    def pairs(self) -> int:
-        """Trainer/engine pairs on the node (= engines = data shards of the node)."""
-        return self.nproc if self.placement == Placement.sequential else self.nproc // 2
-
-    @property
-    def gpus_needed(self) -> int:
-        # colocate: a pair shares a GPU; disaggregate: one GPU per process; sequential: one per process.
-        return self.pairs if self.placement == Placement.colocate else self.nproc
-
-    @staticmethod
-    def for_gpus(placement: Placement, gpus: int) -> "ProcessLayout":
-        """The default layout of a node with `gpus` visible GPUs (0: one pair, or one process, on CPU)."""
-        if gpus == 0:
-            return ProcessLayout(placement, 1 if placement == Placement.sequential else 2)
-        if placement == Placement.disaggregate and gpus % 2:
-            _fail("placement", Placement.disaggregate, f"needs an even number of GPUs per node (found {gpus}); set "
-                  "CUDA_VISIBLE_DEVICES to an even count or use placement=colocate")
-        return ProcessLayout(placement, 2 * gpus if placement == Placement.colocate else gpus)
-
-
-@dataclass(frozen=True)
-class LaunchShape:
-    """What torchrun started, read from its environment: the config must fit it."""
-
-    world_size: int
-    nproc_per_node: int
-    nnodes: int
-    gpus_per_node: int  # visible CUDA devices on this node (0 without CUDA)
-
-    @staticmethod
-    def from_env(gpus_per_node: int) -> "LaunchShape":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        return LaunchShape(world, local, max(1, world // max(local, 1)), gpus_per_node)
-
-
-# ---------------------------------------------------------------------------------------------
-# "auto" and None, resolved in one place
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_enum(key: str, value: Any, kind: type[enum.Enum]) -> Any:
-    """A member from a member, its value or its name (aliases included); ConfigError otherwise."""
-    if isinstance(value, kind):
-        return value
-    if isinstance(value, str):
-        if value in kind.__members__:
-            return kind[value]
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    _fail(key, value, f"allowed: {', '.join(kind.__members__)}")
-
-
-def check_draft_name(name: Any) -> str:
-    """draft.name, if it names a family under lib/drafts/ (or a root in $SPECDRAFT_DRAFT_ROOTS)."""
-    name = getattr(name, "value", name)  # a str enum member from code written against the old enum
-    try:
-        families = sorted(draft_families())
-    except ValueError as err:  # one family under two roots
-        raise ConfigError(f"draft.name={name!r}: {err}") from None
-    if not isinstance(name, str) or name not in families:
-        raise ConfigError(f"draft.name={name!r}: not one of {', '.join(families)} (the packages under lib/drafts/). "
-                          f"Fix: pick one of those, e.g. draft=eagle3, or add the family as lib/drafts/{name}/ "
-                          f"(registering a DraftStrategy) and conf/draft/{name}.yaml (docs/design.md)")
-    return name
-
-
-def resolve_device(device: Device | str, gpus_per_node: int) -> Device:
-    device = _as_enum("device", device, Device)
-    if device == Device.auto:
-        return Device.cuda if gpus_per_node > 0 else Device.cpu
-    return device
-
-
-def resolve_target_dtype(dtype: TargetDtype | str, device_type: str) -> TargetDtype:
-    """auto: bf16 on GPU (the production path), fp32 on CPU (no fast bf16 matmuls there)."""
-    dtype = _as_enum("target.dtype", dtype, TargetDtype)
-    if dtype == TargetDtype.auto:
-        return TargetDtype.bfloat16 if device_type == "cuda" else TargetDtype.float32
-    return dtype
-
-
-def resolve_attn_impl(attn: AttnImpl | str, device_type: str, dtype: TargetDtype | str) -> AttnImpl:
-    """auto: the packed varlen flash kernel where it runs (CUDA, half precision), sdpa elsewhere."""
-    attn = _as_enum("engine.attn_impl", attn, AttnImpl)
-    flash_ok = device_type == "cuda" and resolve_target_dtype(dtype, device_type) in (
-        TargetDtype.bfloat16, TargetDtype.float16)
-    if attn == AttnImpl.auto:
-        return AttnImpl.varlen if flash_ok else AttnImpl.sdpa
-    if attn == AttnImpl.varlen and not flash_ok:
-        _fail("engine.attn_impl", AttnImpl.varlen, f"needs a CUDA device and bf16/fp16 weights (got {device_type}, "
-              f"target.dtype={resolve_target_dtype(dtype, device_type).value}); use engine.attn_impl=auto")
-    return attn
 
 
 def target_name(t: TargetConfig) -> str:
@@ -418,22 +304,6 @@ def target_name(t: TargetConfig) -> str:
         return t.name
     base = os.path.basename(os.path.normpath(t.source or t.path))
     return base[:-len(".gguf")] if base.endswith(".gguf") else base
-
-
-def new_run_dir() -> str:
-    """outputs/<YYYYmmdd-HHMMSS> under the working directory, with -2, -3 ... if that exists."""
-    base = os.path.abspath(os.path.join("outputs", time.strftime("%Y%m%d-%H%M%S")))
-    path, n = base, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{base}-{n}"
-    return path
-
-
-def _resolve_moe_impl(value) -> MoeImpl:
-    """auto is the engine's grouped experts path (dense targets ignore the key)."""
-    impl = _as_enum("engine.moe_impl", value, MoeImpl)
-    return MoeImpl.grouped if impl == MoeImpl.auto else impl
 
 
 def resolve(cfg: Config, shape: LaunchShape) -> Config:
@@ -464,12 +334,3 @@ def resolve(cfg: Config, shape: LaunchShape) -> Config:
     target = replace(cfg.target, dtype=dtype, name=target_name(cfg.target))
     return replace(cfg, device=device, target=target, engine=engine, train=train,
                    run=run, data=data, draft=draft, mps=mps)
-
-
-def _fail(key: str, value: Any, fix: str) -> NoReturn:
-    # As the user types them: enum values bare (attn_impl=varlen), booleans lower case (resume=true).
-    if isinstance(value, enum.Enum):
-        shown = value.value
-    else:
-        shown = str(value).lower() if isinstance(value, bool) else repr(value)
-    raise ConfigError(f"{key}={shown}: {fix}")

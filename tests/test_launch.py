@@ -1,17 +1,8 @@
-"""launch.sh, slurm/train.sbatch and lib/launch/mps.py on a CPU machine.
+"""lib/launch/mps.py and launch.sh's MPS lifecycle and failure reporting on a CPU machine.
 
-The launch plan (process count, run directory, device, MPS decision, torchrun command) is checked
-through `--print-plan`; the MPS lifecycle and failure reporting run the real launcher, the real
-torchrun and real worker processes.
-
-Stand-ins, and why: this machine has no GPU, no NVIDIA driver and no Slurm, so `nvidia-smi`,
-`nvidia-cuda-mps-control`, `scontrol` and `srun` cannot run here. Small executables put first on
-PATH take their place. The MPS stand-in behaves like the real daemon as observed on the lent H100
-(`-d` forks a daemon that serves a Unix socket `<pipe>/control` and writes a pid file; a client
-with no daemon prints "Cannot find MPS control daemon process" and exits 1; `quit` removes the pid
-file but leaves the socket), so the lifecycle rules — start only if absent, quit only what we
-started, auto falls back, on fails with the log tail, quit on SIGTERM — are exercised for real.
-The client probe is replaced through SPECDRAFT_MPS_PROBE because a CUDA call cannot succeed here.
+The MPS lifecycle and failure reporting run the real launcher, the real torchrun and real worker
+processes, with stand-ins for the GPU tools (tests/launch_stand_ins.py says which and why); the launch
+plan (`--print-plan`) and slurm/train.sbatch are checked in tests/test_launch_plan.py.
 """
 from __future__ import annotations
 
@@ -28,91 +19,9 @@ import time
 import pytest
 
 from lib.launch.mps import MpsDaemon, MpsError, daemon_alive, mps_status
+from tests.launch_stand_ins import LAUNCH, REPO, tools  # noqa: F401 - tools: a fixture
 
 pytestmark = pytest.mark.integration
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(REPO, "launch.sh")
-SBATCH = os.path.join(REPO, "slurm", "train.sbatch")
-
-FAKE_MPS_CONTROL = r'''#!PYTHON
-import os, socket, sys
-pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-log_dir = os.environ.get("CUDA_MPS_LOG_DIRECTORY", "/var/log/nvidia-mps")
-control = os.path.join(pipe, "control")
-pid_file = os.path.join(pipe, "nvidia-cuda-mps-control.pid")
-
-def log(line):
-    os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, "control.log"), "a") as f:
-        f.write(line + "\n")
-
-def ask(command):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(control)
-    except OSError:
-        return None
-    s.sendall(command.encode())
-    s.shutdown(socket.SHUT_WR)
-    return s.makefile().read()
-
-if sys.argv[1:] == ["-d"]:
-    if os.environ.get("FAKE_MPS_START_ERROR"):
-        log("fake start failure: " + os.environ["FAKE_MPS_START_ERROR"])
-        sys.exit(1)
-    if ask("get_server_list") is not None:
-        print("An instance of this daemon is already running")
-        sys.exit(1)
-    if os.fork():
-        sys.exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if os.path.exists(control):
-        os.unlink(control)
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(control)
-    server.listen(16)
-    with open(pid_file, "w") as f:
-        f.write(str(os.getpid()))
-    log("start")
-    while True:
-        conn, _ = server.accept()
-        command = conn.makefile().read().strip()
-        if command == "quit":
-            os.unlink(pid_file)
-            log("quit")
-            conn.close()
-            os._exit(0)
-        conn.sendall(b"\n")
-        conn.close()
-else:
-    reply = ask(sys.stdin.read().strip())
-    if reply is None:
-        print("Cannot find MPS control daemon process")
-        sys.exit(1)
-    sys.stdout.write(reply)
-'''
-
-FAKE_NVIDIA_SMI = """#!/bin/sh
-i=0
-while [ "$i" -lt "${FAKE_GPUS:-0}" ]; do echo "GPU $i: Fake GPU (UUID: GPU-fake-$i)"; i=$((i + 1)); done
-"""
-
-FAKE_SCONTROL = """#!/bin/sh
-[ "$1 $2" = "show hostnames" ] || exit 1
-echo node-a; echo node-b
-"""
-
-# Drops srun's own options and runs the task once, as on one node.
-FAKE_SRUN = """#!/bin/sh
-while [ "${1#--}" != "$1" ]; do shift; done
-exec "$@"
-"""
 
 # What torchrun runs in place of train.py: records what a rank sees, writes topology.json like
 # train.py does, then fails / sleeps as the test asks through `fake.*` overrides.
@@ -140,27 +49,6 @@ sys.exit(3 if str(rank) == args.get("fake.fail_rank") else 0)
 '''
 
 
-def _write_exe(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text.replace("#!PYTHON", "#!" + sys.executable))
-    os.chmod(path, 0o755)
-
-
-@pytest.fixture
-def tools(tmp_path):
-    """A PATH directory with the stand-ins, and an environment using them."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("nvidia-cuda-mps-control", FAKE_MPS_CONTROL), ("nvidia-smi", FAKE_NVIDIA_SMI),
-                       ("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
-        _write_exe(str(bin_dir / name), text)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CUDA_", "SPECDRAFT_", "PYTORCH_", "SLURM_", "LAUNCH_")) and k not in ("NPROC", "OMP_NUM_THREADS")}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    env["PYTHON"] = sys.executable
-    return env
-
-
 @pytest.fixture
 def mps_dirs(monkeypatch):
     """Short pipe/log paths (Unix socket paths are limited to ~107 bytes); stops leftover stand-ins."""
@@ -176,115 +64,6 @@ def mps_dirs(monkeypatch):
 def _events(log_dir: str) -> list[str]:
     path = os.path.join(log_dir, "control.log")
     return open(path).read().split("\n")[:-1] if os.path.exists(path) else []
-
-
-def plan(env: dict, *args: str) -> dict:
-    done = subprocess.run(["bash", LAUNCH, "--print-plan", *args], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    out = dict(line.split("=", 1) for line in done.stdout.splitlines())
-    out["argv"] = shlex.split(out["command"])
-    return out
-
-
-def plan_error(env: dict, *args: str) -> str:
-    done = subprocess.run(["bash", LAUNCH, "--print-plan", *args], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0, done.stdout
-    return done.stderr
-
-
-def torchrun_args(p: dict) -> list[str]:
-    """The Hydra overrides torchrun passes to the entry script."""
-    argv = p["argv"]
-    return argv[argv.index(os.path.join(REPO, "train.py")) + 1:]
-
-
-def test_scripts_have_valid_bash_syntax():
-    for script in (LAUNCH, SBATCH):
-        done = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
-        assert done.returncode == 0, f"{script}: {done.stderr}"
-
-
-def test_plan_without_gpu_runs_one_pair_on_cpu(tools):
-    env = {**tools, "CUDA_VISIBLE_DEVICES": ""}
-    p = plan(env)
-    assert (p["gpus"], p["device"], p["nproc"]) == ("0", "cpu", "2")
-    assert p["mps"].startswith("off")
-    assert p["run_dir"].startswith(os.path.join(REPO, "outputs") + os.sep)
-    assert torchrun_args(p) == [f"run.dir={p['run_dir']}", "device=cpu"]
-    assert "--standalone" in p["argv"] and "--nproc_per_node=2" in p["argv"]
-
-
-@pytest.mark.parametrize("placement, gpus, nproc, mps", [
-    ("colocate", 4, 8, "start (mps=auto)"),
-    ("disaggregate", 4, 4, "off (placement=disaggregate does not share GPUs)"),
-    ("sequential", 4, 4, "off (placement=sequential does not share GPUs)"),
-])
-def test_plan_process_count_follows_placement(tools, placement, gpus, nproc, mps):
-    p = plan({**tools, "FAKE_GPUS": str(gpus)}, f"placement={placement}")
-    assert (p["device"], p["nproc"], p["mps"]) == ("cuda", str(nproc), mps)
-    assert "device=cpu" not in torchrun_args(p)
-    assert torchrun_args(p)[-1] == f"placement={placement}"
-
-
-def test_plan_counts_only_visible_gpus(tools):
-    p = plan({**tools, "FAKE_GPUS": "8", "CUDA_VISIBLE_DEVICES": "2,5"})
-    assert (p["gpus"], p["nproc"]) == ("2", "4")
-
-
-def test_plan_rejects_impossible_launches(tools):
-    assert "even number of GPUs" in plan_error({**tools, "FAKE_GPUS": "3"}, "placement=disaggregate")
-    assert "placement=nearby" in plan_error(tools, "placement=nearby")
-    assert "mps=sometimes" in plan_error(tools, "mps=sometimes")
-    assert "mps=auto or mps=off" in plan_error({**tools, "CUDA_VISIBLE_DEVICES": ""}, "mps=on")
-    assert "device=cuda" in plan_error({**tools, "CUDA_VISIBLE_DEVICES": ""}, "device=cuda")
-    assert "NPROC=3" in plan_error({**tools, "CUDA_VISIBLE_DEVICES": "", "NPROC": "3"})
-
-
-def test_plan_nproc_override_and_user_environment_kept(tools):
-    env = {**tools, "FAKE_GPUS": "2", "NPROC": "6", "OMP_NUM_THREADS": "5",
-           "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
-    p = plan(env)
-    assert p["nproc"] == "6"
-    assert "OMP_NUM_THREADS=5" in p["env"] and "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:64" in p["env"]
-    assert "OMP_NUM_THREADS=" in plan({**tools, "FAKE_GPUS": "2"})["env"]
-
-
-def test_plan_user_run_dir_is_forwarded_once(tools, tmp_path):
-    env = {**tools, "CUDA_VISIBLE_DEVICES": ""}
-    p = plan(env, f"run.dir={tmp_path}/mine", "train.max_steps=0")
-    assert p["run_dir"] == f"{tmp_path}/mine"
-    assert [a for a in torchrun_args(p) if a.startswith("run.dir=")] == [f"run.dir={tmp_path}/mine"]
-    quoted = plan(env, f"run.dir='{tmp_path}/my run'")
-    assert quoted["run_dir"] == f"{tmp_path}/my run"
-    assert torchrun_args(quoted) == ["device=cpu", f"run.dir='{tmp_path}/my run'"]
-
-
-def test_plan_forwards_overrides_verbatim_in_order(tools):
-    overrides = ["train.max_steps=0", "data.path=/d/my chats.jsonl", "target.name='q\"x'",
-                 "+extra=[1, 2]", "mps=auto", "placement=colocate"]
-    p = plan({**tools, "CUDA_VISIBLE_DEVICES": ""}, *overrides)
-    assert torchrun_args(p) == [f"run.dir={p['run_dir']}", "device=cpu", *overrides]
-
-
-def test_plan_quotes_a_run_dir_with_spaces_for_hydra(tools):
-    p = plan({**tools, "CUDA_VISIBLE_DEVICES": "", "SPECDRAFT_RUN_DIR": "/tmp/runs/a b"})
-    assert torchrun_args(p)[0] == "run.dir='/tmp/runs/a b'"
-
-
-def test_sbatch_runs_launch_per_node_with_c10d_rendezvous(tools):
-    env = {**tools, "CUDA_VISIBLE_DEVICES": "", "LAUNCH_DRY_RUN": "1", "SLURM_JOB_ID": "42",
-           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_SUBMIT_DIR": REPO}
-    done = subprocess.run(["bash", SBATCH, "train.max_steps=0", "note=a b"], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    p = dict(line.split("=", 1) for line in done.stdout.splitlines())
-    argv = shlex.split(p["command"])
-    rdzv = argv[argv.index("--nnodes"):argv.index("--nnodes") + 8]
-    assert rdzv == ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "node-a:29500", "--rdzv_id", "42"]
-    assert p["run_dir"].startswith(os.path.join(REPO, "outputs") + os.sep) and p["run_dir"].endswith("-job42")
-    assert argv[-2:] == ["train.max_steps=0", "note=a b"]
-    no_job = subprocess.run(["bash", SBATCH], env=tools, capture_output=True, text=True, timeout=60)
-    assert no_job.returncode != 0 and "sbatch" in no_job.stderr
 
 
 # ---------------------------------------------------------------- lib/launch/mps.py

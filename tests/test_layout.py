@@ -6,7 +6,7 @@ lib never imports them, and never edits sys.path to reach them.
 Inside lib the packages form one direction, lowest first; a package may import only packages that
 come before it (lib.config is the root every package may use):
 
-    lib.config (+ lib.config_check)     typed config, enums, validation; imports no other lib package
+    lib.config (+ lib.config_*)         typed config, enums, validation; imports no other lib package
     lib.launch, lib.data, lib.target    process setup and sharding; data pipeline; the target's files
     lib.drafts                          the strategy seam and the draft families: models, losses, export,
                                         drafters (lib.eval, engine, handoff and trainer import the seam
@@ -34,7 +34,8 @@ LIB = os.path.join(REPO, "lib")
 ENTRY_MODULES = {"train", "eval", "engine_worker", "launch", "bench", "tools", "tests"}
 
 # Modules outside a lib/<package>/ folder that belong to a layer.
-LAYER_OF_MODULE = {"lib.config_check": "lib.config", "lib.config_choices": "lib.config"}
+LAYER_OF_MODULE = {"lib.config_check": "lib.config", "lib.config_choices": "lib.config",
+                   "lib.config_launch": "lib.config", "lib.config_values": "lib.config"}
 _BELOW_DRAFTS = {"lib.config", "lib.launch", "lib.data", "lib.target"}
 _BELOW_HANDOFF = _BELOW_DRAFTS | {"lib.drafts"}
 ALLOWED = {
