@@ -3,7 +3,7 @@
 # time limit so one slow part cannot starve the rest. Usage (on the GPU machine, repo root):
 #   bash bench/gpu_suite.sh PART...   parts: env tests handoff engine trainer dryrun e2e1 e2e2 e2e4 longctx soak curves
 #     family family_eagle3 family_dflash dflash_trainer dflash_flex dflash_e2e moe_engine varlen_kernels
-#     moe_e2e regen decode_step moe_parts moe_capture moe_final moe_inductor family_steps draft_e2e
+#     moe_e2e regen decode_step moe_parts moe_capture moe_final moe_inductor family_steps small_steps draft_e2e
 set -uo pipefail
 # Parts write under WORK; at exit everything small (logs, tables, metrics, charts; no weights) goes into
 # $OUT/suite.tar.gz, since the device tool brings back only a few files.
@@ -74,6 +74,14 @@ for p in "$@"; do case $p in
       --variants "${FAMILY_TABLE_VARIANTS:-all}" --out "$WORK/family_steps.json" --table "$WORK/family_steps.md" \
       --steps "${FAMILY_TABLE_STEPS:-10}" --warmup "${FAMILY_TABLE_WARMUP:-4}" ${FAMILY_TABLE_ARGS:-}
     cp "$WORK/family_steps.md" "$WORK/family_steps.json" "$OUT/" 2>/dev/null ;;
+  # The SmolLM2-135M shape's trainer step at 8k, 16k and 32k tokens per step (the real-target runs take
+  # 0.06-0.09 s per 8k-token EAGLE-3 step, far above its FLOPs: a larger engine.token_budget may buy
+  # tokens/s there). SMALL_STEP_VARIANTS: bench/trainer.py presets.
+  small_steps) for T in ${SMALL_STEP_TOKENS:-8192 16384 32768}; do
+      part "small_steps_$T" 240 python3 bench/trainer.py --shape smollm2_135m --tokens "$T" \
+        --variants "${SMALL_STEP_VARIANTS:-eagle3,dflash,dspark,peagle}" --out "$WORK/small_steps_$T.json" \
+        --table "$WORK/small_steps_$T.md" --steps 10 --warmup 4
+    done ;;
   # Colocate+MPS vs sequential on one GPU for another draft family (E2E_DRAFT, default peagle: issue 34).
   draft_e2e) part draft_e2e "${E2E_LIMIT:-540}" python3 bench/e2e.py --suite one_gpu --out-dir "$WORK/draft_e2e" \
       --steps "${E2E_STEPS:-30}" --skip "${E2E_SKIP:-10}" draft="${E2E_DRAFT:-peagle}" \

@@ -58,7 +58,7 @@ from bench.step_batches import BatchSource, make_batch, sample_lengths, write_vo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO, "assets", "tiny_target")
 # Target shapes come from conf/target (random-init shapes); "tiny" is a CPU-sized stand-in.
-SHAPES = ("qwen3_8b", "qwen3_14b", "qwen3_32b", "tiny")
+SHAPES = ("qwen3_8b", "qwen3_14b", "qwen3_32b", "smollm2_135m", "tiny")
 TINY = dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, vocab_size=2048, max_position_embeddings=4096, rope_theta=1e6,
             rms_norm_eps=1e-6)
@@ -172,7 +172,8 @@ def bench_config(draft: str, overrides, args, run_dir: str):
     from lib.config_check import validate
 
     shape = "qwen3_8b" if args.shape == "tiny" else args.shape
-    base = [f"draft={draft}", f"target={shape}", "target.random_init=true", f"target.tokenizer={TINY_TOKENIZER}",
+    # The shape from the conf's hf_config, never a checkpoint (smollm2_135m's conf names a GGUF path).
+    base = [f"draft={draft}", f"target={shape}", "target.random_init=true", "target.path=null", f"target.tokenizer={TINY_TOKENIZER}",
             "placement=sequential", f"device={args.device}", f"run.dir={run_dir}", "eval.every=0"]
     if args.compile is not None:
         base.append(f"train.compile={str(args.compile).lower()}")
