@@ -12,7 +12,7 @@ from importlib import metadata
 
 import pytest
 
-from lib.data.datasets import parse_line
+from lib.data.records import parse_line
 from tests.helpers import REPO, cpu_env
 from tools.real_prompts import (CATEGORIES, HUMANEVAL, HUMANEVAL_PIN, PROMPTS_PATH, HumanEvalMissing, PromptError,
                                 count, humaneval_prompts, is_heldout, load_prompts, main, split, to_conversation)

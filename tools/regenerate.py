@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib.data.datasets import SHAREGPT_ROLES  # noqa: E402
+from lib.data.records import SHAREGPT_ROLES  # noqa: E402
 from lib.eval.sampling import SamplingError  # noqa: E402
 from tools import self_instruct  # noqa: E402
 from tools.regen_args import RegenConfig, RegenError, build_parser, to_config  # noqa: E402

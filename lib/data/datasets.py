@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 
 from lib.config import TINY_DATA_DIR, DataConfig
+from lib.data.records import Record, parse_line
 from lib.data.templates import TemplateError, TemplateProblem, get_template
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ CACHE_VERSION = 3  # 2: answers located by the template's own rendering (trimmed
 SHOWN_LINES = 5  # line numbers listed per bad-line reason
 CUT_OFF = "answer_cut_off_end_untrained"  # the report's reason for kept lines with a cut-off answer
 HELDOUT_SHARE_WARNING = 0.2  # a held-out tail above this share of data.path is worth a warning
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
 tokenization_runs = 0  # how often a dataset was tokenised in this process (cache misses)
 
@@ -76,62 +76,6 @@ class DataReport:
                 shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
                 text += f"; {label}{reason}: {len(lines)} (lines {shown})"
         return text
-
-
-@dataclass(frozen=True)
-class Record:
-    line_no: int
-    sample_id: str
-    messages: Optional[list[dict[str, str]]]  # None for a pre-formatted text record
-    text: Optional[str] = None
-    cut_turns: tuple[int, ...] = ()  # ordinals among the assistant turns of answers cut off by a token limit
-    category: Optional[str] = None
-
-
-def parse_line(line: str, line_no: int, default_id: str) -> Record | str:
-    """A Record, or the reason the line is unusable."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return "malformed_json"
-    if not isinstance(obj, dict):
-        return "not_an_object"
-    sample_id = str(obj.get("id", default_id))
-    category = obj.get("category") if isinstance(obj.get("category"), str) else None
-    if "conversations" not in obj:
-        text = obj.get("text")
-        if not isinstance(text, str):
-            return "no_conversations_or_text"
-        return Record(line_no, sample_id, None, text, category=category) if text else "empty_conversation"
-    turns = obj["conversations"]
-    if not isinstance(turns, list):
-        return "no_conversations_or_text"
-    if not turns:
-        return "empty_conversation"
-    messages, cut = [], []
-    regenerated = obj.get("regenerated")
-    finish = regenerated.get("finish") if isinstance(regenerated, dict) else None
-    finish = finish if isinstance(finish, list) else []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            return "malformed_turn"
-        if "role" in turn:
-            role, content = turn["role"], turn.get("content")
-        else:
-            role, content = SHAREGPT_ROLES.get(turn.get("from"), turn.get("from")), turn.get("value")
-        if role not in ("system", "user", "assistant"):
-            return "unknown_role"
-        if not isinstance(content, str):
-            return "malformed_turn"
-        if role == "assistant":
-            ordinal = sum(m["role"] == "assistant" for m in messages)
-            said = finish[ordinal] if ordinal < len(finish) else None
-            if "length" in (said, turn.get("finish"), turn.get("finish_reason")):
-                cut.append(ordinal)
-        messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
-        return "no_assistant_turn"
-    return Record(line_no, sample_id, messages, cut_turns=tuple(cut), category=category)
 
 
 # ---- tokenisation (runs in worker processes; state set once per worker) ----

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from lib.config import Config
-from lib.data.datasets import SHAREGPT_ROLES, _read_lines, _split_source
+from lib.data.datasets import _read_lines, _split_source
+from lib.data.records import SHAREGPT_ROLES
 
 ANSWER_FORMAT = 1  # bump when the filled file's content changes for the same inputs, so old ones are not reused
 DEFAULT_DIR = "answered-heldout"  # under lib.target.checkpoint.cache_root() when eval.py has no --out
