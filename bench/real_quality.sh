@@ -8,7 +8,8 @@
 #   bash bench/real_quality.sh dflash curve    # a second call: DFlash for EAGLE-3's time, then tau vs steps
 #
 # Phases (each logs to $WORK/<phase>.log and leaves its results under $WORK):
-#   data    the real prompts split (train/held-out), SELF_INSTRUCT user turns sampled from the target,
+#   data    the real prompts split (train/held-out), SELF_INSTRUCT user turns sampled from the target
+#           (and SEEDED more that open with the training prompts' first words),
 #           every prompt answered greedily (tools/regenerate.py), a batch-size sweep of regeneration
 #   eagle3  EAGLE-3 for EAGLE_STEPS steps (bench/family_ab.py --phase eagle3), evaluated at k=3 and k=7
 #   dflash  DFlash for EAGLE-3's training time (its --phase dflash), evaluated at k = block size - 1
@@ -22,7 +23,7 @@
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
 #   seen    the eagle3 phase's draft scored on SEEN_PROMPTS of its training conversations (memorised vs mismatch)
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
-# Knobs (environment): WORK, SELF_INSTRUCT, ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
+# Knobs (environment): WORK, SELF_INSTRUCT, SEEDED (seeded self-instruct questions), ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
 # CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, SWEEP_PROCS, REGEN_PROCS (processes sharing the GPU for the answers), RUN_LIMIT (seconds for each launch or eval inside a phase), MATCH, CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
 # PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
 set -uo pipefail
@@ -82,9 +83,16 @@ data() {
   # Sampled user turns (diverse), then greedy answers: the draft learns the target's greedy continuations,
   # which is what it is scored on.
   regen --self-instruct "$SELF_INSTRUCT" --output "$WORK/self_instruct.answered.jsonl" || return 1
+  # SEEDED more questions that open with the first words of the training prompts (never the held-out
+  # ones), one category after another: the target writes code, math, extraction... questions too.
+  if (( ${SEEDED:-0} > 0 )); then
+    regen --self-instruct "$SEEDED" --self-instruct-seeds "$WORK/prompts/train.jsonl" \
+      --output "$WORK/seeded.answered.jsonl" || return 1
+  fi
   regen --input "$WORK/prompts/train.jsonl" --output "$WORK/real_train.answered.jsonl" || return 1
   regen --input "$WORK/prompts/heldout.jsonl" --output "$WORK/heldout.jsonl" --max-new-tokens "$EVAL_TOKENS" || return 1
-  cat "$WORK/self_instruct.answered.jsonl" "$WORK/real_train.answered.jsonl" > "$WORK/train.jsonl"
+  cat "$WORK/self_instruct.answered.jsonl" $( (( ${SEEDED:-0} > 0 )) && echo "$WORK/seeded.answered.jsonl") \
+    "$WORK/real_train.answered.jsonl" > "$WORK/train.jsonl"
   # Regeneration speed against the batch and the processes sharing the GPU: the same SWEEP_LINES
   # self-instruct prompts, 128 new tokens each; SWEEP_PROCS lists process counts (each takes its share).
   head -n "${SWEEP_LINES:-256}" "$WORK/self_instruct.answered.jsonl" > "$WORK/sweep_input.jsonl"

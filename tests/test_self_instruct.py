@@ -121,3 +121,50 @@ def test_settings_are_checked(tmp_path):
         regenerate.parse_args(gguf_free + ["--self-instruct", "2", "--self-instruct-max-tokens", "0"])
     with pytest.raises(regenerate.RegenError, match=r"--threads=-1: must be >= 0"):
         regenerate.parse_args(gguf_free + ["--self-instruct", "2", "--threads", "-1"])
+
+
+def test_seeded_questions_open_with_the_seeds_in_category_turns(tmp_path, capsys):
+    """--self-instruct-seeds: each question starts with its seed's first words and is tagged with the
+    seed's category; a file grouped by category is taken one category after another."""
+    seeds_file = tmp_path / "seeds.jsonl"
+    lines = [("math", "Compute the sum of all primes below 100."), ("math", "Solve for x: 3x + 4 = 19."),
+             ("coding", "Write a Python function that reverses a list."), ("stem", "Explain why the sky is blue.")]
+    seeds_file.write_text("".join(json.dumps({"category": c, "conversations": [{"role": "user", "content": t}]}) + "\n"
+                                  for c, t in lines) + json.dumps({"conversations": [{"role": "assistant",
+                                                                                      "content": "no user turn"}]}))
+    seeds = self_instruct.load_seeds(str(seeds_file), 3)
+    assert [(s.category, s.opening) for s in seeds] == [
+        ("math", "Compute the sum"), ("coding", "Write a Python"), ("stem", "Explain why the"), ("math", "Solve for x:")]
+    out = tmp_path / "out.jsonl"
+    cfg = regenerate.parse_args(["--target", TINY_TARGET_DIR, "--self-instruct", "8", "--self-instruct-seeds",
+                                 str(seeds_file), "--self-instruct-seed-words", "3", "--self-instruct-max-tokens", "6",
+                                 "--device", "cpu", "--output", str(out)])
+    assert (cfg.self_instruct_seeds, cfg.self_instruct_seed_words) == (str(seeds_file), 3)
+    sampled = self_instruct.sample_questions(LocalTarget(cfg, 0), 8, cfg.self_instruct_sampling, {}, cfg.max_length,
+                                             seeds)
+    assert sampled.questions and len(sampled.categories) == len(sampled.questions)
+    openings = {s.opening: f"self-instruct:{s.category}" for s in seeds}
+    for question, category in zip(sampled.questions, sampled.categories):
+        (opening,) = [o for o in openings if question.startswith(o)]
+        assert category == openings[opening] and len(question) > len(opening)
+    # The written lines carry the seed's category.
+    assert regenerate.main(["--target", TINY_TARGET_DIR, "--self-instruct", "4", "--self-instruct-seeds", str(seeds_file),
+                            "--max-new-tokens", "4", "--device", "cpu", "--output", str(out)]) == 0
+    kept = read_jsonl(tmp_path / "out.jsonl.self_instruct.jsonl")
+    assert kept and all(q["category"] in openings.values() for q in kept)
+
+
+def test_seed_settings_are_checked(tmp_path, capsys):
+    base = ["--target", TINY_TARGET_DIR, "--output", str(tmp_path / "o.jsonl")]
+    with pytest.raises(regenerate.RegenError, match=r"--self-instruct-seeds='s.jsonl': seeds open self-instruct"):
+        regenerate.parse_args(base + ["--input", __file__, "--self-instruct-seeds", "s.jsonl"])
+    with pytest.raises(regenerate.RegenError, match=r"--self-instruct-seeds='nowhere.jsonl': file not found"):
+        regenerate.parse_args(base + ["--self-instruct", "2", "--self-instruct-seeds", "nowhere.jsonl"])
+    with pytest.raises(regenerate.RegenError, match=r"--self-instruct-seed-words=0: must be >= 1"):
+        regenerate.parse_args(base + ["--self-instruct", "2", "--self-instruct-seeds", __file__,
+                                      "--self-instruct-seed-words", "0"])
+    empty = tmp_path / "answers_only.jsonl"
+    empty.write_text(json.dumps({"conversations": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    assert regenerate.main(base + ["--self-instruct", "2", "--self-instruct-seeds", str(empty), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--self-instruct-seeds='{empty}': no line with a user turn" in err

@@ -39,6 +39,8 @@ class RegenConfig:
     threads: int = 0  # built-in path on the CPU: torch threads (0: one per two cores)
     self_instruct: int = 0  # >0: the target writes this many questions first (tools/self_instruct.py)
     self_instruct_sampling: Optional[SamplingConfig] = None  # how those questions are sampled
+    self_instruct_seeds: Optional[str] = None  # JSON Lines whose first user turns open the questions
+    self_instruct_seed_words: int = 4  # words of each seed's opening
 
     def __post_init__(self) -> None:
         if (self.target is None) == (self.server is None):
@@ -50,6 +52,14 @@ class RegenConfig:
             raise RegenError(f"--server={self.server!r}: must be a URL, e.g. http://127.0.0.1:30000")
         if self.server is not None and self.compile:
             raise RegenError("--compile: only the built-in path (--target) decodes here; drop it with --server")
+        if self.self_instruct_seeds is not None and not self.self_instruct:
+            raise RegenError(f"--self-instruct-seeds={self.self_instruct_seeds!r}: seeds open self-instruct "
+                             "questions; add --self-instruct N")
+        if self.self_instruct_seeds is not None and not os.path.isfile(self.self_instruct_seeds):
+            raise RegenError(f"--self-instruct-seeds={self.self_instruct_seeds!r}: file not found; point it at a "
+                             "JSON Lines file of conversations (e.g. tools/real_prompts.py's train.jsonl)")
+        if self.self_instruct_seed_words < 1:
+            raise RegenError(f"--self-instruct-seed-words={self.self_instruct_seed_words}: must be >= 1, e.g. 4")
         if self.input is None and not self.self_instruct:
             raise RegenError("--input: missing; give a JSON Lines data set, or --self-instruct N to have the target "
                              "write N questions itself")
@@ -128,6 +138,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                          "after --input's lines (0: none)")
     ap.add_argument("--self-instruct-max-tokens", type=int, default=self_instruct.SELF_INSTRUCT_MAX_TOKENS,
                     help="a question's tokens at most; longer ones are dropped")
+    ap.add_argument("--self-instruct-seeds", metavar="FILE",
+                    help="JSON Lines of conversations (never held-out data): each question opens with the first "
+                         "words of one line's first user turn, in turn, and the target writes the rest")
+    ap.add_argument("--self-instruct-seed-words", type=int, default=4, metavar="W",
+                    help="words of a seed's opening")
     return ap
 
 
@@ -144,4 +159,4 @@ def to_config(a: argparse.Namespace) -> RegenConfig:
                                a.self_instruct_max_tokens, a.seed)
     return RegenConfig(a.input, a.output, sampling, a.target, a.server, a.model, a.batch_size, a.max_length,
                        a.max_lines, a.chat_template_kwargs, a.device, a.timeout_s, a.compile, a.threads,
-                       a.self_instruct, questions)
+                       a.self_instruct, questions, a.self_instruct_seeds, a.self_instruct_seed_words)

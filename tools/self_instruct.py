@@ -12,6 +12,13 @@ MIN_CHARS characters once stripped, and is new (compared with whitespace runs co
 case). Rows are drawn until N are kept or MAX_SAMPLES(N) were drawn; fewer than N is reported, with
 what was dropped and why.
 
+With --self-instruct-seeds FILE (JSON Lines, e.g. the training split of tools/real_prompts.py; never
+the held-out split), each row's user message starts with the first --self-instruct-seed-words words of
+one seed line's first user turn (the seeds taken in turn, one category after another), and the target
+writes the rest: questions that open as the seeds do (code, math, extraction...) instead of only what
+the target asks unprompted. A seeded question keeps its opening words; its line's category is
+"self-instruct:<the seed's category>".
+
 Sampling: at --temperature and --top-p when the answers are sampled too (--temperature > 0); with
 greedy answers (--temperature 0, the default) at 1.0 and 0.95: the target's own distribution (the
 questions a draft should see) with only the far tail cut, since greedy would write one question N
@@ -71,6 +78,51 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+@dataclass(frozen=True)
+class Seed:
+    opening: str  # the first words of a seed line's first user turn
+    category: str
+
+
+def first_user_turn(line: str) -> Optional[tuple[str, Optional[str]]]:
+    """(content of the first user turn, category) of a JSON Lines conversation (role/content or ShareGPT),
+    or None when the line has none."""
+    from lib.data.records import SHAREGPT_ROLES
+
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    turns = obj.get("conversations") if isinstance(obj, dict) else None
+    for turn in turns if isinstance(turns, list) else []:
+        role = turn.get("role", SHAREGPT_ROLES.get(turn.get("from"))) if isinstance(turn, dict) else None
+        content = turn.get("content", turn.get("value")) if role == "user" else None
+        if isinstance(content, str) and content.strip():
+            category = obj.get("category")
+            return content, category if isinstance(category, str) else None
+    return None
+
+
+def load_seeds(path: str, words: int) -> list[Seed]:
+    """One Seed per line of `path` with a user turn (its first `words` words), the categories interleaved
+    (one of each in turn, each in file order); SelfInstructError naming the file when none has one."""
+    seeds = []
+    with open(path) as f:
+        for line in f:
+            found = first_user_turn(line) if line.strip() else None
+            if found:
+                seeds.append(Seed(" ".join(found[0].split()[:words]), found[1] or "seed"))
+    if not seeds:
+        raise SelfInstructError(f"--self-instruct-seeds={path!r}: no line with a user turn to open questions with; "
+                                "give a JSON Lines file of conversations (e.g. tools/real_prompts.py's train.jsonl)")
+    # Categories taken in turn (a file grouped by category would otherwise give N questions of the first).
+    groups: dict[str, list[Seed]] = {}
+    for seed in seeds:
+        groups.setdefault(seed.category, []).append(seed)
+    rounds = max(len(g) for g in groups.values())
+    return [g[i] for i in range(rounds) for g in groups.values() if i < len(g)]
+
+
 def user_turn_prefix(tokenizer: Any, chat_template_kwargs: dict) -> str:
     """The chat template's text up to where the first user message's content starts."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
@@ -85,6 +137,7 @@ def user_turn_prefix(tokenizer: Any, chat_template_kwargs: dict) -> str:
 @dataclass
 class Sampled:
     questions: list[str]
+    categories: list[str] = field(default_factory=list)  # one per question
     drawn: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> rows
     seconds: float = 0.0
@@ -99,13 +152,18 @@ class Sampled:
         return text
 
 
-def sample_questions(backend: Any, n: int, sampling: Any, chat_template_kwargs: dict, max_length: int) -> Sampled:
-    """Up to n distinct user turns from `backend` (a tools.regen_backends.LocalTarget)."""
+def sample_questions(backend: Any, n: int, sampling: Any, chat_template_kwargs: dict, max_length: int,
+                     seeds: Optional[list[Seed]] = None) -> Sampled:
+    """Up to n distinct user turns from `backend` (a tools.regen_backends.LocalTarget); row r opens with
+    seeds[r % len(seeds)] when seeds are given."""
     prefix = user_turn_prefix(backend.tokenizer, chat_template_kwargs)
-    ids = backend.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    budget = min(sampling.max_new_tokens, max_length - len(ids))
+    # No space after the opening: the target's next token brings its own (as BPE vocabularies write words).
+    starts = [Seed("", CATEGORY)] if not seeds else [Seed(s.opening, f"{CATEGORY}:{s.category}") for s in seeds]
+    prompts = [backend.tokenizer(prefix + s.opening, add_special_tokens=False)["input_ids"] for s in starts]
+    longest = max(len(ids) for ids in prompts)
+    budget = min(sampling.max_new_tokens, max_length - longest)
     if budget < 1:
-        raise SelfInstructError(f"--max-length={max_length}: the question's prompt alone takes {len(ids)} tokens; "
+        raise SelfInstructError(f"--max-length={max_length}: the question's prompt alone takes {longest} tokens; "
                                 "raise --max-length")
     specials = [t for t in backend.tokenizer.all_special_tokens if t]
     out = Sampled([])
@@ -117,15 +175,16 @@ def sample_questions(backend: Any, n: int, sampling: Any, chat_template_kwargs: 
         nonlocal live
         want = math.ceil((n - len(out.questions)) * OVERSAMPLE) - live
         take = max(0, min(k, want, limit - out.drawn))
-        rows = [(out.drawn + i, ids, budget) for i in range(take)]
+        rows = [(r, prompts[r % len(starts)], budget) for r in range(out.drawn, out.drawn + take)]
         out.drawn += take
         live += take
         return rows
 
     start = time.perf_counter()
-    for _, (text, finish) in backend.stream(feed, seed=sampling.seed, sampling=sampling):
+    for row, (text, finish) in backend.stream(feed, seed=sampling.seed, sampling=sampling):
         live -= 1
-        text = text.strip()
+        opening = starts[row % len(starts)]
+        text = (opening.opening + text).strip()
         key = normalise(text)
         reason = ("cut_off" if finish != "stop" else "special_token" if any(s in text for s in specials)
                   else "too_short" if len(text) < MIN_CHARS else "duplicate" if key in seen else None)
@@ -134,6 +193,7 @@ def sample_questions(backend: Any, n: int, sampling: Any, chat_template_kwargs: 
             continue
         seen.add(key)
         out.questions.append(text)
+        out.categories.append(opening.category)
         if len(out.questions) == n:
             break  # closes the stream: rows still decoding are dropped unfinished
     out.seconds = time.perf_counter() - start
@@ -147,8 +207,8 @@ def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
     os.replace(tmp, path)
 
 
-def question_line(i: int, text: str) -> str:
-    return json.dumps({"id": f"self-instruct-{i}", "category": CATEGORY,
+def question_line(i: int, text: str, category: str = CATEGORY) -> str:
+    return json.dumps({"id": f"self-instruct-{i}", "category": category,
                        "conversations": [{"role": "user", "content": text}]}, ensure_ascii=False) + "\n"
 
 
@@ -164,15 +224,17 @@ def prepare_input(cfg: Any, make_backend: Callable[[], Any]) -> Optional[Any]:
         print(f"regenerate: reusing the {count} self-instruct questions in {path} (--self-instruct={cfg.self_instruct} "
               "not sampled again; delete the file to sample anew)", file=sys.stderr, flush=True)
     else:
-        backend = make_backend()
+        seeds = load_seeds(cfg.self_instruct_seeds, cfg.self_instruct_seed_words) if cfg.self_instruct_seeds else None
+        backend = make_backend()  # after the seeds: a bad seed file fails before the target loads
         sampled = sample_questions(backend, cfg.self_instruct, cfg.self_instruct_sampling, cfg.chat_template_kwargs,
-                                   cfg.max_length)
+                                   cfg.max_length, seeds)
         print(sampled.summary(cfg.self_instruct) + f" -> {path}", file=sys.stderr, flush=True)
         backend.reset_stats()
         if not sampled.questions:
             raise SelfInstructError(f"--self-instruct={cfg.self_instruct}: no question kept from {sampled.drawn} "
                                     "samples (see the counts above); raise --self-instruct-max-tokens or give --input")
-        _write_atomically(path, lambda f: f.writelines(question_line(i, q) for i, q in enumerate(sampled.questions)))
+        _write_atomically(path, lambda f: f.writelines(question_line(i, q, c) for i, (q, c) in
+                                                        enumerate(zip(sampled.questions, sampled.categories))))
     if cfg.input is None:
         return backend
     combined = input_path(cfg.output, True)
