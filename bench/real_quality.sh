@@ -21,7 +21,7 @@
 #   curve   tau at k=3/7 against steps: eval.py on each checkpoint's export of the eagle3 phase (it saves
 #           every CKPT_EVERY steps), CURVE_PROMPTS held-out prompts each; CURVE_RUN=1 instead trains
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
-#   seen    the eagle3 phase's draft scored on SEEN_PROMPTS of its training conversations (memorised vs mismatch)
+#   seen    SEEN_FAMILIES' drafts (default eagle3) scored on SEEN_PROMPTS of their training conversations
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
 # Knobs (environment): WORK, SELF_INSTRUCT, SEEDED (seeded self-instruct questions), ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
 # CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, SWEEP_PROCS, REGEN_PROCS (processes sharing the GPU for the answers), RUN_LIMIT (seconds for each launch or eval inside a phase), MATCH, CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
@@ -135,14 +135,19 @@ for p in "$@"; do case $p in
       "$PYTHON" -c 'import json,sys; print(sys.argv[2], *["k=%d tau %.3f" % (r["k"], r["tau"]) for r in json.load(open(sys.argv[1]))["results"]])' \
         "$WORK/curve/$step.json" "$step"
     done ;;
-  # The EAGLE-3 draft scored on SEEN_PROMPTS of its own training conversations (evenly spread over
-  # train.jsonl): against the held-out score it tells a draft that memorised its data from one that
-  # serves differently than it trained (then this score too falls short of the training accuracy).
+  # Each SEEN_FAMILIES draft (default eagle3) scored on SEEN_PROMPTS of its own training conversations
+  # (evenly spread over train.jsonl), at the draft lengths of its held-out score: against that score it
+  # tells a draft that has not generalised from one that serves differently than it trained (then this
+  # score too falls short of the training accuracy).
   seen) "$PYTHON" -c 'import sys; lines = open(sys.argv[1]).readlines(); n = int(sys.argv[2]); step = max(1, len(lines) // n)
 sys.stdout.writelines(lines[::step][:n])' "$WORK/train.jsonl" "${SEEN_PROMPTS:-72}" > "$WORK/seen.jsonl"
-    phase seen "${RUN_LIMIT:-300}" "$PYTHON" eval.py --draft "$WORK/family/eagle3/draft" --out "$WORK/seen_eagle3.json" \
-      --no-progress --no-greedy-check "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "data.heldout_path=$WORK/seen.jsonl" \
-      "eval.num_prompts=${SEEN_PROMPTS:-72}" "eval.draft_tokens=[3,7]" ;;
+    for fam in ${SEEN_FAMILIES:-eagle3}; do
+      ks=$("$PYTHON" -c 'import json, sys; print("[" + ",".join(str(r["k"]) for r in json.load(open(sys.argv[1]))["results"]) + "]")' \
+        "$WORK/family/${fam}_eval.json") || { echo "seen: $fam has no held-out score ($WORK/family/${fam}_eval.json)"; continue; }
+      phase "seen_$fam" "${RUN_LIMIT:-300}" "$PYTHON" eval.py --draft "$WORK/family/$fam/draft" --out "$WORK/seen_$fam.json" \
+        --no-progress --no-greedy-check "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "data.heldout_path=$WORK/seen.jsonl" \
+        "eval.num_prompts=${SEEN_PROMPTS:-72}" "eval.draft_tokens=$ks"
+    done ;;
   report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
   # Everything small (logs, JSON, metrics, the data) into one archive, for a device call's $OUT.
   pack) tar czf "${PACK_TO:-$WORK/results.tar.gz}" -C "$WORK" --exclude=checkpoints --exclude='*.safetensors' \

@@ -39,17 +39,16 @@ def family_rows(work: str) -> list[str]:
 
 
 def seen_rows(work: str) -> list[str]:
-    """EAGLE-3 on its own training conversations (the `seen` phase) beside its held-out score."""
-    seen = _load(os.path.join(work, "seen_eagle3.json"))
-    held = {r["k"]: r for r in (_load(os.path.join(work, "family", "eagle3_eval.json")) or {}).get("results", [])}
-    if not seen:
-        return []
-    out = ["| prompts | k | tau | acceptance per position | held-out tau |", "|---|---|---|---|---|"]
-    for r in seen.get("results", []):
-        rates = " ".join(f"{a:.2f}" for a in r["accept_rates"])
-        other = f"{held[r['k']]['tau']:.3f}" if r["k"] in held else "-"
-        out.append(f"| training | {r['k']} | **{r['tau']:.3f}** | {rates} | {other} |")
-    return out
+    """Each family's draft on its own training conversations (the `seen` phase) beside its held-out score."""
+    out = ["| draft | k | tau on training prompts | acceptance per position | held-out tau |", "|---|---|---|---|---|"]
+    for name in FAMILIES:
+        seen = _load(os.path.join(work, f"seen_{name}.json"))
+        held = {r["k"]: r for r in (_load(os.path.join(work, "family", f"{name}_eval.json")) or {}).get("results", [])}
+        for r in (seen or {}).get("results", []):
+            rates = " ".join(f"{a:.2f}" for a in r["accept_rates"])
+            other = f"{held[r['k']]['tau']:.3f}" if r["k"] in held else "-"
+            out.append(f"| {name} | {r['k']} | **{r['tau']:.3f}** | {rates} | {other} |")
+    return out if len(out) > 2 else []
 
 
 def training_rows(work: str) -> list[str]:
@@ -152,7 +151,7 @@ def data_line(work: str) -> list[str]:
 def main(work: str) -> None:
     for title, rows in (("Data", data_line(work)), ("Same wall-clock, held-out real prompts", family_rows(work)),
                         ("Per category", category_rows(work)),
-                        ("EAGLE-3 on its training prompts (seen) vs held-out", seen_rows(work)),
+                        ("Drafts on their training prompts (seen) vs held-out", seen_rows(work)),
                         ("Training speed", training_rows(work)), ("tau against steps (EAGLE-3)", curve_rows(work)),
                         ("Regeneration against the batch", sweep_rows(work))):
         if rows:
