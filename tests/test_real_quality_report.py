@@ -30,3 +30,15 @@ def test_sweep_rows_sum_processes_over_the_longest(tmp_path):
 
 def test_sweep_rows_without_a_log(tmp_path):
     assert _report().sweep_rows(str(tmp_path)) == []
+
+
+def test_seen_rows_put_each_familys_training_prompt_score_beside_its_held_out_one(tmp_path):
+    import json
+
+    (tmp_path / "family").mkdir()
+    result = {"k": 15, "tau": 1.6, "accept_rates": [0.5, 0.25]}
+    (tmp_path / "seen_dflash.json").write_text(json.dumps({"results": [result]}))
+    (tmp_path / "family" / "dflash_eval.json").write_text(json.dumps({"results": [{**result, "tau": 1.433}]}))
+    (tmp_path / "seen_eagle3.json").write_text(json.dumps({"results": [{**result, "k": 7}]}))  # no held-out score
+    rows = _report().seen_rows(str(tmp_path))
+    assert rows[2:] == ["| eagle3 | 7 | **1.600** | 0.50 0.25 | - |", "| dflash | 15 | **1.600** | 0.50 0.25 | 1.433 |"]
