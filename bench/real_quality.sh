@@ -22,6 +22,7 @@
 #           every CKPT_EVERY steps), CURVE_PROMPTS held-out prompts each; CURVE_RUN=1 instead trains
 #           EAGLE-3 again for CURVE_STEPS with online evaluation every CURVE_EVERY steps
 #   seen    SEEN_FAMILIES' drafts (default eagle3) scored on SEEN_PROMPTS of their training conversations
+#   fp32    the eagle3 draft scored with the target in float32: the output must equal greedy decoding
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
 # Knobs (environment): WORK, SELF_INSTRUCT, SEEDED (seeded self-instruct questions), ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
 # CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, SWEEP_PROCS, REGEN_PROCS (processes sharing the GPU for the answers), RUN_LIMIT (seconds for each launch or eval inside a phase), MATCH, CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
@@ -148,6 +149,10 @@ sys.stdout.writelines(lines[::step][:n])' "$WORK/train.jsonl" "${SEEN_PROMPTS:-7
         --no-progress --no-greedy-check "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "data.heldout_path=$WORK/seen.jsonl" \
         "eval.num_prompts=${SEEN_PROMPTS:-72}" "eval.draft_tokens=$ks"
     done ;;
+  # The eagle3 draft scored again with the target in float32 (bf16 verification of k+1 tokens and a
+  # one-token greedy step can break a near-tie differently; in fp32 the output must equal greedy).
+  fp32) phase fp32 "${RUN_LIMIT:-300}" "$PYTHON" eval.py --draft "$WORK/family/eagle3/draft" --out "$WORK/fp32_eagle3.json" \
+      --no-progress "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" target.dtype=float32 "eval.draft_tokens=[3,7]" ;;
   report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
   # Everything small (logs, JSON, metrics, the data) into one archive, for a device call's $OUT.
   pack) tar czf "${PACK_TO:-$WORK/results.tar.gz}" -C "$WORK" --exclude=checkpoints --exclude='*.safetensors' \

@@ -51,6 +51,16 @@ def seen_rows(work: str) -> list[str]:
     return out if len(out) > 2 else []
 
 
+def fp32_rows(work: str) -> list[str]:
+    """The `fp32` phase: EAGLE-3 with the target in float32, and whether its output equals greedy."""
+    ev = _load(os.path.join(work, "fp32_eagle3.json"))
+    out = ["| draft | target dtype | k | tau | matches greedy | prompts differing |", "|---|---|---|---|---|---|"]
+    for r in (ev or {}).get("results", []):
+        out.append(f"| eagle3 | {ev.get('dtype')} | {r['k']} | **{r['tau']:.3f}** | {r.get('matches_greedy')} | "
+                   f"{len(r.get('mismatched_prompts') or [])} of {ev.get('num_prompts')} |")
+    return out if len(out) > 2 else []
+
+
 def training_rows(work: str) -> list[str]:
     """Median tokens/s and step time over each run's second half (compiling and warm-up left out)."""
     out = ["| draft | steps | median tokens/s (packed tokens, all trainers) | median step s |", "|---|---|---|---|"]
@@ -152,6 +162,7 @@ def main(work: str) -> None:
     for title, rows in (("Data", data_line(work)), ("Same wall-clock, held-out real prompts", family_rows(work)),
                         ("Per category", category_rows(work)),
                         ("Drafts on their training prompts (seen) vs held-out", seen_rows(work)),
+                        ("EAGLE-3 with the target in float32", fp32_rows(work)),
                         ("Training speed", training_rows(work)), ("tau against steps (EAGLE-3)", curve_rows(work)),
                         ("Regeneration against the batch", sweep_rows(work))):
         if rows:

@@ -42,3 +42,15 @@ def test_seen_rows_put_each_familys_training_prompt_score_beside_its_held_out_on
     (tmp_path / "seen_eagle3.json").write_text(json.dumps({"results": [{**result, "k": 7}]}))  # no held-out score
     rows = _report().seen_rows(str(tmp_path))
     assert rows[2:] == ["| eagle3 | 7 | **1.600** | 0.50 0.25 | - |", "| dflash | 15 | **1.600** | 0.50 0.25 | 1.433 |"]
+
+
+def test_fp32_rows_count_the_prompts_that_differ_from_greedy(tmp_path):
+    import json
+
+    (tmp_path / "fp32_eagle3.json").write_text(json.dumps({"dtype": "float32", "num_prompts": 9, "results": [
+        {"k": 3, "tau": 2.5, "matches_greedy": True, "mismatched_prompts": []},
+        {"k": 7, "tau": 2.75, "matches_greedy": False, "mismatched_prompts": [4]}]}))
+    rows = _report().fp32_rows(str(tmp_path))
+    assert rows[2:] == ["| eagle3 | float32 | 3 | **2.500** | True | 0 of 9 |",
+                        "| eagle3 | float32 | 7 | **2.750** | False | 1 of 9 |"]
+    assert _report().fp32_rows(str(tmp_path / "none")) == []
