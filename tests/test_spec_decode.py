@@ -288,3 +288,18 @@ def test_eval_cli_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--draft", str(draft_dir),
                           "eval.bogus=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "eval.bogus" in bad.stderr
+
+
+def test_drafters_propose_with_cudnn_attention_off(target, prompts):
+    """Drafting runs under the decode step's sdpa backends: a masked attention whose key width grows
+    each round must not take cuDNN, whose per-shape graph setup would run on every draft forward."""
+    class Recording(EagleDrafter):
+        def propose(self, *args):
+            flags.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()))
+            return super().propose(*args)
+
+    flags: list[tuple[bool, bool]] = []
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the process default, restored after decoding
+    result = speculative_decode(target, Recording(build_draft(target)), prompts, 3, 6, check_greedy=True)
+    assert flags and set(flags) == {(False, True)}
+    assert result.matches_greedy and torch.backends.cuda.cudnn_sdp_enabled()

@@ -27,8 +27,9 @@ log = logging.getLogger("specdraft.eval")
 # Every sdpa backend but cuDNN's. For masked bf16 attention on Hopper torch picks cuDNN, whose graph setup
 # is keyed on exact shapes while a decode step's key width grows by one each step: ~1.3 ms of CPU on every
 # layer call, 47 ms of a 62 ms Qwen3-8B step at 64 rows (profiled on the H200, 2026-11-29,
-# bench/decode_step.py). The memory-efficient kernel serves masks with no per-shape setup.
-_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# bench/decode_step.py). The memory-efficient kernel serves masks with no per-shape setup. Speculative
+# decoding runs the drafters under it too (lib/eval/spec_decode.py).
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     (repeat_kv's order), so they fold into the query axis instead and one masked kernel reads the cache once."""
     b, heads, s, d = q.shape
     kv_heads = k.shape[1]
-    with sdpa_kernel(_DECODE_BACKENDS):
+    with sdpa_kernel(DECODE_BACKENDS):
         out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads * s, d), k, v, attn_mask=mask,
                                              scale=scale)
     return out.reshape(b, heads, s, d)
