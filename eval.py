@@ -278,7 +278,7 @@ def main(argv: list[str]) -> int:
 
     from lib.data.datasets import load_heldout_prompts
     from lib.drafts.base import get_strategy
-    from lib.eval.spec_decode import TargetRunner, speculative_decode
+    from lib.eval.spec_decode import NEAR_TIE, TargetRunner, speculative_decode
     from lib.eval.target import stop_token_ids
 
     model = load_target(cfg, device)
@@ -314,8 +314,13 @@ def main(argv: list[str]) -> int:
         if categories is not None:
             rows[-1]["per_category"] = categories
         if result.matches_greedy is False:
-            print(f"warning: k={k}: prompts {result.mismatched_prompts} differ from plain greedy decoding "
-                  f"(numerical near-ties in {runner.dtype}; exact in fp32)", file=sys.stderr)
+            widest = max(result.greedy_margins.values(), default=0.0)
+            why = (f"near-ties: the two tokens' logits differ by at most {widest:.3f} where they part, rounding "
+                   f"in {runner.dtype} (target.dtype=float32 decodes exactly)" if widest < NEAR_TIE else
+                   f"NOT near-ties: the target's logits differ by up to {widest:.3f} where they part (over "
+                   f"{NEAR_TIE:g}); the speculative path computed something greedy decoding does not: a bug")
+            print(f"warning: k={k}: prompts {result.mismatched_prompts} differ from plain greedy decoding; {why}",
+                  file=sys.stderr)
     print(format_table(rows))
     if "per_category" in rows[0]:
         print("\nper category (same decoding; the categories' counts add up to the (all) row):")

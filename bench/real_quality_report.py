@@ -33,8 +33,11 @@ def family_rows(work: str) -> list[str]:
         run = (_load(os.path.join(work, "family", f"family_ab_{name}.json")) or {}).get(name) or {}
         for r in (ev or {}).get("results", []):
             rates = " ".join(f"{a:.2f}" for a in r["accept_rates"])
+            greedy = str(r.get("matches_greedy"))
+            if r.get("max_greedy_margin") is not None:  # where outputs parted from greedy: the widest logit gap
+                greedy += f" (margin <= {r['max_greedy_margin']:.2f})"
             out.append(f"| {name} | {run.get('steps', '?')} | {run.get('train_s', 0):.0f} | {r['k']} | "
-                       f"**{r['tau']:.3f}** | {rates} | {r.get('matches_greedy')} |")
+                       f"**{r['tau']:.3f}** | {rates} | {greedy} |")
     return out if len(out) > 2 else []
 
 

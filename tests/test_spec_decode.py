@@ -303,3 +303,23 @@ def test_drafters_propose_with_cudnn_attention_off(target, prompts):
     result = speculative_decode(target, Recording(build_draft(target)), prompts, 3, 6, check_greedy=True)
     assert flags and set(flags) == {(False, True)}
     assert result.matches_greedy and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_a_difference_from_greedy_is_measured_by_the_targets_logit_margin(target, prompts):
+    """divergence_margins: at the first token where an output leaves greedy decoding, the target's own
+    logits (transformers' forward) of greedy's token minus the output's; a prefix-only difference (an
+    earlier stop) has no token pair; equal outputs have no entry."""
+    from lib.eval.spec_decode import as_target_runner, divergence_margins
+
+    greedy = greedy_decode(target, prompts, 6)
+    outputs = [list(g) for g in greedy]
+    outputs[0][2] = (greedy[0][2] + 1) % VOCAB  # leaves greedy at token 2
+    outputs[3] = greedy[3][:4]  # stops early: no token pair
+    margins = divergence_margins(as_target_runner(target), prompts, outputs, greedy)
+    assert set(margins) == {0}
+    with torch.no_grad():
+        logits = target(torch.tensor([prompts[0] + greedy[0][:2]])).logits[0, -1]
+    expected = float(logits[greedy[0][2]] - logits[outputs[0][2]])
+    assert expected > 0 and margins[0] == pytest.approx(expected, abs=1e-4)
+    # A real decode of a fitting draft equals greedy in fp32: no margins at all.
+    assert speculative_decode(target, as_drafter(build_draft(target)), prompts, 3, 6).greedy_margins == {}

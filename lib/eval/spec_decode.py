@@ -19,7 +19,7 @@ Finished rows leave the batch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Sequence
 
 import torch
@@ -181,6 +181,9 @@ class SpecDecodeResult:
     spec_s: float
     greedy_s: Optional[float]
     draft_forwards: Optional[int] = None  # draft forwards per round (None: k, one per token of a chain)
+    # Per prompt that differs from greedy: the target's logit margin between the two tokens at the first
+    # difference (divergence_margins); a near-tie is below NEAR_TIE.
+    greedy_margins: dict[int, float] = field(default_factory=dict)
 
     @property
     def tau(self) -> float:
@@ -229,10 +232,37 @@ class SpecDecodeResult:
                 "speedup_params": self.speedup_params, "draft_forwards": self.draft_forwards or self.k,
                 "speedup_measured": self.speedup_measured,
                 "wall_speedup": self.wall_speedup, "matches_greedy": self.matches_greedy,
-                "mismatched_prompts": self.mismatched_prompts, "verify_rows": self.stats.verify_rows,
+                "mismatched_prompts": self.mismatched_prompts, "greedy_margins": self.greedy_margins,
+                "max_greedy_margin": max(self.greedy_margins.values(), default=None),
+                "verify_rows": self.stats.verify_rows,
                 "rounds": self.stats.rounds, "tokens": sum(len(o) for o in self.outputs),
                 "spec_s": self.spec_s, "greedy_s": self.greedy_s, "draft_s": self.stats.draft_s,
                 "verify_s": self.stats.verify_s}
+
+
+# Logits (float32, from a bf16 or fp32 forward) closer than this are a near-tie: a k+1-token verify and a
+# one-token greedy step round differently and may pick either token. A wider margin at a difference is
+# no rounding: the speculative output left greedy decoding for a reason to look for.
+NEAR_TIE = 1.0
+
+
+def divergence_margins(target: TargetRunner, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+                       greedy: Sequence[Sequence[int]]) -> dict[int, float]:
+    """For each prompt whose output differs from its greedy output: logit(greedy's token) - logit(the
+    output's token) at the first difference, from one plain forward over the prompt and the common prefix.
+    A difference where one output merely stops earlier has no token pair and is left out."""
+    margins = {}
+    for i, (prompt, out, ref) in enumerate(zip(prompts, outputs, greedy)):
+        at = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+        if at is None:
+            continue
+        ids = torch.tensor([list(prompt) + list(ref[:at])], dtype=torch.long, device=target.device)
+        width = ids.shape[1]
+        logits, _ = target.last_logits(ids, torch.arange(width, device=target.device)[None],
+                                       visible_keys(torch.ones(1, width, dtype=torch.bool, device=target.device),
+                                                    width), None)
+        margins[i] = float(logits[0, ref[at]] - logits[0, out[at]])
+    return margins
 
 
 def speculative_decode(target: Any, draft: Optional[Drafter], prompts: Sequence[Sequence[int]], k: int,
@@ -279,8 +309,9 @@ def speculative_decode(target: Any, draft: Optional[Drafter], prompts: Sequence[
             greedy, _, greedy_s = _run(runner, None, checked, 0, max_new_tokens, stop_ids, batch_size, "greedy", progress)
     outputs, stats, spec_s = _run(runner, drafter, checked, k, max_new_tokens, stop_ids, batch_size,
                                   f"speculative k={k}", progress)
+    margins = divergence_margins(runner, checked, outputs, greedy) if greedy is not None and forced is None else {}
     return SpecDecodeResult(k, outputs, greedy, stats, draft_params, runner.cost_parameters(), spec_s, greedy_s,
-                            forwards)
+                            forwards, margins)
 
 
 def evaluate_online(target: Any, draft: Drafter, prompts: Sequence[Any], draft_tokens: Sequence[int],
