@@ -74,12 +74,11 @@ def test_sigkill_of_one_rank_ends_the_job_with_its_role_named(tmp_path, victim_r
 SHUTDOWN_S = 30
 
 
-@pytest.mark.parametrize("victim_role", ["engine", "trainer"])
-def test_a_stalled_peer_is_named_within_the_loop_timeout_and_nothing_is_left(tmp_path, victim_role):
-    """SIGSTOP: alive but silent. Its partner's handoff gives up after run.loop_timeout_s naming it."""
+def _stall(tmp_path, victim_role: str, loop_timeout: int) -> dict:
+    """Launch a job, SIGSTOP one rank of victim_role once it trains, and wait for the job to end."""
     from tests.helpers import launch
 
-    run_dir, loop_timeout = str(tmp_path / "run"), 8
+    run_dir = str(tmp_path / f"run-{victim_role}")
     proc = launch([f"run.dir={run_dir}", "train.max_steps=100000", "engine.token_budget=256", "data.max_length=256",
                    "eval.every=0", f"run.loop_timeout_s={loop_timeout}", "run.save_timeout_s=5"])
     try:
@@ -92,15 +91,40 @@ def test_a_stalled_peer_is_named_within_the_loop_timeout_and_nothing_is_left(tmp
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode not in (0, 75), out[-3000:]
+    return {"returncode": proc.returncode, "out": out, "elapsed": elapsed, "ranks": ranks, "victim": victim}
+
+
+STALL_LOOP_TIMEOUT_S = 8
+
+
+@pytest.fixture(scope="module")
+def stalled(tmp_path_factory):
+    """Both stalls (an engine, a trainer) as two independent jobs side by side: after the SIGSTOP each job
+    only waits (the loop timeout, then torchrun's 30 s grace), so running them together halves the time
+    without loading either; each job's times are its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp_path = tmp_path_factory.mktemp("stall")
+    roles = ("engine", "trainer")
+    with ThreadPoolExecutor(len(roles)) as pool:
+        done = [pool.submit(_stall, tmp_path, role, STALL_LOOP_TIMEOUT_S) for role in roles]
+        return {role: job.result() for role, job in zip(roles, done)}
+
+
+@pytest.mark.parametrize("victim_role", ["engine", "trainer"])
+def test_a_stalled_peer_is_named_within_the_loop_timeout_and_nothing_is_left(stalled, victim_role):
+    """SIGSTOP: alive but silent. Its partner's handoff gives up after run.loop_timeout_s naming it."""
+    job, loop_timeout = stalled[victim_role], STALL_LOOP_TIMEOUT_S
+    out, victim, elapsed = job["out"], job["victim"], job["elapsed"]
+    assert job["returncode"] not in (0, 75), out[-3000:]
     # The partner's error (from its error file) names the silent rank, its role and its host.
     assert f"{victim_role} rank {victim['rank']} on host {victim['host']} sent nothing within {loop_timeout} s" in out, \
         out[-3000:]
     assert "launch.sh: root cause: rank" in out, out[-3000:]
     assert elapsed < loop_timeout + SHUTDOWN_S + 20, f"{elapsed:.0f}s from the stall to the exit"
     time.sleep(1)
-    assert not [r["pid"] for r in ranks if _alive(r["pid"])]
-    print(f"stalled {victim_role}: exit {proc.returncode} after {elapsed:.1f}s (loop timeout {loop_timeout}s)")
+    assert not [r["pid"] for r in job["ranks"] if _alive(r["pid"])]
+    print(f"stalled {victim_role}: exit {job['returncode']} after {elapsed:.1f}s (loop timeout {loop_timeout}s)")
 
 
 def test_non_finite_gradients_skip_on_all_trainers_and_too_many_stop_the_run(tmp_path):
