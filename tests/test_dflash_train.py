@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cpu_env, launch, metric_rows
+from tests.helpers import REPO, cpu_env, launch, metric_rows, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +59,10 @@ def test_dflash_dpace_resume_continues_exactly_like_an_uninterrupted_run(tmp_pat
     losses = {}
     for name, runs in (("whole", [[]]), ("split", [["run.stop_after_steps=4"], ["checkpoint.resume=true"]])):
         run_dir = str(tmp_path / name)
-        for extra in runs:
-            proc = launch([*base, f"run.dir={run_dir}", *extra])
-            out, _ = proc.communicate(timeout=240)
-            assert proc.returncode == 0, out[-3000:]
+        for extra in runs:  # bare torchrun: launch.sh's own path is the test above's (saves its ~3 s a launch)
+            res = torchrun(2, [*base, f"run.dir={run_dir}", *extra], timeout=240)
+            out = res.stdout + res.stderr
+            assert res.returncode == 0, out[-3000:]
             assert "loss weights dpace (alpha 0.5)" in out, out[-3000:]
         losses[name] = {r["step"]: r["loss"] for r in metric_rows(run_dir)}
     assert sorted(losses["split"]) == list(range(1, 9))

@@ -5,7 +5,9 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -41,9 +43,9 @@ def _wait_for_training(run_dir: str, proc: subprocess.Popen, deadline_s: float) 
     pytest.fail("no training step within the deadline")
 
 
-@pytest.mark.parametrize("victim_role", ["engine", "trainer"])
-def test_sigkill_of_one_rank_ends_the_job_with_its_role_named(tmp_path, victim_role):
-    run_dir = str(tmp_path / "run")
+def _sigkill(tmp_path, victim_role: str) -> dict:
+    """Launch a job, SIGKILL one rank of victim_role once it trains, and wait for the job to end."""
+    run_dir = str(tmp_path / f"kill-{victim_role}")
     cmd = ["bash", os.path.join(REPO, "launch.sh"), f"run.dir={run_dir}", "train.max_steps=100000",
            "engine.token_budget=512", "data.max_length=512", f"run.loop_timeout_s={LOOP_TIMEOUT_S}",
            "train.log_every=1000"]
@@ -61,25 +63,21 @@ def test_sigkill_of_one_rank_ends_the_job_with_its_role_named(tmp_path, victim_r
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0, out
-    assert elapsed < 60, f"job took {elapsed:.0f}s to end after the kill"
-    assert f"rank {victim['rank']}" in out and victim_role in out, out[-3000:]
-    time.sleep(1)
-    survivors = [r["pid"] for r in ranks if _alive(r["pid"])]
-    assert not survivors, f"processes left running: {survivors}"
+    return {"returncode": proc.returncode, "out": out, "elapsed": elapsed, "ranks": ranks, "victim": victim}
 
 
 # After a rank fails torchrun SIGTERMs the others and SIGKILLs, 30 s later, one that did not exit: a
 # stopped (or hung) process cannot act on SIGTERM (torch 2.13's fixed grace on this path).
 SHUTDOWN_S = 30
+STALL_LOOP_TIMEOUT_S = 8
 
 
-@pytest.mark.parametrize("victim_role", ["engine", "trainer"])
-def test_a_stalled_peer_is_named_within_the_loop_timeout_and_nothing_is_left(tmp_path, victim_role):
-    """SIGSTOP: alive but silent. Its partner's handoff gives up after run.loop_timeout_s naming it."""
+def _stall(tmp_path, victim_role: str, stopped: threading.Event) -> dict:
+    """Launch a job, SIGSTOP one rank of victim_role once it trains (then set `stopped`), and wait for the
+    job to end."""
     from tests.helpers import launch
 
-    run_dir, loop_timeout = str(tmp_path / "run"), 8
+    run_dir, loop_timeout = str(tmp_path / f"stall-{victim_role}"), STALL_LOOP_TIMEOUT_S
     proc = launch([f"run.dir={run_dir}", "train.max_steps=100000", "engine.token_budget=256", "data.max_length=256",
                    "eval.every=0", f"run.loop_timeout_s={loop_timeout}", "run.save_timeout_s=5"])
     try:
@@ -87,20 +85,79 @@ def test_a_stalled_peer_is_named_within_the_loop_timeout_and_nothing_is_left(tmp
         victim = next(r for r in ranks if r["role"] == victim_role)
         os.kill(victim["pid"], signal.SIGSTOP)
         stopped_at = time.time()
+        stopped.set()
         out, _ = proc.communicate(timeout=loop_timeout + SHUTDOWN_S + 40)
         elapsed = time.time() - stopped_at
     finally:
+        stopped.set()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode not in (0, 75), out[-3000:]
+    return {"returncode": proc.returncode, "out": out, "elapsed": elapsed, "ranks": ranks, "victim": victim}
+
+
+ROLES = ("engine", "trainer")
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """The four killed/stalled jobs of this module, each an independent launch with its own run dir.
+
+    After its SIGSTOP a stall job only waits (the loop timeout, then torchrun's 30 s grace), so the two
+    stall jobs run side by side, and the two SIGKILL jobs run one after the other inside that wait. Each
+    job's times are measured on its own. A job that failed is kept as its exception, raised by its test."""
+    tmp_path = tmp_path_factory.mktemp("jobs")
+    out = {}
+    with ThreadPoolExecutor(len(ROLES)) as pool:
+        stopped = {role: threading.Event() for role in ROLES}
+        stalls = {role: pool.submit(_stall, tmp_path, role, stopped[role]) for role in ROLES}
+        for role in ROLES:
+            stopped[role].wait(300)
+        for role in ROLES:
+            try:
+                out["sigkill", role] = _sigkill(tmp_path, role)
+            except BaseException as e:  # noqa: BLE001 - pytest.fail is a BaseException
+                out["sigkill", role] = e
+        for role in ROLES:
+            try:
+                out["stall", role] = stalls[role].result()
+            except BaseException as e:  # noqa: BLE001
+                out["stall", role] = e
+    return out
+
+
+def _job(jobs, kind: str, role: str) -> dict:
+    job = jobs[kind, role]
+    if isinstance(job, BaseException):
+        raise job
+    return job
+
+
+@pytest.mark.parametrize("victim_role", ROLES)
+def test_sigkill_of_one_rank_ends_the_job_with_its_role_named(jobs, victim_role):
+    job = _job(jobs, "sigkill", victim_role)
+    out, victim, elapsed = job["out"], job["victim"], job["elapsed"]
+    assert job["returncode"] != 0, out
+    assert elapsed < 60, f"job took {elapsed:.0f}s to end after the kill"
+    assert f"rank {victim['rank']}" in out and victim_role in out, out[-3000:]
+    time.sleep(1)
+    survivors = [r["pid"] for r in job["ranks"] if _alive(r["pid"])]
+    assert not survivors, f"processes left running: {survivors}"
+
+
+@pytest.mark.parametrize("victim_role", ROLES)
+def test_a_stalled_peer_is_named_within_the_loop_timeout_and_nothing_is_left(jobs, victim_role):
+    """SIGSTOP: alive but silent. Its partner's handoff gives up after run.loop_timeout_s naming it."""
+    job, loop_timeout = _job(jobs, "stall", victim_role), STALL_LOOP_TIMEOUT_S
+    out, victim, elapsed = job["out"], job["victim"], job["elapsed"]
+    assert job["returncode"] not in (0, 75), out[-3000:]
     # The partner's error (from its error file) names the silent rank, its role and its host.
     assert f"{victim_role} rank {victim['rank']} on host {victim['host']} sent nothing within {loop_timeout} s" in out, \
         out[-3000:]
     assert "launch.sh: root cause: rank" in out, out[-3000:]
     assert elapsed < loop_timeout + SHUTDOWN_S + 20, f"{elapsed:.0f}s from the stall to the exit"
     time.sleep(1)
-    assert not [r["pid"] for r in ranks if _alive(r["pid"])]
-    print(f"stalled {victim_role}: exit {proc.returncode} after {elapsed:.1f}s (loop timeout {loop_timeout}s)")
+    assert not [r["pid"] for r in job["ranks"] if _alive(r["pid"])]
+    print(f"stalled {victim_role}: exit {job['returncode']} after {elapsed:.1f}s (loop timeout {loop_timeout}s)")
 
 
 def test_non_finite_gradients_skip_on_all_trainers_and_too_many_stop_the_run(tmp_path):

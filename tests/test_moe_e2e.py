@@ -1,7 +1,7 @@
 """MoE targets end to end on CPU: real torchrun runs of train.py with the tiny MoE targets of conf/target.
 
-Colocated and sequential runs of the tiny Qwen3-MoE target train the same draft; engine.tp=2 trains
-like engine.tp=1 (the engines shard every expert); the tiny gpt-oss target (sinks, sliding windows,
+Colocated and sequential runs of the tiny Qwen3-MoE target (2 pairs each) train the same draft; engine.tp=2
+trains like engine.tp=1 (the engines shard every expert); the tiny gpt-oss target (sinks, sliding windows,
 untruncated YaRN rope) trains colocated and exports a draft whose config carries that rope.
 """
 from __future__ import annotations
@@ -28,19 +28,24 @@ def train(tmp_path, name: str, nproc: int, *overrides: str) -> list[dict]:
     return metric_rows(run_dir)
 
 
-def test_tiny_moe_trains_the_same_colocated_and_sequential(tmp_path):
-    runs = {p: train(tmp_path, p, n, "target=tiny_moe", f"placement={p}", "train.max_steps=3")
-            for p, n in (("sequential", 1), ("colocate", 2))}
-    assert len(runs["sequential"]) == 3
-    for a, b in zip(runs["colocate"], runs["sequential"]):
+@pytest.fixture(scope="module")
+def tp1(tmp_path_factory):
+    """Two colocated pairs (4 ranks) of the tiny MoE target with engine.tp=1: the reference of both tests
+    below (engine.tp=2 must match it, and so must sequential with 2 shards, i.e. the same 2 pairs)."""
+    return train(tmp_path_factory.mktemp("moe"), "tp1", 4, "target=tiny_moe", "engine.tp=1", "train.max_steps=2")
+
+
+def test_tiny_moe_trains_the_same_colocated_and_sequential(tmp_path, tp1):
+    sequential = train(tmp_path, "sequential", 2, "target=tiny_moe", "placement=sequential", "train.max_steps=2")
+    assert len(tp1) == 2 and len(sequential) == 2
+    for a, b in zip(tp1, sequential):
         assert math.isfinite(a["loss"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
 
 
-def test_tiny_moe_engine_tp2_trains_like_tp1(tmp_path):
-    losses = {tp: [r["loss"] for r in train(tmp_path, f"tp{tp}", 4, "target=tiny_moe", f"engine.tp={tp}",
-                                            "train.max_steps=2")]
-              for tp in (1, 2)}
+def test_tiny_moe_engine_tp2_trains_like_tp1(tmp_path, tp1):
+    losses = {1: [r["loss"] for r in tp1],
+              2: [r["loss"] for r in train(tmp_path, "tp2", 4, "target=tiny_moe", "engine.tp=2", "train.max_steps=2")]}
     assert len(losses[1]) == 2
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
 

@@ -11,26 +11,36 @@ from tests.helpers import torchrun
 
 pytestmark = pytest.mark.integration
 
-STEPS = 3
-SMALL = [f"train.max_steps={STEPS}", "engine.token_budget=384", "data.max_length=384", "eval.every=0",
-         "train.log_every=1"]
+STEPS = 4
+# Online evaluation every 2 steps rides along in every run (it does not touch training: the placements
+# must still train the same draft), so the evaluation test needs no launches of its own.
+SMALL = [f"train.max_steps={STEPS}", "engine.token_budget=384", "data.max_length=384", "eval.every=2",
+         "eval.num_prompts=4", "eval.max_new_tokens=16", "train.log_every=1"]
+
+
+def _rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _losses(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in _rows(run_dir) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def run_dirs(tmp_path_factory):
     out = {}
     for placement, nproc in (("sequential", 1), ("colocate", 2), ("disaggregate", 2)):
         run_dir = str(tmp_path_factory.mktemp(placement))
         res = torchrun(nproc, [f"placement={placement}", f"run.dir={run_dir}", *SMALL], timeout=400)
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-        out[placement] = _losses(run_dir)
+        out[placement] = run_dir
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(run_dirs):
+    return {placement: _losses(run_dir) for placement, run_dir in run_dirs.items()}
 
 
 def test_all_placements_train_the_same_draft(runs):
@@ -53,22 +63,17 @@ def test_loss_moves_and_metrics_are_complete(runs):
     assert keys <= rows[0].keys()
 
 
-@pytest.mark.parametrize("placement, nproc", [("colocate", 2), ("sequential", 1)])
-def test_online_evaluation_rows_before_during_and_after_training(tmp_path, placement, nproc):
+@pytest.mark.parametrize("placement", ["colocate", "sequential", "disaggregate"])
+def test_online_evaluation_rows_before_during_and_after_training(run_dirs, placement):
     """The trainer pushes weights to its engine (or evaluates in-process when sequential); the
     acceptance-length rows land in metrics.jsonl, starting from the untrained draft."""
-    res = torchrun(nproc, [f"placement={placement}", f"run.dir={tmp_path}", "train.max_steps=4", "eval.every=2",
-                           "eval.num_prompts=4", "eval.max_new_tokens=16", "engine.token_budget=384",
-                           "data.max_length=384"], timeout=400)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    evals = [r for r in rows if "accept_len" in r]
+    run_dir = run_dirs[placement]
+    evals = [r for r in _rows(run_dir) if "accept_len" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     for r in evals:
         assert 1.0 <= r["accept_len"] <= 4.0  # k=3: at most 3 accepted + the bonus token
         assert r["accept_len_k3"] == r["accept_len"] and "accept_rate_0" in r
-    assert os.path.isfile(os.path.join(tmp_path, "accept_len.png"))
+    assert os.path.isfile(os.path.join(run_dir, "accept_len.png"))
 
 
 def test_engine_tensor_parallel_trains_like_tp1(tmp_path):

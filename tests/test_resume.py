@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
 from lib.data.packing import epoch_order
+from lib.trainer.checkpoint import latest_checkpoint
 from lib.trainer.loop import lr_lambda
 from tests.helpers import REPO, cpu_env, torchrun
 
@@ -25,17 +27,31 @@ def _rows(run_dir):
         return [r for r in (json.loads(x) for x in f if x.strip()) if "loss" in r]
 
 
-def test_restart_continues_exactly(tmp_path):
-    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+@pytest.fixture(scope="module")
+def restart(tmp_path_factory):
+    """One uninterrupted run of 6 steps, and the same run stopped after 3 and resumed. The stopped run is
+    started with checkpoint.resume=true into a fresh dir (as an auto-resubmitted job is), so its first
+    launch is also the resume-without-checkpoint case. The uninterrupted run is also the used run dir of
+    the refusal test (copied there)."""
+    tmp = tmp_path_factory.mktemp("restart")
+    full, split = str(tmp / "full"), str(tmp / "split")
     res = torchrun(2, [*BASE, f"run.dir={full}"])
     assert res.returncode == 0, res.stdout[-3000:]
-    res = torchrun(2, [*BASE, f"run.dir={split}", "run.stop_after_steps=3"])
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert os.path.isfile(os.path.join(split, "checkpoints", "step-3", "meta.json"))
-    assert [r["step"] for r in _rows(split)] == [1, 2, 3]
-    res = torchrun(2, [*BASE, f"run.dir={split}", "checkpoint.resume=true"])
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert "resumed from" in res.stdout
+    first = torchrun(2, [*BASE, f"run.dir={split}", "run.stop_after_steps=3", "checkpoint.resume=true"])
+    assert first.returncode == 0, first.stdout[-3000:]
+    first_rows = _rows(split)
+    checkpoint_after_first = os.path.isfile(os.path.join(split, "checkpoints", "step-3", "meta.json"))
+    resumed = torchrun(2, [*BASE, f"run.dir={split}", "checkpoint.resume=true"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    return {"full": full, "split": split, "first": first, "first_rows": first_rows,
+            "checkpoint_after_first": checkpoint_after_first, "resumed": resumed}
+
+
+def test_restart_continues_exactly(restart):
+    full, split = restart["full"], restart["split"]
+    assert restart["checkpoint_after_first"]
+    assert [r["step"] for r in restart["first_rows"]] == [1, 2, 3]
+    assert "resumed from" in restart["resumed"].stdout
 
     a, b = _rows(full), _rows(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -51,12 +67,15 @@ def test_restart_continues_exactly(tmp_path):
         assert (wa[name] == wb[name]).all(), name
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    res = torchrun(2, ["train.max_steps=1", "engine.token_budget=256", "data.max_length=256", "eval.every=0",
-                       f"run.dir={tmp_path}", "checkpoint.resume=true"])
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert "no complete checkpoint" in res.stdout
-    assert [r["step"] for r in _rows(str(tmp_path))] == [1]
+def test_resume_without_checkpoint_starts_fresh(restart):
+    first = restart["first"]
+    assert "no complete checkpoint" in first.stdout, first.stdout[-3000:]
+    assert "resumed from" not in first.stdout
+    # Fresh: step 1 is the untrained step 1 of the uninterrupted run.
+    rows, full = restart["first_rows"], _rows(restart["full"])
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == pytest.approx(full[0]["loss"], rel=1e-6)
+    assert rows[0]["samples_seen"] == full[0]["samples_seen"]
 
 
 RESHARD = ["train.max_steps=6", "engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",
@@ -105,12 +124,13 @@ def test_resume_on_another_number_of_pairs(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_lambda(s + 1, 2, 6, 0.1) for s in range(6)], rel=1e-9)
 
 
-def test_a_reused_run_dir_is_refused_before_any_work_and_overwrite_replaces_the_run(tmp_path):
+def test_a_reused_run_dir_is_refused_before_any_work_and_overwrite_replaces_the_run(tmp_path, restart):
     """The issue's scenario: a second launch into a used run dir without checkpoint.resume=true."""
     run = str(tmp_path / "run")
     small = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.warmup_steps=0"]
-    res = torchrun(2, [*small, "train.max_steps=2", "checkpoint.every=1", f"run.dir={run}"])
-    assert res.returncode == 0, res.stdout[-3000:]
+    shutil.copytree(restart["full"], run)  # a finished run (with checkpoints) is the used run dir
+    newest = os.path.basename(latest_checkpoint(run))
+    assert len(os.listdir(os.path.join(run, "checkpoints"))) >= 1
     with open(os.path.join(run, "metrics.jsonl")) as f:
         before = f.read()
 
@@ -118,7 +138,7 @@ def test_a_reused_run_dir_is_refused_before_any_work_and_overwrite_replaces_the_
     done = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "device=cpu", f"run.dir={run}", *small,
                            "train.max_steps=1"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "already holds a run" in done.stderr and "newest checkpoint: checkpoints/step-2" in done.stderr
+    assert "already holds a run" in done.stderr and f"newest checkpoint: checkpoints/{newest}" in done.stderr
     assert "launch.sh: run dir" not in done.stderr  # the line it prints when it starts the ranks
     res = torchrun(2, [*small, "train.max_steps=1", f"run.dir={run}"])
     assert res.returncode != 0 and "config error: run.dir=" in res.stdout, res.stdout[-3000:]

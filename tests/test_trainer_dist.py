@@ -86,10 +86,15 @@ def _run(tmp_path, world: int, batch_seeds, nan_rank: int = -1, recompute: bool 
     return [torch.load(f"{out}-{r}.pt") for r in range(world)]
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The single trainer's step on both batches: the reference of both parametrizations below."""
+    return _run(tmp_path_factory.mktemp("one"), 1, [[10, 11]])[0]
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "two_recompute"])
-def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path, recompute):
+def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path, one, recompute):
     """Also with train.recompute on the two sharded trainers (FSDP2 regathers the weights for the rerun)."""
-    one = _run(tmp_path, 1, [[10, 11]])[0]
     two = _run(tmp_path, 2, [[10], [11]], recompute=recompute)
     assert one["applied"] and all(r["applied"] for r in two)
     assert one["grads"].keys() == two[0]["grads"].keys() and one["grads"]
