@@ -308,22 +308,28 @@ for path in glob.glob(os.path.join(elastic_dir, "*", "attempt_*", "*", "error.js
         msg = json.load(open(path))["message"]
         extra = msg["extraInfo"]
         errors[int(extra["rank"])] = {"message": msg["message"], "role": extra.get("role"), "host": extra.get("host"),
-                                      "exit": extra.get("exit_code"), "time": float(extra.get("time", 0))}
+                                      "exit": extra.get("exit_code"), "time": float(extra.get("time", 0)),
+                                      "ended_pid": extra.get("ended_peer_pid")}
     except (OSError, ValueError, KeyError, TypeError):
         continue
-signalled_root = [r for r, (m, is_root) in failed.items() if is_root and m["sig"] and r not in errors]
-if signalled_root:
-    root = signalled_root[0]
-elif errors:
-    root = min(errors, key=lambda r: errors[r]["time"])
-else:
-    root = next((r for r, (m, is_root) in failed.items() if is_root), None)
 try:
     topo = json.load(open(topo_path))
     records = topo.get("ranks", topo) if isinstance(topo, dict) else topo
     by_rank = {int(r["rank"]): r for r in records}
 except (OSError, ValueError, TypeError, KeyError, AttributeError):
     by_rank = {}
+# A rank that failed on a silent peer SIGKILLs it (lib/handoff/control.py end_silent_peer): torchrun may see
+# that kill first, but the peer's death is the effect; the rank that named it holds the cause.
+ended = {e["ended_pid"]: r for r, e in errors.items() if e.get("ended_pid")}
+ended_by = {rank: ended[rec.get("pid")] for rank, rec in by_rank.items() if rec.get("pid") in ended}
+signalled_root = [r for r, (m, is_root) in failed.items()
+                  if is_root and m["sig"] and r not in errors and r not in ended_by]
+if signalled_root:
+    root = signalled_root[0]
+elif errors:
+    root = min(errors, key=lambda r: errors[r]["time"])
+else:
+    root = next((r for r, (m, is_root) in failed.items() if is_root), None)
 print(f"launch.sh: torchrun exited with {rc}.")
 if root in errors:
     e = errors[root]
@@ -357,7 +363,8 @@ for rank, (m, _) in sorted(failed.items(), key=lambda kv: kv[0] != root):
         exit_desc, host = m["exit"] + (f" ({m['sig']})" if m["sig"] else ""), m["host"]
     else:
         exit_desc, host = str(e["exit"]), e["host"]
-    mark = "  <- root cause (first to fail)" if is_root else ""
+    mark = ("  <- root cause (first to fail)" if is_root else
+            f"  (ended by rank {ended_by[rank]}, which found it silent)" if rank in ended_by else "")
     cause = f"\n      {e['message']}" if e else ""
     print(f"  rank {rank} (local {local}, host {host}): {role}; exit code {exit_desc}{mark}{cause}")
 PY

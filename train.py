@@ -145,8 +145,14 @@ def main(overrides: list[str]) -> int:
             log.error("interrupted")
         else:
             log.error("rank %d (%s) failed: %s\n%s", rank, info.role.value, exc, traceback.format_exc())
-        # torchrun's error file for this rank: launch.sh's summary reads the root cause from it.
-        record_error(exc, rank, info.role.value, 1)
+        from lib.handoff.control import end_silent_peer, silent_peer_pid
+        # torchrun's error file for this rank: launch.sh's summary reads the root cause from it. Written
+        # before the silent peer (if any) is ended: torchrun reacts to that death by signalling this rank.
+        record_error(exc, rank, info.role.value, 1, silent_peer_pid(exc))
+        ended = end_silent_peer(exc)
+        if ended is not None:
+            log.error("ended the silent peer (pid %d): stopped or hung, it cannot act on torchrun's SIGTERM, which "
+                      "would wait 30 s before killing it", ended)
         return 1
     finally:
         destroy(groups)

@@ -6,8 +6,8 @@ CUDA IPC on GPU). placement=sequential needs no handoff: its trainer calls the e
 """
 from __future__ import annotations
 
-from lib.handoff.control import HandoffClosed, PeerError
+from lib.handoff.control import HandoffClosed, PeerError, PeerSilent, end_silent_peer, silent_peer_pid
 from lib.handoff.ring import HandoffMismatch, Receiver, Sender, make_receiver, make_sender
 
-__all__ = ["HandoffClosed", "HandoffMismatch", "PeerError", "Receiver", "Sender",
-           "make_receiver", "make_sender"]
+__all__ = ["HandoffClosed", "HandoffMismatch", "PeerError", "PeerSilent", "Receiver", "Sender", "end_silent_peer",
+           "make_receiver", "make_sender", "silent_peer_pid"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import struct
 import time
+from typing import Optional
 
 # sun_path holds 108 bytes on Linux; keep a margin for the terminating NUL and odd platforms.
 MAX_ADDRESS_BYTES = 100
@@ -26,6 +28,55 @@ class PeerError(RuntimeError):
 
 class HandoffClosed(PeerError):
     """The peer ended the handoff in order (no more steps will come)."""
+
+
+class PeerSilent(PeerError):
+    """The peer is alive (its socket is open) but sent nothing within the timeout: stopped or hung."""
+
+    def __init__(self, message: str, peer_pid: Optional[int]):
+        super().__init__(message)
+        self.peer_pid = peer_pid
+
+
+def silent_peer_pid(exc: BaseException) -> Optional[int]:
+    """The pid of the peer a PeerSilent anywhere in exc's cause chain names (None: no such error, or a
+    platform that does not say)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, PeerSilent):
+            return exc.peer_pid if exc.peer_pid and exc.peer_pid != os.getpid() else None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def end_silent_peer(exc: BaseException) -> Optional[int]:
+    """SIGKILL the peer a fatal PeerSilent names (silent_peer_pid); returns its pid, or None.
+
+    A rank that fails on a silent peer ends the job; torchrun then SIGTERMs every rank, but a stopped or
+    hung process cannot act on SIGTERM, and torchrun waits a fixed 30 s before its SIGKILL. Ending the
+    peer here makes the job end within the loop timeout. Only for a failure that ends this rank: a
+    silence that is caught (waiting for a peer to close at the end of a run) never gets here."""
+    pid = silent_peer_pid(exc)
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def _peer_pid(sock: socket.socket) -> Optional[int]:
+    """The connected process's pid (SO_PEERCRED, Linux); None where the platform does not say."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return pid or None
 
 
 def check_address(address: str) -> None:
@@ -46,6 +97,7 @@ class ControlChannel:
     def __init__(self, sock: socket.socket, peer: str):
         self._sock = sock
         self.peer = peer
+        self.peer_pid = _peer_pid(sock)
         self.closed = False
 
     def send(self, message: dict, blob: bytes = b"", timeout_s: float = 60.0) -> None:
@@ -79,7 +131,8 @@ class ControlChannel:
         while got < n:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PeerError(f"handoff: {self.peer} sent nothing within {timeout_s:g} s while this side waited for {waiting_for}")
+                raise PeerSilent(f"handoff: {self.peer} sent nothing within {timeout_s:g} s while this side waited for "
+                                 f"{waiting_for}", self.peer_pid)
             self._sock.settimeout(remaining)
             try:
                 k = self._sock.recv_into(view[got:])

@@ -70,9 +70,10 @@ def write_stop_record(run_dir: str, step: int, checkpoint: str, signal_name: str
 
 # ---- structured errors: torch.distributed.elastic's error file, with the rank's identity added ----
 
-def record_error(exc: BaseException, rank: int, role: str, exit_code: int) -> None:
+def record_error(exc: BaseException, rank: int, role: str, exit_code: int, ended_peer_pid: Optional[int] = None) -> None:
     """Write `exc` to TORCHELASTIC_ERROR_FILE (torchrun sets it per rank) the way elastic's ErrorHandler
-    does, plus rank, role, host and exit code, which launch.sh's failure summary shows. No-op outside torchrun."""
+    does, plus rank, role, host and exit code, which launch.sh's failure summary shows; ended_peer_pid: a
+    silent peer this rank killed (its SIGKILL is this failure's effect, not a cause). No-op outside torchrun."""
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
     handler = ErrorHandler()
@@ -84,7 +85,7 @@ def record_error(exc: BaseException, rank: int, role: str, exit_code: int) -> No
         with open(path) as f:
             data = json.load(f)
         data["message"]["extraInfo"].update(rank=rank, role=role, host=socket.gethostname(), pid=os.getpid(),
-                                            exit_code=exit_code, time=time.time())
+                                            exit_code=exit_code, time=time.time(), ended_peer_pid=ended_peer_pid)
         with open(path + ".tmp", "w") as f:
             json.dump(data, f)
         os.replace(path + ".tmp", path)
