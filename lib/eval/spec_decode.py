@@ -252,16 +252,16 @@ def divergence_margins(target: TargetRunner, prompts: Sequence[Sequence[int]], o
     output's token) at the first difference, from one plain forward over the prompt and the common prefix.
     A difference where one output merely stops earlier has no token pair and is left out."""
     margins = {}
-    for i, (prompt, out, ref) in enumerate(zip(prompts, outputs, greedy)):
-        at = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
-        if at is None:
-            continue
-        ids = torch.tensor([list(prompt) + list(ref[:at])], dtype=torch.long, device=target.device)
-        width = ids.shape[1]
-        logits, _ = target.last_logits(ids, torch.arange(width, device=target.device)[None],
-                                       visible_keys(torch.ones(1, width, dtype=torch.bool, device=target.device),
-                                                    width), None)
-        margins[i] = float(logits[0, ref[at]] - logits[0, out[at]])
+    with target.decoding():  # as the decoding itself ran: no autograd, an attention that takes the mask
+        for i, (prompt, out, ref) in enumerate(zip(prompts, outputs, greedy)):
+            at = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+            if at is None:
+                continue
+            ids = torch.tensor([list(prompt) + list(ref[:at])], dtype=torch.long, device=target.device)
+            width = ids.shape[1]
+            visible = visible_keys(torch.ones(1, width, dtype=torch.bool, device=target.device), width)
+            logits, _ = target.last_logits(ids, torch.arange(width, device=target.device)[None], visible, None)
+            margins[i] = float(logits[0, ref[at]] - logits[0, out[at]])
     return margins
 
 
