@@ -62,6 +62,8 @@ TARGET=(target=smollm2_135m)
 DATA=(data=jsonl "data.path=$WORK/train.jsonl" "data.heldout_path=$WORK/heldout.jsonl" data.max_length=2048
       "eval.num_prompts=${EVAL_PROMPTS:-1000}" "eval.max_new_tokens=$EVAL_TOKENS")
 read -r -a EXTRA <<< "${TRAIN_OVERRIDES:-}"
+# eval.py on this target and data (the curve, seen and fp32 phases add --draft, --out and their keys).
+SCORE=("$PYTHON" eval.py --no-progress "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}")
 phase() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t=$SECONDS
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1; local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t))s"; tail -n "${TAIL:-12}" "$WORK/$name.log"; return $rc; }
@@ -130,9 +132,8 @@ for p in "$@"; do case $p in
   _curve) mkdir -p "$WORK/curve"
     for ckpt in $(ls -d "$WORK"/family/eagle3/checkpoints/step-*/draft | sort -V); do
       step=$(basename "$(dirname "$ckpt")")
-      "$PYTHON" eval.py --draft "$ckpt" --out "$WORK/curve/$step.json" --no-progress --no-greedy-check \
-        "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "eval.num_prompts=$CURVE_PROMPTS" "eval.draft_tokens=[3,7]" \
-        > "$WORK/curve/$step.log" 2>&1 || { echo "$step: eval.py failed"; tail -n 5 "$WORK/curve/$step.log"; exit 1; }
+      "${SCORE[@]}" --draft "$ckpt" --out "$WORK/curve/$step.json" --no-greedy-check \
+        "eval.num_prompts=$CURVE_PROMPTS" "eval.draft_tokens=[3,7]" > "$WORK/curve/$step.log" 2>&1 || { echo "$step: eval.py failed"; tail -n 5 "$WORK/curve/$step.log"; exit 1; }
       "$PYTHON" -c 'import json,sys; print(sys.argv[2], *["k=%d tau %.3f" % (r["k"], r["tau"]) for r in json.load(open(sys.argv[1]))["results"]])' \
         "$WORK/curve/$step.json" "$step"
     done ;;
@@ -145,14 +146,13 @@ sys.stdout.writelines(lines[::step][:n])' "$WORK/train.jsonl" "${SEEN_PROMPTS:-7
     for fam in ${SEEN_FAMILIES:-eagle3}; do
       ks=$("$PYTHON" -c 'import json, sys; print("[" + ",".join(str(r["k"]) for r in json.load(open(sys.argv[1]))["results"]) + "]")' \
         "$WORK/family/${fam}_eval.json") || { echo "seen: $fam has no held-out score ($WORK/family/${fam}_eval.json)"; continue; }
-      phase "seen_$fam" "${RUN_LIMIT:-300}" "$PYTHON" eval.py --draft "$WORK/family/$fam/draft" --out "$WORK/seen_$fam.json" \
-        --no-progress --no-greedy-check "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "data.heldout_path=$WORK/seen.jsonl" \
-        "eval.num_prompts=${SEEN_PROMPTS:-72}" "eval.draft_tokens=$ks"
+      phase "seen_$fam" "${RUN_LIMIT:-300}" "${SCORE[@]}" --draft "$WORK/family/$fam/draft" --out "$WORK/seen_$fam.json" \
+        --no-greedy-check "data.heldout_path=$WORK/seen.jsonl" "eval.num_prompts=${SEEN_PROMPTS:-72}" "eval.draft_tokens=$ks"
     done ;;
   # The eagle3 draft scored again with the target in float32 (bf16 verification of k+1 tokens and a
   # one-token greedy step can break a near-tie differently; in fp32 the output must equal greedy).
-  fp32) phase fp32 "${RUN_LIMIT:-300}" "$PYTHON" eval.py --draft "$WORK/family/eagle3/draft" --out "$WORK/fp32_eagle3.json" \
-      --no-progress "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" target.dtype=float32 "eval.draft_tokens=[3,7]" ;;
+  fp32) phase fp32 "${RUN_LIMIT:-300}" "${SCORE[@]}" --draft "$WORK/family/eagle3/draft" --out "$WORK/fp32_eagle3.json" \
+      target.dtype=float32 "eval.draft_tokens=[3,7]" ;;
   report) "$PYTHON" bench/real_quality_report.py "$WORK" | tee "$WORK/report.md" ;;
   # Everything small (logs, JSON, metrics, the data) into one archive, for a device call's $OUT.
   pack) tar czf "${PACK_TO:-$WORK/results.tar.gz}" -C "$WORK" --exclude=checkpoints --exclude='*.safetensors' \
