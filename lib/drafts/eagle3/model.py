@@ -243,6 +243,16 @@ class Eagle3Draft(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight.copy_(weight)
 
+    def load_head_rows(self, target_lm_head: torch.Tensor) -> None:
+        """lm_head <- the target's lm_head rows of the draft vocabulary (set_vocab_map first); d2t holds
+        offsets, target id = draft id + d2t, as the served format does."""
+        if target_lm_head.shape != (self.config.vocab_size, self.config.hidden_size):
+            raise ValueError(f"target lm_head has shape {tuple(target_lm_head.shape)}, the draft expects "
+                             f"{(self.config.vocab_size, self.config.hidden_size)} (vocab_size, hidden_size)")
+        rows = torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+        with torch.no_grad():
+            self.lm_head.weight.copy_(target_lm_head.to(self.d2t.device)[rows])
+
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
             raise ValueError(f"vocab map shapes d2t {tuple(d2t.shape)}, t2d {tuple(t2d.shape)} do not match the draft's "

@@ -18,11 +18,15 @@ from lib.drafts.eagle3.export import load_draft
 from lib.drafts.eagle3.fused import use_compiled
 from lib.drafts.eagle3.loss import check_row_loss, ttt_forward
 from lib.drafts.eagle3.model import Eagle3Draft, Eagle3DraftConfig
-from lib.drafts.eagle3.target_head import TargetDistribution, TargetHead, load_target_embedding
+from lib.drafts.eagle3.target_head import (TargetDistribution, TargetHead, load_target_embedding,
+                                          load_target_lm_head)
 from lib.drafts.eagle3.vocab import vocab_map
 from lib.launch.sharding import shard
 
 log = logging.getLogger("specdraft.trainer")
+
+
+HEAD_INITS = ("target", "random")
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,16 @@ class Eagle3Options:
 
     # EAGLE-3.1: one RMSNorm per captured aux layer before fc (speculators' and vLLM's `fc_norm`).
     fc_norm: bool = False
+    # Where the draft's lm_head starts: "target" copies the target's rows of the draft vocabulary (the
+    # draft then only has to land its hidden state where the target's head reads the right token),
+    # "random" is N(0, 0.02) as the HF initialiser. Trained either way.
+    head_init: str = "target"
 
     def __post_init__(self) -> None:
         if not isinstance(self.fc_norm, bool):
             raise ValueError(f"draft.options.fc_norm={self.fc_norm!r} must be true or false")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"draft.options.head_init={self.head_init!r}: use one of {list(HEAD_INITS)}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "Eagle3Options":
@@ -144,6 +154,8 @@ def build_bundle(ctx, aux_layers: list[int], options: Optional[Eagle3Options] = 
         gen = torch.Generator().manual_seed(cfg.train.seed + 1)
         draft.load_embedding(torch.randn(draft_cfg.vocab_size, draft_cfg.hidden_size, generator=gen) * 0.02)
         head_weight = torch.randn(shape.vocab_size, shape.hidden_size, generator=gen) * 0.02
+    if (options or Eagle3Options()).head_init == "target" and cfg.draft.init_from is None:
+        draft.load_head_rows(head_weight if head_weight is not None else load_target_lm_head(source))
     draft.to(device)
     module = TTTModule(draft, cfg.train.ttt_length, recompute=cfg.train.recompute, loss=cfg.train.loss)
     model = shard(module, ctx.groups.trainer, device)
