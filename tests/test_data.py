@@ -316,3 +316,34 @@ def test_auto_template_without_a_chat_template_is_a_clear_error(tmp_path, foreig
     path = _write_jsonl(tmp_path / "d.jsonl", [_chat(i) for i in range(600)])
     with pytest.raises(TemplateError, match="has no chat_template; set data.template"):
         load_dataset(DataConfig(path=path, heldout_size=1, template="auto", num_workers=2), str(tok_dir))
+
+
+def test_repeated_trained_tokens_counts_copies_under_the_mask():
+    from lib.data.datasets import repeated_trained_tokens
+
+    # 1 2 3 4 5 twice: the second 4 and 5 close 4-grams seen before; an untrained token is never counted,
+    # but untrained tokens (a prompt) are context that a trained token can repeat.
+    ids = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 9]
+    assert repeated_trained_tokens(ids, [True] * 11) == 2
+    assert repeated_trained_tokens(ids, [True] * 9 + [False, True]) == 1
+    assert repeated_trained_tokens(ids, [False] * 5 + [True] * 6) == 2  # copies of the untrained prompt count
+    assert repeated_trained_tokens([7] * 6, [True] * 6) == 2  # 7777 at index 3 is new, at 4 and 5 repeated
+
+
+def test_data_report_counts_looping_answers_and_warns(tmp_path, caplog):
+    loop = " ".join(["I can help you with that."] * 12)
+    rows = [_chat(i, answer=loop) for i in range(3)] + [_chat(9, answer="a plain short answer")]
+    path = _write_jsonl(tmp_path / "loops.jsonl", rows)
+    with caplog.at_level(logging.INFO, logger="lib.data.datasets"):
+        ds = load_dataset(DataConfig(path=path, heldout_path=path, template="tiny", max_length=512), TINY_TARGET_DIR)
+    trained = sum(sum(ds[i][1]) for i in range(len(ds)))
+    assert ds.report.trained_tokens == trained
+    assert 0.6 < ds.report.repeated_share < 1.0, ds.report.summary()
+    assert f"{trained} trained tokens, {ds.report.repeated_share:.0%} repeating a 4-gram" in caplog.text
+    assert "the trainer's accuracy will run above the acceptance" in caplog.text
+
+    plain = _write_jsonl(tmp_path / "plain.jsonl", [_chat(9, answer="a plain short answer")])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lib.data.datasets"):
+        load_dataset(DataConfig(path=plain, heldout_path=plain, template="tiny", max_length=512), TINY_TARGET_DIR)
+    assert "0% repeating" in caplog.text and "accuracy will run above" not in caplog.text

@@ -38,10 +38,16 @@ from lib.data.templates import TemplateError, TemplateProblem, get_template
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 2: answers located by the template's own rendering (trimmed spans); 3: cut-off answers, categories
+CACHE_VERSION = 4  # 2: answers located by the template's own rendering (trimmed spans); 3: cut-off answers,
+# categories; 4: the report counts trained tokens that repeat their conversation
 SHOWN_LINES = 5  # line numbers listed per bad-line reason
 CUT_OFF = "answer_cut_off_end_untrained"  # the report's reason for kept lines with a cut-off answer
 HELDOUT_SHARE_WARNING = 0.2  # a held-out tail above this share of data.path is worth a warning
+# A trained token "repeats" when the REPEAT_NGRAM tokens ending at it already occurred earlier in its
+# conversation: a copy the draft learns easily. Small targets loop (SmolLM2: 70% of answer tokens past
+# the 128th), and a loop-heavy corpus lifts the trainer's accuracy above what short generations accept.
+REPEAT_NGRAM = 4
+REPEAT_SHARE_WARNING = 0.3
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
 tokenization_runs = 0  # how often a dataset was tokenised in this process (cache misses)
 
@@ -59,6 +65,12 @@ class DataReport:
     bad: dict[str, list[int]] = field(default_factory=dict)  # reason -> line numbers (1-based)
     rewritten: dict[str, list[int]] = field(default_factory=dict)  # kept lines: rewrite reason -> line numbers
     heldout: int = 0  # train split of a file whose tail is held out: how many lines that tail took
+    trained_tokens: int = 0
+    repeated_tokens: int = 0  # trained tokens repeating their conversation (REPEAT_NGRAM)
+
+    @property
+    def repeated_share(self) -> float:
+        return self.repeated_tokens / max(1, self.trained_tokens)
 
     def add_bad(self, reason: str, line_no: int) -> None:
         self.bad.setdefault(reason, []).append(line_no)
@@ -75,7 +87,21 @@ class DataReport:
             for reason, lines in sorted(counts.items()):
                 shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
                 text += f"; {label}{reason}: {len(lines)} (lines {shown})"
+        if self.trained_tokens:
+            text += (f"; {self.trained_tokens} trained tokens, {self.repeated_share:.0%} repeating a "
+                     f"{REPEAT_NGRAM}-gram earlier in their conversation")
         return text
+
+
+def repeated_trained_tokens(ids: list[int], mask: list[bool], n: int = REPEAT_NGRAM) -> int:
+    """How many trained tokens (mask) close an n-gram that already occurred earlier in `ids`."""
+    seen: set[tuple[int, ...]] = set()
+    count = 0
+    for end in range(n, len(ids) + 1):
+        gram = tuple(ids[end - n:end])
+        count += mask[end - 1] and gram in seen
+        seen.add(gram)
+    return count
 
 
 # ---- tokenisation (runs in worker processes; state set once per worker) ----
@@ -271,6 +297,8 @@ def _build(cfg: DataConfig, key: str, path: str, split: str, tail: Optional[int]
             continue
         ids, mask, p_len, a_end, truncated, rewrites = res
         report.truncated += truncated
+        report.trained_tokens += sum(mask)
+        report.repeated_tokens += repeated_trained_tokens(ids, mask)
         for reason in rewrites:
             report.add_rewritten(reason, rec.line_no)
         tokens.extend(ids)
@@ -320,6 +348,11 @@ def load_dataset(cfg: DataConfig, tokenizer_path: str, split: str = "train") -> 
     ds = TokenizedDataset(state, from_cache)
     (log.warning if ds.report.bad else log.info)("data %s%s: %s", split, " (cached)" if from_cache else "",
                                                   ds.report.summary())
+    if split == "train" and ds.report.repeated_share > REPEAT_SHARE_WARNING:
+        log.warning("%.0f%% of the trained tokens in %s repeat a %d-gram earlier in their conversation (the "
+                    "target loops?): the trainer's accuracy will run above the acceptance of generations "
+                    "shorter than these answers; compare them at equal lengths (docs/real_model.md)",
+                    100 * ds.report.repeated_share, path, REPEAT_NGRAM)
     share = ds.report.heldout / max(1, ds.report.heldout + ds.report.lines)
     if share > HELDOUT_SHARE_WARNING:
         log.warning("data.heldout_size=%d holds out %.0f%% of %s from training; lower data.heldout_size or set "
