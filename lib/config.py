@@ -218,6 +218,10 @@ def explain_hydra_error(exc: BaseException) -> str:
         options = "; ".join(f"{g}: {', '.join(v)}" for g, v in sorted(groups.items()))
         return f"{first.split(' Available')[0]}. Fix: pick a shipped option ({options}) or add a file under conf/."
     if "not in" in first and "Key" in first:
+        if key and key.startswith("draft.options."):
+            # draft.options holds what the family's conf file sets; other keys of the family need a `+`.
+            return (f"{where}not set by the draft's conf file ({first}). Fix: add it with +{key}=..., after "
+                    f"checking the family's options (docs/draft_format.md, conf/draft/).")
         return f"{where}unknown key ({first}). Fix: check the spelling against lib/config.py."
     if "Missing mandatory value" in first:
         return f"{first}. Fix: set it on the command line, e.g. data.path=/data/chat.jsonl."

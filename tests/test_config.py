@@ -91,12 +91,19 @@ def test_invalid_configs_fail_with_the_key_and_a_fix(overrides, shape, needle):
     (["train.not_a_key=1"], "train.not_a_key: unknown key"),
     (["placement.name=sideways"], "placement.name='sideways': not one of colocate, disaggregate, sequential"),
     (["train.max_steps=many"], "train.max_steps"),
+    # a family option its conf file does not set: the fix is the `+` that adds it
+    (["draft=eagle3_1", "draft.options.head_init=random"], "Fix: add it with +draft.options.head_init=..."),
 ])
 def test_unknown_options_fail_at_composition(overrides, needle):
     with pytest.raises(ConfigError) as err:
         compose(overrides)
     assert needle in str(err.value)
     assert "Fix:" in str(err.value)
+
+
+def test_a_family_option_outside_its_conf_file_is_added_with_plus():
+    cfg = compose(["draft=eagle3_1", "+draft.options.head_init=random"])
+    assert dict(cfg.draft.options) == {"fc_norm": True, "head_init": "random"}
 
 
 # ---------------------------------------------------------------------- choice-valued keys are enums
