@@ -31,6 +31,7 @@ import torch
 from lib.config import ConfigError, LaunchShape, compose, resolve, resolve_device
 
 NO_CATEGORY = "(none)"  # the per-category key of held-out lines without a "category"
+ANSWER_SPAN = 64  # answer tokens per group of the by-answer-position table
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -230,12 +231,13 @@ def format_table(rows: list[dict]) -> str:
     return _render(table)
 
 
-def format_categories(rows: list[dict], num_prompts: int) -> str:
-    """Per k, a row per category and the overall row (all) they add up to."""
+def format_categories(rows: list[dict], num_prompts: int, key: str = "per_category", column: str = "category") -> str:
+    """Per k, a row per group (rows[i][key]: a category, or a span of answer positions) and the overall
+    row (all) they add up to."""
     width = max(len(r["accept_rates"]) for r in rows)
-    table = [["k", "category", "prompts", "verify_rows", "tau", *[f"acc_{i}" for i in range(width)]]]
+    table = [["k", column, "prompts", "verify_rows", "tau", *[f"acc_{i}" for i in range(width)]]]
     for r in rows:
-        groups = {**r["per_category"], "(all)": {**r, "prompts": num_prompts}}
+        groups = {**r[key], "(all)": {**r, "prompts": num_prompts}}
         for name, g in groups.items():
             table.append([str(r["k"]), name, str(g["prompts"]), str(g["verify_rows"]), f"{g['tau']:.3f}",
                           *_rates(g["accept_rates"], width)])
@@ -313,6 +315,8 @@ def main(argv: list[str]) -> int:
         categories = per_category(result, prompts)
         if categories is not None:
             rows[-1]["per_category"] = categories
+        rows[-1]["by_answer_position"] = {name: counts.summary() for name, counts
+                                          in result.by_answer_position(ANSWER_SPAN).items()}
         if result.matches_greedy is False:
             widest = max(result.greedy_margins.values(), default=0.0)
             why = (f"near-ties: the two tokens' logits differ by at most {widest:.3f} where they part, rounding "
@@ -325,6 +329,10 @@ def main(argv: list[str]) -> int:
     if "per_category" in rows[0]:
         print("\nper category (same decoding; the categories' counts add up to the (all) row):")
         print(format_categories(rows, len(prompts)))
+    if len(rows[0]["by_answer_position"]) > 1:
+        print(f"\nby where the round starts in the answer ({ANSWER_SPAN} tokens a span; a target that starts "
+              "repeating itself is easier to draft late in its answers):")
+        print(format_categories(rows, len(prompts), "by_answer_position", "answer tokens"))
     if args.out:
         report = {"target": target, "target_dir": cfg.target.path, "draft": os.path.abspath(directory),
                   "device": str(device), "dtype": str(runner.dtype).removeprefix("torch."), "threads": threads,

@@ -157,3 +157,34 @@ def test_regenerate_answers_empty_turns_keeps_given_ones_and_budgets_the_last(tm
     # the middle answer may run to --answer-max-new-tokens, the evaluated last one to eval.max_new_tokens
     assert 3 < middle <= 8 and len(tokenizer(last["content"], add_special_tokens=False)["input_ids"]) <= 3
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # working files removed; eval writes the filled one
+
+
+class EarlyOracle(ForcedDrafter):
+    """The target's own continuation while the answer is shorter than `until` tokens, wrong after."""
+
+    def __init__(self, reference, vocab_size, until):
+        super().__init__(reference, "oracle", vocab_size)
+        self.until = until
+
+    def propose(self, block, k, rows, generated):
+        tokens = super().propose(block, k, rows, generated)
+        late = torch.tensor([g >= self.until for g in generated], device=tokens.device)
+        return torch.where(late[:, None], (tokens + 1) % self.vocab_size, tokens)
+
+
+def test_rounds_grouped_by_answer_position_add_up_and_split_early_from_late(target, prompts):
+    reference = greedy_decode(target, prompts, MAX_NEW + K)
+    until = 5
+    result = speculative_decode(target, EarlyOracle(reference, target.config.vocab_size, until), prompts, K, MAX_NEW,
+                                check_greedy=False, batch_size=3, progress=False)
+    groups = result.by_answer_position(until)
+    assert list(groups)[:2] == ["0-4", "5-9"]
+    assert groups["0-4"].tau == K + 1 and groups["0-4"].accept_rates == [1.0] * K
+    assert all(g.tau == 1.0 for name, g in groups.items() if name != "0-4")
+    stats = result.stats
+    assert sum(g.verify_rows for g in groups.values()) == stats.verify_rows
+    assert sum(g.produced for g in groups.values()) == stats.produced
+    assert [sum(col) for col in zip(*(g.accepted for g in groups.values()))] == stats.accepted
+    assert groups["0-4"].prompts == len(prompts)
+    with pytest.raises(ValueError, match="span=0 must be > 0"):
+        result.by_answer_position(0)

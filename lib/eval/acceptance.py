@@ -67,8 +67,11 @@ class AcceptanceStats(_Rates):
     row_produced: torch.Tensor = field(init=False, repr=False)
     row_reached: torch.Tensor = field(init=False, repr=False)
     row_accepted: torch.Tensor = field(init=False, repr=False)
+    # (prompt, answer tokens before the round, accepted) per verify row, when record() is given starts
+    round_starts: list[tuple[int, int, int]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.round_starts = []
         self.reached, self.accepted = [0] * self.k, [0] * self.k
         self.row_verify = torch.zeros(0, dtype=torch.long)
         self.row_produced = torch.zeros(0, dtype=torch.long)
@@ -77,8 +80,9 @@ class AcceptanceStats(_Rates):
         self._grow(self.num_prompts)
 
     def record(self, accepted: torch.Tensor, draft_s: float, verify_s: float,
-               rows: Optional[Sequence[int]] = None) -> None:
-        """One batched round: `accepted[j]` draft tokens accepted for prompt `rows[j]` (default: j)."""
+               rows: Optional[Sequence[int]] = None, starts: Optional[Sequence[int]] = None) -> None:
+        """One batched round: `accepted[j]` draft tokens accepted for prompt `rows[j]` (default: j), whose
+        answer held `starts[j]` tokens before the round (optional: for by_answer_position)."""
         counts = accepted.cpu()
         self.verify_rows += counts.numel()
         self.produced += int(counts.sum()) + counts.numel()
@@ -94,6 +98,8 @@ class AcceptanceStats(_Rates):
         if index.numel():
             self._grow(int(index.max()) + 1)
             self.num_prompts = self.row_verify.shape[0]
+        if starts is not None:
+            self.round_starts.extend(zip(index.tolist(), (int(x) for x in starts), counts.tolist()))
         counts = counts.long()
         positions = torch.arange(self.k)
         self.row_verify.index_add_(0, index, torch.ones_like(counts))
@@ -129,3 +135,21 @@ class AcceptanceStats(_Rates):
         for i, label in enumerate(labels):
             groups.setdefault(label, []).append(i)
         return {label: self.for_rows(groups[label]) for label in sorted(groups, key=str)}
+
+    def by_answer_position(self, span: int) -> dict[str, AcceptanceCounts]:
+        """The rounds grouped by where in the answer they start, `span` tokens a group ("0-127",
+        "128-255", ...; rounds recorded with starts only): whether acceptance holds through an answer or
+        rises where the target starts repeating itself."""
+        if span <= 0:
+            raise ValueError(f"span={span} must be > 0")
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for row, start, count in self.round_starts:
+            groups.setdefault(start // span, []).append((row, count))
+        out = {}
+        for g in sorted(groups):
+            counts = torch.tensor([c for _, c in groups[g]], dtype=torch.long)
+            positions = torch.arange(self.k)
+            out[f"{g * span}-{(g + 1) * span - 1}"] = AcceptanceCounts(
+                self.k, len({r for r, _ in groups[g]}), int(counts.numel()), int(counts.sum()) + counts.numel(),
+                (counts[:, None] >= positions).sum(0).tolist(), (counts[:, None] > positions).sum(0).tolist())
+        return out

@@ -95,13 +95,14 @@ def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: lis
             if drafter is not None:
                 drafter.keep(index)
             rows, done = [rows[i] for i in live], [False] * len(live)
+        starts = [len(outputs[r]) for r in rows]  # answer tokens so far: where in the answer this round is
         t0 = _clock(device)
         if drafter is not None:
             # A drafter's masked attention grows one cache width per round, as the decode step's does: off
             # cuDNN, whose per-shape graph setup would run on every draft forward (EAGLE-3 on SmolLM2, H100:
             # 48 s of drafting against 4 s of verifying, 72 prompts at k=7).
             with sdpa_kernel(DECODE_BACKENDS):
-                proposals = drafter.propose(block, k, [first + r for r in rows], [len(outputs[r]) for r in rows])
+                proposals = drafter.propose(block, k, [first + r for r in rows], starts)
         else:
             proposals = torch.empty(len(rows), 0, dtype=torch.long, device=device)
         t1 = _clock(device)
@@ -120,7 +121,7 @@ def _decode_batch(target: TargetRunner, drafter: Optional[Drafter], prompts: lis
         next_ids[pick, accepted] = newest
         block = VerifiedBlock(next_ids, aux, positions, kept, accepted)
         next_position = next_position + accepted + 1
-        stats.record(accepted, t1 - t0, t2 - t1, [first + r for r in rows])
+        stats.record(accepted, t1 - t0, t2 - t1, [first + r for r in rows], starts)
         for i, (r, m, props, bonus) in enumerate(zip(rows, accepted.tolist(), proposals.tolist(), newest.tolist())):
             done[i] = _emit(outputs[r], props[:m] + [bonus], max_new_tokens, stop_ids, bar)
     return outputs
@@ -192,6 +193,10 @@ class SpecDecodeResult:
     @property
     def accept_rates(self) -> list[float]:
         return self.stats.accept_rates
+
+    def by_answer_position(self, span: int) -> dict[str, AcceptanceCounts]:
+        """Acceptance of the rounds grouped by where in the answer they start, `span` tokens a group."""
+        return self.stats.by_answer_position(span)
 
     def by_label(self, labels: Sequence[Hashable]) -> dict[Hashable, AcceptanceCounts]:
         """Acceptance per group of prompts (labels[i]: prompt i's group, e.g. its category), from the
