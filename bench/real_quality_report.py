@@ -101,6 +101,26 @@ def category_rows(work: str) -> list[str]:
     return out
 
 
+def position_rows(work: str) -> list[str]:
+    """tau by where the round starts in the answer (eval.py's by_answer_position), held-out and seen:
+    whether a draft's acceptance climbs where the target starts looping."""
+    entries = []
+    for name in FAMILIES:
+        for where, path in (("held-out", os.path.join(work, "family", f"{name}_eval.json")),
+                            ("seen", os.path.join(work, f"seen_{name}.json"))):
+            for r in (_load(path) or {}).get("results", []):
+                if len(r.get("by_answer_position") or {}) > 1:
+                    entries.append((name, where, r))
+    spans = sorted({g for _, _, r in entries for g in r["by_answer_position"]}, key=lambda g: int(g.split("-")[0]))
+    out = ["| draft | prompts | k | " + " | ".join(f"tau, tokens {g}" for g in spans) + " |",
+           "|---" * (len(spans) + 3) + "|"]
+    for name, where, r in entries:
+        groups = r["by_answer_position"]
+        out.append(f"| {name} | {where} | {r['k']} | " + " | ".join(
+            f"{groups[g]['tau']:.2f} ({groups[g]['verify_rows']})" if g in groups else "-" for g in spans) + " |")
+    return out if entries else []
+
+
 def _curve_points(work: str) -> list[dict]:
     """{step, accept_len_k*} per point: eval.py's JSON per checkpoint, or a CURVE_RUN's online rows."""
     folder = os.path.join(work, "curve")
@@ -165,6 +185,7 @@ def main(work: str) -> None:
     for title, rows in (("Data", data_line(work)), ("Same wall-clock, held-out real prompts", family_rows(work)),
                         ("Per category", category_rows(work)),
                         ("Drafts on their training prompts (seen) vs held-out", seen_rows(work)),
+                        ("By where the round starts in the answer (tau, verify rows)", position_rows(work)),
                         ("EAGLE-3 with the target in float32", fp32_rows(work)),
                         ("Training speed", training_rows(work)), ("tau against steps (EAGLE-3)", curve_rows(work)),
                         ("Regeneration against the batch", sweep_rows(work))):

@@ -54,3 +54,24 @@ def test_fp32_rows_count_the_prompts_that_differ_from_greedy(tmp_path):
     assert rows[2:] == ["| eagle3 | float32 | 3 | **2.500** | True | 0 of 9 |",
                         "| eagle3 | float32 | 7 | **2.750** | False | 1 of 9 |"]
     assert _report().fp32_rows(str(tmp_path / "none")) == []
+
+
+def test_position_rows_put_held_out_and_seen_side_by_side_by_answer_span(tmp_path):
+    import json
+
+    (tmp_path / "family").mkdir()
+    held = {"k": 7, "tau": 2.0, "accept_rates": [0.5], "by_answer_position": {
+        "0-63": {"tau": 1.8, "verify_rows": 40}, "64-127": {"tau": 2.3, "verify_rows": 20}}}
+    seen = {"k": 7, "tau": 2.5, "accept_rates": [0.6], "by_answer_position": {
+        "0-63": {"tau": 2.0, "verify_rows": 30}, "64-127": {"tau": 2.9, "verify_rows": 15},
+        "128-191": {"tau": 3.6, "verify_rows": 9}}}
+    one_span = {"k": 3, "tau": 1.5, "accept_rates": [0.5], "by_answer_position": {"0-63": {"tau": 1.5, "verify_rows": 9}}}
+    (tmp_path / "family" / "eagle3_eval.json").write_text(json.dumps({"results": [held]}))
+    (tmp_path / "seen_eagle3.json").write_text(json.dumps({"results": [seen]}))
+    (tmp_path / "family" / "dflash_eval.json").write_text(json.dumps({"results": [one_span]}))
+    rows = _report().position_rows(str(tmp_path))
+    assert rows[0] == "| draft | prompts | k | tau, tokens 0-63 | tau, tokens 64-127 | tau, tokens 128-191 |"
+    assert rows[2] == "| eagle3 | held-out | 7 | 1.80 (40) | 2.30 (20) | - |"
+    assert rows[3] == "| eagle3 | seen | 7 | 2.00 (30) | 2.90 (15) | 3.60 (9) |"
+    assert len(rows) == 4  # a result with one span says nothing about position: left out
+    assert _report().position_rows(str(tmp_path / "family")) == []
