@@ -87,7 +87,7 @@ def draft_dir(path: str) -> str:
 def requested_family(overrides: list[str]) -> str | None:
     """The family named on the command line (draft=CHOICE or draft.name=NAME; the last one wins), if any.
     draft=CHOICE picks a conf file, whose draft.name is the family (draft=eagle3_1 is eagle3)."""
-    from lib.config_choices import draft_choice_family
+    from lib.config.choices import draft_choice_family
 
     found = None
     for override in overrides:

@@ -30,7 +30,7 @@ PLACEMENT=colocate
 MPS_MODE=auto
 DEVICE=""
 USER_RUN_DIR=""
-SAVE_TIMEOUT_S=120  # run.save_timeout_s's default in lib/config.py RunConfig
+SAVE_TIMEOUT_S=120  # run.save_timeout_s's default in lib/config/__init__.py RunConfig
 EXIT_STOPPED=75  # lib/launch/stopping.py EXIT_STOPPED: stopped by a signal at a checkpoint; resume it
 RESUME_ARGS=()  # the arguments of a resume: these, plus run.dir and checkpoint.resume=true
 for arg in "$@"; do
@@ -100,9 +100,9 @@ else
   RUN_DEVICE=cuda
 fi
 
-# The process count comes from lib/config_launch.py ProcessLayout, the rule train.py and the topology use;
+# The process count comes from lib/config/launch.py ProcessLayout, the rule train.py and the topology use;
 # it prints its own one-line error (odd GPU count for disaggregate, odd NPROC) and exits 2.
-config_cli() { (cd "$REPO" && "$PYTHON" -m lib.config_check "$@"); }
+config_cli() { (cd "$REPO" && "$PYTHON" -m lib.config.check "$@"); }
 if [[ -n ${NPROC:-} ]]; then
   [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC is not a positive integer; unset NPROC to derive it from the GPUs"
   NPROC_EFFECTIVE=$(config_cli nproc --placement "$PLACEMENT" --gpus "$GPUS" --nproc "$NPROC") || exit 2
@@ -153,7 +153,7 @@ if [[ -z $USER_RUN_DIR ]]; then
 fi
 
 # ---- config: checked once here, as every rank of train.py will check it, before MPS or torchrun ----
-# A bad value prints its one line (from lib/config_check.py) and the launch exits 2. Another entry
+# A bad value prints its one line (from lib/config/check.py) and the launch exits 2. Another entry
 # script (SPECDRAFT_ENTRY) takes other arguments, so only train.py's config is checked.
 CONFIG_STATUS="not checked (SPECDRAFT_ENTRY is not train.py)"
 if [[ $ENTRY -ef $REPO/train.py ]]; then

@@ -16,7 +16,7 @@ import traceback
 import torch
 
 from lib.config import ConfigError, Device, LaunchShape, compose, resolve
-from lib.config_check import prepare_run_dir, validate
+from lib.config.check import prepare_run_dir, validate
 from lib.launch.stopping import install_stop_handlers, record_error
 from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, all_ranks_barrier  # noqa: E501
 from lib.target.checkpoint import prepare_target

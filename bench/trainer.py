@@ -169,7 +169,7 @@ def bench_context(cfg, device: torch.device, run_dir: str) -> SimpleNamespace:
 def bench_config(draft: str, overrides, args, run_dir: str):
     """The resolved Config a run of `draft=<draft> overrides` would train with, at --shape on --device."""
     from lib.config import LaunchShape, compose, resolve
-    from lib.config_check import validate
+    from lib.config.check import validate
 
     shape = "qwen3_8b" if args.shape == "tiny" else args.shape
     # The shape from the conf's hf_config, never a checkpoint (smollm2_135m's conf names a GGUF path).
@@ -285,7 +285,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def chosen_variants(spec: str) -> list[tuple[str, str, tuple[str, ...]]]:
     """--variants: `all` (the presets plus every family on disk without one) or a comma list of presets."""
-    from lib.config_choices import draft_families
+    from lib.config.choices import draft_families
 
     if spec == "all":
         covered = {VARIANTS[k][0] for k in VARIANTS} | {"eagle3"}

@@ -12,8 +12,8 @@ from lib.config import (
     CONF_DIR, AttnImpl, Config, ConfigError, DataConfig, Device, EngineConfig, LaunchShape, Placement, ProcessLayout,
     TargetConfig, TargetDtype, compose, resolve,
 )
-from lib.config_check import validate
-from lib.config_choices import draft_families
+from lib.config.check import validate
+from lib.config.choices import draft_families
 
 pytestmark = pytest.mark.unit
 
@@ -229,7 +229,7 @@ def test_process_layout_refuses_what_cannot_pair():
 
 
 def test_command_line_prints_nproc_or_one_error_line(capsys):
-    from lib.config_check import main
+    from lib.config.check import main
 
     assert main(["nproc", "--placement", "colocate", "--gpus", "4"]) == 0
     assert capsys.readouterr().out == "8\n"

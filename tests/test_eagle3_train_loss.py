@@ -15,7 +15,7 @@ import torch
 
 import lib.drafts.eagle3.loss as loss_module
 from lib.config import ConfigError, LaunchShape, TrainLoss, compose
-from lib.config_check import validate
+from lib.config.check import validate
 from lib.drafts.eagle3.loss import ROW_LOSSES, STEP_DECAY, row_loss, ttt_forward
 from lib.drafts.eagle3.target_head import TargetHead
 from tests.helpers import assert_same_steps, compiled_against_eager

@@ -13,7 +13,7 @@ import torch
 
 from bench.flops import draft_step_flops
 from bench.trainer import VARIANTS, chosen_variants, markdown_table, sample_lengths, target_config
-from lib.config_choices import draft_families
+from lib.config.choices import draft_families
 from lib.drafts.dflash.flops import visible_pairs
 from lib.drafts.dflash.mask import build_blocks, dense_mask, sample_anchors
 from lib.drafts.eagle3.flops import step_flops as eagle3_step_flops

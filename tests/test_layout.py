@@ -6,7 +6,7 @@ lib never imports them, and never edits sys.path to reach them.
 Inside lib the packages form one direction, lowest first; a package may import only packages that
 come before it (lib.config is the root every package may use):
 
-    lib.config (+ lib.config_*)         typed config, enums, validation; imports no other lib package
+    lib.config                          typed config, enums, validation; imports no other lib package
     lib.launch, lib.data, lib.target    process setup and sharding; data pipeline; the target's files
     lib.drafts                          the strategy seam and the draft families: models, losses, export,
                                         drafters (lib.eval, engine, handoff and trainer import the seam
@@ -33,9 +33,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(REPO, "lib")
 ENTRY_MODULES = {"train", "eval", "engine_worker", "launch", "bench", "tools", "tests"}
 
-# Modules outside a lib/<package>/ folder that belong to a layer.
-LAYER_OF_MODULE = {"lib.config_check": "lib.config", "lib.config_choices": "lib.config",
-                   "lib.config_launch": "lib.config", "lib.config_values": "lib.config"}
 _BELOW_DRAFTS = {"lib.config", "lib.launch", "lib.data", "lib.target"}
 _BELOW_HANDOFF = _BELOW_DRAFTS | {"lib.drafts"}
 ALLOWED = {
@@ -53,7 +50,7 @@ ALLOWED = {
 GENERIC_PACKAGES = ("lib.eval", "lib.engine", "lib.handoff", "lib.trainer")
 KNOWN_EXCEPTIONS = {
     # config -> data: validation reads the template registry (lazily), while lib.data imports lib.config.
-    ("lib/config_check.py", "lib.data.templates"),
+    ("lib/config/check.py", "lib.data.templates"),
 }
 
 
@@ -70,9 +67,8 @@ def module_name(path: str) -> str:
 
 
 def package_of(module: str) -> str:
-    """lib.x.y -> lib.x; lib/config.py and lib/__init__.py are their own package."""
-    top = ".".join(module.split(".")[:2])
-    return LAYER_OF_MODULE.get(top, top)
+    """lib.x.y -> lib.x; lib/__init__.py is its own package."""
+    return ".".join(module.split(".")[:2])
 
 
 def imported_modules(path: str) -> list[tuple[str, int]]:

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from lib.config import ConfigError, LaunchShape, MetricsConfig, WandbConfig, compose
-from lib.config_check import validate
+from lib.config.check import validate
 from lib.trainer.metrics import MetricsWriter
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lib.config import ConfigError, LaunchShape, compose, resolve
-from lib.config_check import RESUME_MUST_MATCH, clear_run_dir, prepare_run_dir, validate
+from lib.config.check import RESUME_MUST_MATCH, clear_run_dir, prepare_run_dir, validate
 
 pytestmark = pytest.mark.unit
 

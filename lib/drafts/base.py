@@ -12,7 +12,7 @@ the run's `DraftStrategy` (cfg.draft.name, e.g. `draft=eagle3`) for
 
 A family is a package lib/drafts/<name>/ whose __init__.py registers its subclass with
 `register_strategy`, plus conf/draft/<name>.yaml: nothing else names it. The package is found by
-scanning (lib/config_choices.py draft_families, also over $SPECDRAFT_DRAFT_ROOTS) and imported when a
+scanning (lib/config/choices.py draft_families, also over $SPECDRAFT_DRAFT_ROOTS) and imported when a
 config or an export first needs it, so naming one family never pulls in the others.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lib.config import Config, ConfigError, TargetConfig
-from lib.config_choices import draft_families
+from lib.config.choices import draft_families
 from lib.data.batch import TensorSpec
 
 # Payload names for what the engine captures; the packed batch's own tensors come first.

@@ -48,7 +48,7 @@ class Topology:
     def __post_init__(self) -> None:
         if self.nnodes < 1 or self.nproc_per_node < 1:
             raise ValueError(f"nnodes={self.nnodes}, nproc_per_node={self.nproc_per_node}: both must be >= 1")
-        ProcessLayout(self.placement, self.nproc_per_node)  # the placement's process-count rule (lib/config_launch.py)
+        ProcessLayout(self.placement, self.nproc_per_node)  # the placement's process-count rule (lib/config/launch.py)
         if self.engines_per_node % self.engine_tp:
             raise ValueError(f"engine.tp={self.engine_tp} must divide the {self.engines_per_node} engines of a node")
 

@@ -2,7 +2,7 @@
 
 Each sink receives exactly the rows metrics.jsonl gets, from the trainer leader only. Only numbers are
 logged (a row's strings and lists have no scalar curve); the row's `step` is the x axis. The packages
-are optional: lib/config_check.py refuses a sink whose package is missing before the run starts.
+are optional: lib/config/check.py refuses a sink whose package is missing before the run starts.
 """
 from __future__ import annotations
 

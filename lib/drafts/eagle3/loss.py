@@ -76,7 +76,7 @@ def count_valid_positions(target_head: TargetHead, batch: Mapping[str, torch.Ten
     return valid_positions(mask, batch["cu_seqlens"], target.in_draft_vocab, ttt_length).sum(dim=1)
 
 
-ROW_LOSSES = ("ce", *OVERLAP_LOSSES, "jsd")  # the values of train.loss (lib/config_choices.py TrainLoss)
+ROW_LOSSES = ("ce", *OVERLAP_LOSSES, "jsd")  # the values of train.loss (lib/config/choices.py TrainLoss)
 
 
 def check_row_loss(name) -> str:

@@ -1,5 +1,5 @@
 """The choice-valued config keys: one str enum per key, so Hydra refuses a value outside the choice
-when it composes the config (lib/config.py re-exports them; import them from there).
+when it composes the config (lib/config/__init__.py re-exports them; import them from there).
 
 draft.name is the exception: its choices are the draft families found on disk (`draft_families`), so
 adding a family touches only lib/drafts/<family>/ and conf/draft/<family>.yaml. The scan reads
@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Further roots laid out like this repository (ROOT/lib/drafts/<family>/, ROOT/conf/draft/<family>.yaml),
 # separated by os.pathsep: families kept outside the checkout (tests write a toy one into a temp dir).
 DRAFT_ROOTS_ENV = "SPECDRAFT_DRAFT_ROOTS"

@@ -1,16 +1,16 @@
 """Configuration schema: one dataclass per concern, validated before any process group or model load.
 
 Hydra composes conf/ on top of these dataclasses (structured configs), so an unknown key or a value
-outside a choice (the enums) is an error at composition time. `lib.config_check.validate()` then checks
+outside a choice (the enums) is an error at composition time. `lib.config.check.validate()` then checks
 what types cannot: ranges, sums, paths, combinations and the fit between the config and the launch
-(process count, GPUs); launch.sh runs the same checks once (`python -m lib.config_check check`) before
+(process count, GPUs); launch.sh runs the same checks once (`python -m lib.config.check check`) before
 it starts anything. Every failure is one line that names the key, the value and the fix. `resolve()` then
 decides every auto/None once, and all roles read that resolved copy.
 
 This module is where the config's names are imported from. Parts of it live beside it and are re-exported
-here: the choices (lib/config_choices.py), ConfigError and the rules of single keys (lib/config_values.py),
-the launch shape and the process-count rule (lib/config_launch.py). Those import no other lib module and
-this one imports only them: config_check imports it, never the reverse.
+here: the choices (lib/config/choices.py), ConfigError and the rules of single keys (lib/config/values.py),
+the launch shape and the process-count rule (lib/config/launch.py). Those import no other lib module and
+this one imports only them: lib.config.check imports it, never the reverse.
 """
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from lib.config_choices import (  # noqa: F401 - the choices are part of this module's interface
+from lib.config.choices import (  # noqa: F401 - the choices are part of this module's interface
     Placement, Device, MpsMode, Backend, AttnImpl, VarlenKernel,
     MoeImpl, TargetDtype, Overlong, TrainLoss, WandbMode, DRAFT_ROOTS_ENV, draft_conf_dirs, draft_families,
 )
-from lib.config_launch import LaunchShape, ProcessLayout  # noqa: F401 - part of this module's interface
-from lib.config_values import (  # noqa: F401 - part of this module's interface
+from lib.config.launch import LaunchShape, ProcessLayout  # noqa: F401 - part of this module's interface
+from lib.config.values import (  # noqa: F401 - part of this module's interface
     ConfigError, _as_enum, _fail, _resolve_moe_impl, check_draft_name, new_run_dir, resolve_attn_impl, resolve_device,
     resolve_target_dtype,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_TARGET_DIR = os.path.join(REPO_ROOT, "assets", "tiny_target")
 TINY_DATA_DIR = os.path.join(REPO_ROOT, "assets", "tiny_data")
 MEMORY_HEADROOM = 0.10  # CUDA contexts, NCCL buffers and fragmentation
@@ -52,7 +52,7 @@ class TargetConfig:
 
 @dataclass
 class DraftConfig:
-    name: str = "eagle3"  # set by draft=<family>: a package under lib/drafts/ (config_choices.draft_families)
+    name: str = "eagle3"  # set by draft=<family>: a package under lib/drafts/ (lib.config.choices.draft_families)
     draft_vocab_size: int = 32000  # clipped to the target vocab
     init_from: Optional[str] = None  # an existing draft export to fine-tune (reuses its vocab map)
     intermediate_size: Optional[int] = None  # default: the target's
@@ -222,7 +222,7 @@ def explain_hydra_error(exc: BaseException) -> str:
             # draft.options holds what the family's conf file sets; other keys of the family need a `+`.
             return (f"{where}not set by the draft's conf file ({first}). Fix: add it with +{key}=..., after "
                     f"checking the family's options (docs/draft_format.md, conf/draft/).")
-        return f"{where}unknown key ({first}). Fix: check the spelling against lib/config.py."
+        return f"{where}unknown key ({first}). Fix: check the spelling against lib/config/__init__.py."
     if "Missing mandatory value" in first:
         return f"{first}. Fix: set it on the command line, e.g. data.path=/data/chat.jsonl."
     enum_value = re.match(r"Invalid value (?P<value>.*), expected one of \[(?P<allowed>.*)\]", first)
@@ -231,7 +231,7 @@ def explain_hydra_error(exc: BaseException) -> str:
         allowed = enum_value["allowed"]
         return (f"{key}={enum_value['value']}: not one of {allowed}. "
                 f"Fix: pick one of those, e.g. {key}={allowed.split(',')[0].strip()}.")
-    return f"{where}{first}. Fix: correct the override (see lib/config.py for keys and types)."
+    return f"{where}{first}. Fix: correct the override (see lib/config/__init__.py for keys and types)."
 
 
 def package_file(distribution: str, suffix: str, version: str = "") -> str:
@@ -297,7 +297,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# "auto" and None, resolved in one place (the rules of single keys: lib/config_values.py)
+# "auto" and None, resolved in one place (the rules of single keys: lib/config/values.py)
 # ---------------------------------------------------------------------------------------------
 
 

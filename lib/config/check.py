@@ -1,8 +1,8 @@
-"""validate(): the checks every rank runs on a composed config, and `python -m lib.config_check`.
+"""validate(): the checks every rank runs on a composed config, and `python -m lib.config.check`.
 
-    python -m lib.config_check nproc --placement P --gpus G [--nproc N]
+    python -m lib.config.check nproc --placement P --gpus G [--nproc N]
         prints the process count per node for placement P on G visible GPUs (N: the user's NPROC, checked)
-    python -m lib.config_check check --gpus G --nproc N [--nnodes K] [--] [overrides...]
+    python -m lib.config.check check --gpus G --nproc N [--nnodes K] [--] [overrides...]
         composes and validates exactly as every rank of train.py will, for that launch shape
 
 Both print a failure as one line on stderr ("config error: <key>=<value>: <fix>") and exit 2, so a
@@ -330,7 +330,7 @@ def prepare_run_dir(cfg: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m lib.config_check ...
+# python -m lib.config.check ...
 # ---------------------------------------------------------------------------------------------
 
 
@@ -341,7 +341,7 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m lib.config_check", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lib.config.check", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     nproc = sub.add_parser("nproc", help="processes per node for a placement and GPU count")
     nproc.add_argument("--placement", required=True)
@@ -375,5 +375,5 @@ def main(argv: list[str]) -> int:
         return 2
 
 
-if __name__ == "__main__":  # python -m lib.config_check check|nproc ... (launch.sh)
+if __name__ == "__main__":  # python -m lib.config.check check|nproc ... (launch.sh)
     sys.exit(main(sys.argv[1:]))

@@ -2,8 +2,8 @@
 
 ConfigError and its one-line form (`_fail`: key=value: fix), a choice read from a member, its value or its
 name (`_as_enum`), draft.name checked against the families on disk, and the auto/None choices of single
-keys (device, target dtype, attention, MoE experts, run directory). lib/config.py re-exports all of it
-(import from there); this module imports only lib.config_choices, so it stays free of torch.
+keys (device, target dtype, attention, MoE experts, run directory). lib/config/__init__.py re-exports all of it
+(import from there); this module imports only lib.config.choices, so it stays free of torch.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any, NoReturn
 
-from lib.config_choices import AttnImpl, Device, MoeImpl, TargetDtype, draft_families
+from lib.config.choices import AttnImpl, Device, MoeImpl, TargetDtype, draft_families
 
 
 class ConfigError(ValueError):

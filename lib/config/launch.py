@@ -1,18 +1,18 @@
-"""The launch's shape and the placement -> process-count rule (lib/config.py re-exports both)."""
+"""The launch's shape and the placement -> process-count rule (lib/config/__init__.py re-exports both)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
-from lib.config_choices import Placement
-from lib.config_values import _fail
+from lib.config.choices import Placement
+from lib.config.values import _fail
 
 
 @dataclass(frozen=True)
 class ProcessLayout:
     """Processes per node for a placement, and the GPUs they need: the only place this rule lives.
 
-    launch.sh asks it (`python -m lib.config_check nproc`), validate() checks a launch against it and
+    launch.sh asks it (`python -m lib.config.check nproc`), validate() checks a launch against it and
     lib/launch/topology.py lays ranks out by it.
     """
 
