@@ -24,14 +24,12 @@ from lib.drafts.eagle3.vocab import vocab_map
 from lib.launch.sharding import shard
 
 log = logging.getLogger("specdraft.trainer")
-
-
-HEAD_INITS = ("target", "random")
+HEAD_INITS = ("target", "random")  # draft.options.head_init
 
 
 @dataclass(frozen=True)
 class Eagle3Options:
-    """draft.options for draft=eagle3 (conf/draft/eagle3.yaml: none; conf/draft/eagle3_1.yaml: fc_norm)."""
+    """draft.options for draft=eagle3 (conf/draft/eagle3.yaml: head_init; conf/draft/eagle3_1.yaml: fc_norm)."""
 
     # EAGLE-3.1: one RMSNorm per captured aux layer before fc (speculators' and vLLM's `fc_norm`).
     fc_norm: bool = False
