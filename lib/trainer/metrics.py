@@ -52,17 +52,24 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(run_dir: str) -> list[str]:
-    """loss.png, accuracy.png and (if evaluated) accept_len.png; returns the files written."""
+# A run that logged fewer training rows draws no curves: a handful of points is no curve, and matplotlib
+# costs ~2 s of CPU at the end of every short run (smoke runs, the test suite's hundred launches).
+MIN_PLOTTED_ROWS = 10
+
+
+def plot_curves(run_dir: str, min_rows: int = MIN_PLOTTED_ROWS) -> list[str]:
+    """loss.png, accuracy.png and (if evaluated) accept_len.png when metrics.jsonl holds at least `min_rows`
+    training rows; returns the files written."""
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "accept_len" in r]
+    written: list[str] = []
+    if len(train_rows) < min_rows:
+        return written
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    train_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "accept_len" in r]
-    written = []
 
     def save(fig, name):
         path = os.path.join(run_dir, name)
