@@ -61,3 +61,16 @@ def address():
     folder = tempfile.mkdtemp(prefix="ho-", dir="/tmp")
     yield os.path.join(folder, "pair.sock")
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_tiny_run(tmp_path_factory) -> str:
+    """The uninterrupted reference of the resume tests (tests/test_resume.py, tests/test_stop.py): one
+    launch of the tiny default for TINY_RUN_STEPS steps, shared, so every interrupted-and-resumed variant
+    compares with the same run instead of launching its own (a launch costs ~15 s of a 2-core CI machine)."""
+    from tests.helpers import TINY_RUN, TINY_RUN_STEPS, torchrun
+
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    res = torchrun(2, [*TINY_RUN, f"train.max_steps={TINY_RUN_STEPS}", f"run.dir={run_dir}"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir

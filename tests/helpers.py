@@ -13,6 +13,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# The tiny default at its smallest batches, and the length of the shared uninterrupted run of it
+# (tests/conftest.py's uninterrupted_tiny_run).
+TINY_RUN = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",
+            "train.warmup_steps=2"]
+TINY_RUN_STEPS = 10
 
 
 def free_port() -> int:
@@ -63,6 +68,20 @@ def launch(overrides: list[str], env_extra: dict[str, str] | None = None):
     env.update(env_extra or {})
     return subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def eval_main(argv: list[str]) -> int:
+    """eval.py's own main() in this process: the CLI's code without a second interpreter's ~5 s of imports
+    (tests of the command line itself run it as a program). The torch thread count it sets is put back."""
+    import torch
+
+    import eval as eval_script
+
+    threads = torch.get_num_threads()
+    try:
+        return eval_script.main(argv)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def metric_rows(run_dir: str) -> list[dict]:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cpu_env, metric_rows, rewound_copy, torchrun
+from tests.helpers import eval_main, metric_rows, rewound_copy, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +41,8 @@ def runs(tmp_path_factory):
     resumed = torchrun(4, [*TRAIN, f"run.dir={split}", "checkpoint.resume=true"], timeout=400)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     result = str(root / "eval.json")
-    evaluated = subprocess.run([sys.executable, "eval.py", "--draft", whole, "--out", result, "--no-progress",
-                                "eval.num_prompts=3", "eval.max_new_tokens=12"], cwd=REPO, env=cpu_env(),
-                               capture_output=True, text=True, timeout=300)
-    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    assert eval_main(["--draft", whole, "--out", result, "--no-progress", "eval.num_prompts=3",
+                      "eval.max_new_tokens=12"]) == 0
     with open(result) as f:
         return whole, split, resumed.stdout + resumed.stderr, json.load(f)
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cpu_env, launch, metric_rows, torchrun
+from tests.helpers import eval_main, launch, metric_rows, rewound_copy, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +37,8 @@ def test_launch_sh_trains_dflash_with_falling_loss_online_eval_export_and_greedy
     assert meta["architectures"] == ["DFlashDraftModel"] and meta["block_size"] == 16
     assert meta["dflash_config"]["target_layer_ids"] == [1, 2, 3, 4, 5]
     result = str(tmp_path / "eval.json")
-    done = subprocess.run([sys.executable, "eval.py", "--draft", os.path.join(run_dir, "draft"), "--out", result,
-                           "--no-progress", "draft=dflash", "eval.draft_tokens=[15]", "eval.num_prompts=4",
-                           "eval.max_new_tokens=16"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert eval_main(["--draft", os.path.join(run_dir, "draft"), "--out", result, "--no-progress", "draft=dflash",
+                      "eval.draft_tokens=[15]", "eval.num_prompts=4", "eval.max_new_tokens=16"]) == 0
     with open(result) as f:
         (k15,) = json.load(f)["results"]
     assert k15["k"] == 15 and k15["matches_greedy"] is True and k15["tau"] >= 1.0
@@ -51,23 +46,28 @@ def test_launch_sh_trains_dflash_with_falling_loss_online_eval_export_and_greedy
 
 def test_dflash_dpace_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """Under D-PACE position weights (draft.options.loss_weights=dpace; the launch above trains with the
-    default decay): the option reaches the trainer, and stopped after 4 of 8 steps and resumed equals 8
-    steps: the checkpoint holds the draft and optimiser, the anchors come from the run seed and each
-    batch's tokens (no sampler state to lose), and D-PACE's weights from each step's own forward."""
+    default decay): the option reaches the trainer, and resumed from the step-4 checkpoint of an 8-step run
+    (its directory as it stood then) equals the 8 steps: the checkpoint holds the draft and optimiser, the
+    anchors come from the run seed and each batch's tokens (no sampler state to lose), and D-PACE's weights
+    from each step's own forward."""
     base = ["draft=dflash", "draft.options.loss_weights=dpace", "engine.token_budget=256", "data.max_length=256",
-            "eval.every=0", "train.log_every=1", "train.warmup_steps=2", "train.max_steps=8"]
+            "eval.every=0", "train.log_every=1", "train.warmup_steps=2", "train.max_steps=8", "checkpoint.every=4"]
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     losses = {}
-    for name, runs in (("whole", [[]]), ("split", [["run.stop_after_steps=4"], ["checkpoint.resume=true"]])):
-        run_dir = str(tmp_path / name)
-        for extra in runs:  # bare torchrun: launch.sh's own path is the test above's (saves its ~3 s a launch)
-            res = torchrun(2, [*base, f"run.dir={run_dir}", *extra], timeout=240)
-            out = res.stdout + res.stderr
-            assert res.returncode == 0, out[-3000:]
-            assert "loss weights dpace (alpha 0.5)" in out, out[-3000:]
-        losses[name] = {r["step"]: r["loss"] for r in metric_rows(run_dir)}
+    # The resumed run starts from the uninterrupted run's directory as it stood at its step-4 checkpoint.
+    # Bare torchrun: launch.sh's own path is the test above's (saves its ~3 s a launch).
+    for name, extra in (("whole", []), ("split", ["checkpoint.resume=true"])):
+        if name == "split":
+            rewound_copy(whole, split, last_step=4, checkpoint="step-8")
+        res = torchrun(2, [*base, f"run.dir={tmp_path / name}", *extra], timeout=240)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-3000:]
+        assert "loss weights dpace (alpha 0.5)" in out, out[-3000:]
+        losses[name] = {r["step"]: r["loss"] for r in metric_rows(str(tmp_path / name))}
+    assert "resumed from" in out and "step-4" in out, out[-3000:]
     assert sorted(losses["split"]) == list(range(1, 9))
     for step in range(5, 9):
         assert losses["split"][step] == pytest.approx(losses["whole"][step], rel=1e-6), (step, losses)
-    whole = load_file(str(tmp_path / "whole" / "draft" / "model.safetensors"))
-    split = load_file(str(tmp_path / "split" / "draft" / "model.safetensors"))
-    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    whole_w = load_file(os.path.join(whole, "draft", "model.safetensors"))
+    split_w = load_file(os.path.join(split, "draft", "model.safetensors"))
+    assert whole_w.keys() == split_w.keys() and all(torch.equal(whole_w[k], split_w[k]) for k in whole_w)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cpu_env, metric_rows, rewound_copy, torchrun
+from tests.helpers import eval_main, metric_rows, rewound_copy, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -77,10 +75,8 @@ def test_resume_from_a_checkpoint_continues_exactly(run_dir, tmp_path):
 
 def test_eval_py_reads_the_family_from_the_run_directory_and_decodes_as_greedy(run_dir, tmp_path):
     result = str(tmp_path / "eval.json")
-    done = subprocess.run([sys.executable, "eval.py", "--draft", run_dir, "--out", result, "--no-progress",
-                           f"eval.draft_tokens=[{BLOCK}]", "eval.num_prompts=3", "eval.max_new_tokens=12"],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert eval_main(["--draft", run_dir, "--out", result, "--no-progress", f"eval.draft_tokens=[{BLOCK}]",
+                      "eval.num_prompts=3", "eval.max_new_tokens=12"]) == 0
     with open(result) as f:
         (row,) = json.load(f)["results"]
     assert row["k"] == BLOCK and row["matches_greedy"] is True and row["tau"] >= 1.0

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from lib.trainer.metrics import MIN_PLOTTED_ROWS
 from tests.helpers import torchrun
 
 pytestmark = pytest.mark.integration
@@ -73,21 +74,8 @@ def test_online_evaluation_rows_before_during_and_after_training(run_dirs, place
     for r in evals:
         assert 1.0 <= r["accept_len"] <= 4.0  # k=3: at most 3 accepted + the bonus token
         assert r["accept_len_k3"] == r["accept_len"] and "accept_rate_0" in r
-    assert os.path.isfile(os.path.join(run_dir, "accept_len.png"))
-
-
-def test_engine_tensor_parallel_trains_like_tp1(tmp_path):
-    """engine.tp=2: two engines forward their two batches together as one TP group; each trainer
-    still gets its own pair's states, so training matches tp=1 up to fp32 reduction order."""
-    losses = {}
-    for tp in (1, 2):
-        run_dir = str(tmp_path / f"tp{tp}")
-        res = torchrun(4, [f"engine.tp={tp}", f"run.dir={run_dir}", "train.max_steps=2", "eval.every=0",
-                           "engine.token_budget=256", "data.max_length=256"], timeout=400)
-        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-        losses[tp] = [r["loss"] for r in _losses(run_dir)]
-    assert len(losses[1]) == 2
-    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    # Curves are drawn from MIN_PLOTTED_ROWS training rows on (tests/test_plots.py); this run is shorter.
+    assert os.path.isfile(os.path.join(run_dir, "accept_len.png")) == (STEPS >= MIN_PLOTTED_ROWS)
 
 
 @pytest.mark.unit

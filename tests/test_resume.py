@@ -14,12 +14,11 @@ from safetensors.torch import load_file
 from lib.data.packing import epoch_order
 from lib.trainer.checkpoint import latest_checkpoint
 from lib.trainer.loop import lr_lambda
-from tests.helpers import REPO, cpu_env, torchrun
+from tests.helpers import TINY_RUN, TINY_RUN_STEPS, REPO, cpu_env, torchrun
 
 pytestmark = pytest.mark.integration
 
-BASE = ["train.max_steps=6", "engine.token_budget=384", "data.max_length=384", "eval.every=0", "train.log_every=1",
-        "train.warmup_steps=2"]
+BASE = [*TINY_RUN, f"train.max_steps={TINY_RUN_STEPS}"]
 
 
 def _rows(run_dir):
@@ -28,15 +27,14 @@ def _rows(run_dir):
 
 
 @pytest.fixture(scope="module")
-def restart(tmp_path_factory):
-    """One uninterrupted run of 6 steps, and the same run stopped after 3 and resumed. The stopped run is
-    started with checkpoint.resume=true into a fresh dir (as an auto-resubmitted job is), so its first
-    launch is also the resume-without-checkpoint case. The uninterrupted run is also the used run dir of
-    the refusal test (copied there)."""
+def restart(tmp_path_factory, uninterrupted_tiny_run):
+    """The uninterrupted run of the tiny default (tests/conftest.py, shared with tests/test_stop.py), and
+    the same run stopped after 3 steps and resumed. The stopped run is started with checkpoint.resume=true
+    into a fresh dir (as an auto-resubmitted job is), so its first launch is also the
+    resume-without-checkpoint case. The uninterrupted run is also the used run dir of the refusal test
+    (copied there)."""
     tmp = tmp_path_factory.mktemp("restart")
-    full, split = str(tmp / "full"), str(tmp / "split")
-    res = torchrun(2, [*BASE, f"run.dir={full}"])
-    assert res.returncode == 0, res.stdout[-3000:]
+    full, split = uninterrupted_tiny_run, str(tmp / "split")
     first = torchrun(2, [*BASE, f"run.dir={split}", "run.stop_after_steps=3", "checkpoint.resume=true"])
     assert first.returncode == 0, first.stdout[-3000:]
     first_rows = _rows(split)
@@ -54,7 +52,7 @@ def test_restart_continues_exactly(restart):
     assert "resumed from" in restart["resumed"].stdout
 
     a, b = _rows(full), _rows(split)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in b] == list(range(1, TINY_RUN_STEPS + 1))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)
         assert rb["samples_seen"] == ra["samples_seen"]

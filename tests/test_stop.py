@@ -17,12 +17,11 @@ import pytest
 from safetensors.torch import load_file
 
 from lib.trainer.checkpoint import latest_checkpoint
-from tests.helpers import REPO, cpu_env, launch, metric_rows, torchrun
+from tests.helpers import TINY_RUN, TINY_RUN_STEPS, REPO, cpu_env, launch, metric_rows, torchrun
 
 pytestmark = pytest.mark.integration
 
-TINY = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",
-        "train.warmup_steps=2"]
+TINY = TINY_RUN
 EXIT_STOPPED = 75
 
 
@@ -59,11 +58,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_to_launch_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_path):
-    steps = 10
-    full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    res = torchrun(2, [*TINY, f"train.max_steps={steps}", f"run.dir={full}"])
-    assert res.returncode == 0, res.stdout[-3000:]
+def test_sigterm_to_launch_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_path, uninterrupted_tiny_run):
+    steps, full, split = TINY_RUN_STEPS, uninterrupted_tiny_run, str(tmp_path / "split")
 
     proc = launch([*TINY, f"train.max_steps={steps}", f"run.dir={split}"])
     _wait_rows(split, proc, 2)
