@@ -16,7 +16,7 @@ STEPS = 4
 # Online evaluation every 2 steps rides along in every run (it does not touch training: the placements
 # must still train the same draft), so the evaluation test needs no launches of its own.
 SMALL = [f"train.max_steps={STEPS}", "engine.token_budget=384", "data.max_length=384", "eval.every=2",
-         "eval.num_prompts=4", "eval.max_new_tokens=16", "train.log_every=1"]
+         "eval.num_prompts=2", "eval.max_new_tokens=8", "train.log_every=1"]
 
 
 def _rows(run_dir: str) -> list[dict]:

@@ -21,7 +21,6 @@ from tests.helpers import TINY_RUN, TINY_RUN_STEPS, REPO, cpu_env, launch, metri
 
 pytestmark = pytest.mark.integration
 
-TINY = TINY_RUN
 EXIT_STOPPED = 75
 
 
@@ -61,7 +60,7 @@ def _alive(pid: int) -> bool:
 def test_sigterm_to_launch_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_path, uninterrupted_tiny_run):
     steps, full, split = TINY_RUN_STEPS, uninterrupted_tiny_run, str(tmp_path / "split")
 
-    proc = launch([*TINY, f"train.max_steps={steps}", f"run.dir={split}"])
+    proc = launch([*TINY_RUN, f"train.max_steps={steps}", f"run.dir={split}"])
     _wait_rows(split, proc, 2)
     ranks = _ranks(split)
     sent = time.time()
@@ -102,7 +101,7 @@ def test_sigterm_to_launch_checkpoints_the_step_in_flight_and_resumes_exactly(tm
 @pytest.mark.parametrize("target", ["engine", "torchrun"])
 def test_sigterm_to_one_rank_or_to_torchrun_stops_the_job_at_a_checkpoint(tmp_path, target):
     run_dir = str(tmp_path / "run")
-    proc = launch([*TINY, "train.max_steps=100000", f"run.dir={run_dir}"])
+    proc = launch([*TINY_RUN, "train.max_steps=100000", f"run.dir={run_dir}"])
     _wait_rows(run_dir, proc, 2)
     ranks = _ranks(run_dir)
     if target == "torchrun":
@@ -125,7 +124,7 @@ def test_sigterm_to_one_rank_or_to_torchrun_stops_the_job_at_a_checkpoint(tmp_pa
 
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     run_dir, marker = str(tmp_path / "run"), str(tmp_path / "saving")
-    proc = launch([*TINY, "train.max_steps=100000", "checkpoint.every=2", f"run.dir={run_dir}"],
+    proc = launch([*TINY_RUN, "train.max_steps=100000", "checkpoint.every=2", f"run.dir={run_dir}"],
                   {"SPECDRAFT_TEST_SAVE_PAUSE": "4:120", "SPECDRAFT_TEST_SAVE_MARKER": marker})
     end = time.time() + 240
     while not os.path.exists(marker) and time.time() < end and proc.poll() is None:
@@ -141,7 +140,7 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(ckpts, "step-4.tmp", "meta.json"))
     assert latest_checkpoint(run_dir) == os.path.join(ckpts, "step-2")  # ... and ignored
 
-    res = torchrun(2, [*TINY, "train.max_steps=3", f"run.dir={run_dir}", "checkpoint.resume=true"])
+    res = torchrun(2, [*TINY_RUN, "train.max_steps=3", f"run.dir={run_dir}", "checkpoint.resume=true"])
     assert res.returncode == 0, res.stdout[-3000:]
     assert f"resumed from {ckpts}/step-2 at step 2" in res.stdout
     assert metric_rows(run_dir)[-1]["step"] == 3
@@ -149,7 +148,7 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
 
 def test_a_hung_save_ends_within_its_bound_and_names_the_cause(tmp_path):
     run_dir = str(tmp_path / "run")
-    proc = launch([*TINY, "train.max_steps=1", "run.save_timeout_s=3", f"run.dir={run_dir}"],
+    proc = launch([*TINY_RUN, "train.max_steps=1", "run.save_timeout_s=3", f"run.dir={run_dir}"],
                   {"SPECDRAFT_TEST_SAVE_PAUSE": "1:600"})
     _wait_rows(run_dir, proc, 1)
     seen = time.time()
