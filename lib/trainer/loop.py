@@ -22,7 +22,7 @@ from lib.data.packing import position_key
 from lib.launch.sharding import full_model_state
 from lib.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.trainer.metric_sinks import config_dict
-from lib.trainer.metrics import MetricsWriter, plot_curves, write_summary
+from lib.trainer.metrics import MIN_PLOTTED_ROWS, MetricsWriter, plot_curves, write_summary
 from lib.trainer.optim import build_optimizer, clipped_step
 from lib.eval.online import TrainerEvaluator, eval_enabled
 from lib.launch.runtime import RunContext, peak_memory
@@ -116,7 +116,9 @@ def run_trainer(ctx: RunContext, source: Optional[PayloadSource] = None) -> None
         write_summary(ctx.run_dir, {"skipped_steps": counters["skipped_steps"],
                                     "skipped_samples": counters["skipped_samples"]})
     elif ctx.is_trainer_leader:
-        plot_curves(ctx.run_dir)
+        if not plot_curves(ctx.run_dir):
+            log.info("curves: fewer than %d training rows in metrics.jsonl, no PNGs drawn (lower train.log_every "
+                     "for more rows)", MIN_PLOTTED_ROWS)
         summary = write_summary(ctx.run_dir, {"skipped_steps": counters["skipped_steps"],
                                               "skipped_samples": counters["skipped_samples"]})
         last = summary.get("last", {})
