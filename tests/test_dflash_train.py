@@ -53,17 +53,20 @@ def test_dflash_dpace_resume_continues_exactly_like_an_uninterrupted_run(tmp_pat
     base = ["draft=dflash", "draft.options.loss_weights=dpace", "engine.token_budget=256", "data.max_length=256",
             "eval.every=0", "train.log_every=1", "train.warmup_steps=2", "train.max_steps=8", "checkpoint.every=4"]
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    losses = {}
-    # The resumed run starts from the uninterrupted run's directory as it stood at its step-4 checkpoint.
-    # Bare torchrun: launch.sh's own path is the test above's (saves its ~3 s a launch).
-    for name, extra in (("whole", []), ("split", ["checkpoint.resume=true"])):
-        if name == "split":
-            rewound_copy(whole, split, last_step=4, checkpoint="step-8")
-        res = torchrun(2, [*base, f"run.dir={tmp_path / name}", *extra], timeout=240)
+
+    def train(run_dir: str, *extra: str) -> tuple[str, dict]:
+        # Bare torchrun: launch.sh's own path is the test above's (saves its ~3 s a launch).
+        res = torchrun(2, [*base, f"run.dir={run_dir}", *extra], timeout=240)
         out = res.stdout + res.stderr
         assert res.returncode == 0, out[-3000:]
         assert "loss weights dpace (alpha 0.5)" in out, out[-3000:]
-        losses[name] = {r["step"]: r["loss"] for r in metric_rows(str(tmp_path / name))}
+        return out, {r["step"]: r["loss"] for r in metric_rows(run_dir)}
+
+    _, whole_losses = train(whole)
+    # The resumed run starts from the uninterrupted run's directory as it stood at its step-4 checkpoint.
+    rewound_copy(whole, split, last_step=4, checkpoint="step-8")
+    out, split_losses = train(split, "checkpoint.resume=true")
+    losses = {"whole": whole_losses, "split": split_losses}
     assert "resumed from" in out and "step-4" in out, out[-3000:]
     assert sorted(losses["split"]) == list(range(1, 9))
     for step in range(5, 9):
