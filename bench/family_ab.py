@@ -31,9 +31,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Families trained for EAGLE-3's time: their overrides and the draft lengths they are scored at
 # (block_size is filled in from --block-size).
 # Block drafts are scored at k=7 (issue 34's table, beside EAGLE-3 at k=7) and, for DFlash, at its whole block.
-MATCHED = {"dflash": (["draft=dflash", "draft.options.block_size={block}"], "[7,{last}]"),
+# "dflash" keeps the decay weighting every DFlash run before 2026-12-07 trained with; "dflash_dpace" is the default.
+MATCHED = {"dflash": (["draft=dflash", "draft.options.block_size={block}", "draft.options.loss_weights=decay"],
+                      "[7,{last}]"),
            "eagle3_1": (["draft=eagle3_1"], "[3,7]"),
-           # DFlash with D-PACE position weights (speculators' DFlash default) against the decay above
+           # DFlash with D-PACE position weights (the default here and in speculators) against the decay above
            "dflash_dpace": (["draft=dflash", "draft.options.block_size={block}", "draft.options.loss_weights=dpace"],
                             "[7,{last}]"),
            # the block successors at their own defaults (block 8: seven drafted tokens per round)

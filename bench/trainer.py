@@ -68,8 +68,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "eagle3": ("eagle3", ()),
     "eagle3_1": ("eagle3_1", ()),
     "peagle": ("peagle", ()),
-    "dflash": ("dflash", ()),
-    "dflash_dpace": ("dflash", ("draft.options.loss_weights=dpace",)),
+    "dflash": ("dflash", ("draft.options.loss_weights=decay",)),
+    "dflash_dpace": ("dflash", ()),  # the default weighting since 2026-12-07
     "dspark": ("dspark", ()),
     "dflash2": ("dflash2", ()),
     **{f"eagle3_{loss}": ("eagle3", (f"train.loss={loss}",)) for loss in ("lk", "lk_hybrid", "tv", "jsd")},

@@ -131,7 +131,7 @@ def test_block_loss_weights_positions_by_decay_and_counts_per_position():
     ids, loss_mask, positions, cu = packed()
     aux = torch.randn(ids.shape[0], c.fc_in_features)
     b = build_blocks(ids, loss_mask, positions, cu, torch.tensor([2, 6, 11]), 4, MASK)
-    opts = DFlashOptions(block_size=4, loss_gamma=0.5)  # the default at block 4 is 2
+    opts = DFlashOptions(block_size=4, loss_weights="decay", loss_gamma=0.5)  # the default gamma at block 4 is 2
     counts = b.valid().view(-1, 4)[:, 1:].float().sum(0)
     norm = (counts * opts.decay()).sum()
     batch = {"aux_hidden": aux, "position_ids": positions}
@@ -289,7 +289,7 @@ def test_compiled_elementwise_ops_give_the_eager_loss_metrics_and_gradients(devi
             p.add_(torch.randn(p.shape) * 0.1)
     draft = draft.to(device)
     draft.set_target_weights(draft.embed_tokens, draft.lm_head)
-    opts = DFlashOptions(block_size=4, loss_gamma=2.0)
+    opts = DFlashOptions(block_size=4, loss_weights="decay", loss_gamma=2.0)
     batches = []
     for lengths, seed in (((19, 14), 0), ((9,), 1)):
         ids, loss_mask, positions, cu = (t.to(device) for t in packed(lengths, vocab=c.vocab_size, seed=seed))

@@ -86,18 +86,22 @@ def test_dpace_block_loss_divides_by_the_count_and_logs_the_trained_loss():
 
 
 def test_loss_weights_option_choices_and_the_other_weightings_knobs_refused():
-    assert DFlashOptions().loss_weights is LossWeights.DECAY and DFlashOptions().alpha is None
-    assert torch.equal(DFlashOptions(block_size=4).position_weights(), DFlashOptions(block_size=4).decay())
+    # D-PACE is the default (it accepted more than decay on the real target); decay is one option away.
+    assert DFlashOptions().loss_weights is LossWeights.DPACE and DFlashOptions().alpha == 0.5
+    decay = DFlashOptions(block_size=4, loss_weights="decay")
+    assert decay.alpha is None and torch.equal(decay.position_weights(), decay.decay())
     assert DFlashOptions(loss_weights="dpace", dpace_alpha=0.25).alpha == 0.25
     with pytest.raises(ValueError, match=r"loss_weights='uniform' is not one of \['decay', 'dpace'\]"):
         DFlashOptions(loss_weights="uniform")
     with pytest.raises(ValueError, match="loss_gamma=4.0 applies to loss_weights=decay only"):
         DFlashOptions(loss_weights="dpace", loss_gamma=4.0)
     with pytest.raises(ValueError, match="dpace_alpha=0.5 applies to loss_weights=dpace only"):
-        DFlashOptions(dpace_alpha=0.5)
+        DFlashOptions(loss_weights="decay", dpace_alpha=0.5)
     with pytest.raises(ValueError, match=r"dpace_alpha=0.0 must be in \(0, 1\]"):
         DFlashOptions(loss_weights="dpace", dpace_alpha=0.0)
     cfg = compose(["draft=dflash", "draft.options.loss_weights=dpace", "draft.options.dpace_alpha=0.3"])
     options = get_strategy("dflash").options(cfg)
     assert options.loss_weights is LossWeights.DPACE and options.alpha == 0.3
-    assert get_strategy("dflash").options(compose(["draft=dflash"])).loss_weights is LossWeights.DECAY
+    assert get_strategy("dflash").options(compose(["draft=dflash"])).loss_weights is LossWeights.DPACE
+    decay = get_strategy("dflash").options(compose(["draft=dflash", "draft.options.loss_weights=decay"]))
+    assert decay.loss_weights is LossWeights.DECAY and decay.gamma == 7.0

@@ -108,7 +108,7 @@ def test_dpace_loss_weights_and_gradients_equal_speculators_on_the_same_logits()
 
     # decay: the same weights exp(-j/gamma) at drafted index j; speculators divides by the count,
     # we by the weighted count.
-    opts = DFlashOptions(block_size=block, loss_gamma=4.0)
+    opts = DFlashOptions(block_size=block, loss_weights="decay", loss_gamma=4.0)
     j = (torch.arange(valid.numel()) % block - 1)[valid]
     weighted_count = opts.decay()[j].sum()
     ours_decay = block_loss(draft, batch, blocks, opts.decay(), weighted_count, use_flex=False)[0]

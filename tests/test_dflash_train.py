@@ -23,6 +23,7 @@ def test_launch_sh_trains_dflash_with_falling_loss_online_eval_export_and_greedy
                    "eval.max_new_tokens=16", "train.log_every=5", "train.warmup_steps=2"])
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-3000:]
+    assert "loss weights dpace (alpha 0.5)" in out, out[-3000:]  # the default weighting
     rows = metric_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 21))
     early = sum(r["loss"] for r in rows[1:5]) / 4
@@ -44,13 +45,12 @@ def test_launch_sh_trains_dflash_with_falling_loss_online_eval_export_and_greedy
     assert k15["k"] == 15 and k15["matches_greedy"] is True and k15["tau"] >= 1.0
 
 
-def test_dflash_dpace_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    """Under D-PACE position weights (draft.options.loss_weights=dpace; the launch above trains with the
-    default decay): the option reaches the trainer, and resumed from the step-4 checkpoint of an 8-step run
-    (its directory as it stood then) equals the 8 steps: the checkpoint holds the draft and optimiser, the
-    anchors come from the run seed and each batch's tokens (no sampler state to lose), and D-PACE's weights
-    from each step's own forward."""
-    base = ["draft=dflash", "draft.options.loss_weights=dpace", "engine.token_budget=256", "data.max_length=256",
+def test_dflash_decay_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """Under the decay position weights (draft.options.loss_weights=decay; the launch above trains with the
+    default D-PACE): the option reaches the trainer, and resumed from the step-4 checkpoint of an 8-step run
+    (its directory as it stood then) equals the 8 steps: the checkpoint holds the draft and optimiser, and
+    the anchors come from the run seed and each batch's tokens (no sampler state to lose)."""
+    base = ["draft=dflash", "draft.options.loss_weights=decay", "engine.token_budget=256", "data.max_length=256",
             "eval.every=0", "train.log_every=1", "train.warmup_steps=2", "train.max_steps=8", "checkpoint.every=4"]
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
 
@@ -59,7 +59,7 @@ def test_dflash_dpace_resume_continues_exactly_like_an_uninterrupted_run(tmp_pat
         res = torchrun(2, [*base, f"run.dir={run_dir}", *extra], timeout=240)
         out = res.stdout + res.stderr
         assert res.returncode == 0, out[-3000:]
-        assert "loss weights dpace (alpha 0.5)" in out, out[-3000:]
+        assert "loss weights decay (gamma 7)" in out, out[-3000:]
         return out, {r["step"]: r["loss"] for r in metric_rows(run_dir)}
 
     _, whole_losses = train(whole)

@@ -50,7 +50,7 @@ class DFlashOptions:
     mask_token_id: Optional[int] = None
     loss_gamma: Optional[float] = None
     max_anchors: Optional[int] = None
-    loss_weights: LossWeights = LossWeights.DECAY
+    loss_weights: LossWeights = LossWeights.DPACE
     dpace_alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
