@@ -43,6 +43,8 @@ MATCHED = {"dflash": (["draft=dflash", "draft.options.block_size={block}", "draf
            "dflash2": (["draft=dflash2"], "[7]"),
            # P-EAGLE: k tokens from one draft forward per round
            "peagle": (["draft=peagle"], "[3,7]"),
+           # P-EAGLE at the depth AWS's published P-EAGLE drafts use (speculators' default is one layer)
+           "peagle_l4": (["draft=peagle", "draft.options.num_layers=4"], "[3,7]"),
            # EAGLE-3 under the acceptance-aligned losses (train.loss): EAGLE-3's cost per step
            **{f"eagle3_{loss}": ([f"train.loss={loss}"], "[3,7]") for loss in ("lk", "lk_hybrid", "tv", "jsd")}}
 

@@ -68,6 +68,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "eagle3": ("eagle3", ()),
     "eagle3_1": ("eagle3_1", ()),
     "peagle": ("peagle", ()),
+    "peagle_l4": ("peagle", ("draft.options.num_layers=4",)),
     "dflash": ("dflash", ("draft.options.loss_weights=decay",)),
     "dflash_dpace": ("dflash", ()),  # the default weighting since 2026-12-07
     "dspark": ("dspark", ()),
