@@ -30,6 +30,15 @@ def _kind(item: pytest.Item) -> str | None:
     return None
 
 
+def pytest_configure(config):
+    # Without a GPU, torch.compile runs Dynamo and AOT autograd but not Inductor's C++ code generation
+    # (lib/compiling.py says why); launched ranks inherit it. With one, every test compiles with Inductor.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("SPECDRAFT_COMPILE_BACKEND", "aot_eager")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so it sees one kind per test
 def pytest_collection_modifyitems(config, items):
     kinds = {item: _kind(item) for item in items}

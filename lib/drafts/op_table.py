@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
+from lib.compiling import compile_fn
 
 
 class OpTable:
@@ -21,7 +21,7 @@ class OpTable:
         """Route every op through its torch.compile'd version, or back to the eager function."""
         for name, fn in self._eager.items():
             if enabled and name not in self._compiled:
-                self._compiled[name] = torch.compile(fn, dynamic=True)
+                self._compiled[name] = compile_fn(fn, dynamic=True)
             setattr(self, name, self._compiled[name] if enabled else fn)
 
     def compiled(self) -> bool:

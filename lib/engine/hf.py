@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from lib.compiling import compile_fn
 from lib.data.batch import PackedBatch
 from lib.config import AttnImpl, EngineConfig, TargetConfig, VarlenKernel
 from lib.config import resolve_attn_impl as resolve_attn_choice
@@ -332,7 +333,7 @@ class HFBackend:
         for layer in layers:
             parts = [layer.self_attn, layer.mlp] if self._tp is not None else [layer]
             for part in parts:
-                part.forward = torch.compile(part.forward, dynamic=True)
+                part.forward = compile_fn(part.forward, dynamic=True)
 
     def _warmup(self) -> None:
         """One full-budget batch at load: compiles, and proves the budget fits in the memory cap now."""
