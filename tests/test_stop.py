@@ -105,7 +105,7 @@ def test_sigterm_to_one_rank_or_to_torchrun_stops_the_job_at_a_checkpoint(tmp_pa
     _wait_rows(run_dir, proc, 2)
     ranks = _ranks(run_dir)
     if target == "torchrun":
-        pid = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "torch.distributed.run"], capture_output=True,
+        pid = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "tools/torchrun.py"], capture_output=True,
                                  text=True).stdout.split()[0])
     else:
         pid = next(r["pid"] for r in ranks if r["role"] == target)
