@@ -348,4 +348,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from lib.launch.exiting import exit_without_teardown
+
+    # Only as a program (tests call main() in-process): main() has written and closed its report.
+    exit_without_teardown(main(sys.argv[1:]))

@@ -18,6 +18,7 @@ import torch
 from lib.config import ConfigError, Device, LaunchShape, compose, resolve
 from lib.config.check import prepare_run_dir, validate
 from lib.launch.stopping import install_stop_handlers, record_error
+from lib.launch.exiting import exit_without_teardown
 from lib.launch.runtime import RunContext, agree_run_dir, cap_process_memory, setup_logging, all_ranks_barrier  # noqa: E501
 from lib.target.checkpoint import prepare_target
 from lib.launch.topology import Role, Topology, build_groups, check_groups, destroy, gather_topology, init_world  # noqa: E501
@@ -159,4 +160,6 @@ def main(overrides: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Only as a program: main() has closed what it wrote (metrics, checkpoints, exports, the error
+    # file) and left its groups; tests that call main() in-process keep a normal interpreter.
+    exit_without_teardown(main(sys.argv[1:]))

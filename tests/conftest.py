@@ -83,3 +83,19 @@ def uninterrupted_tiny_run(tmp_path_factory) -> str:
     res = torchrun(2, [*TINY_RUN, f"train.max_steps={TINY_RUN_STEPS}", f"run.dir={run_dir}"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def time_limited_run(tmp_path_factory) -> tuple[str, str]:
+    """(run dir, log) of one launch of two colocated pairs of the tiny default that train.max_time_s=4
+    ends, with TensorBoard on and the acceptance-aligned loss (train.loss=lk): tests/test_time_limit.py
+    checks the time budget's end on it, tests/test_metric_sinks.py the event files and the lk loss
+    (both about a real run; a launch costs ~15 s of a 2-core CI machine, so they share one)."""
+    from tests.helpers import TINY_RUN, torchrun
+
+    run_dir = str(tmp_path_factory.mktemp("time_limited") / "run")
+    done = torchrun(4, [*TINY_RUN, f"run.dir={run_dir}", "train.max_steps=100000", "train.max_time_s=4",
+                        "metrics.tensorboard=true", "train.loss=lk"], timeout=240)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return run_dir, log

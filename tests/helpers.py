@@ -12,7 +12,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# torchrun as launch.sh runs it: torch.distributed.run's main() (tools/torchrun.py only skips its teardown).
+TORCHRUN = [sys.executable, os.path.join(REPO, "tools", "torchrun.py")]
 # The tiny default at its smallest batches, and the length of the shared uninterrupted run of it
 # (tests/conftest.py's uninterrupted_tiny_run).
 TINY_RUN = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",

@@ -49,13 +49,11 @@ def _bundle(group, weighting: str) -> DFlashBundle:
     return DFlashBundle(shard(module, group, torch.device("cpu")), draft_config=c, options=options, seed=0)
 
 
-def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    group = dist.group.WORLD
-    mine = [_batch(s) for s in batch_seeds[rank]]
+def _steps(group, world: int, mine: list[dict]) -> dict:
+    """Both weightings' gradients and metric row for this trainer's batches `mine`."""
     strategy = get_strategy("dflash")
     result = {}
-    for weighting in WEIGHTINGS:  # one process start for both: spawning dominates this test's time
+    for weighting in WEIGHTINGS:
         bundle = _bundle(group, weighting)
         contexts, norm = strategy.prepare(bundle, mine)
         norm = norm.float()
@@ -68,23 +66,34 @@ def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], out:
         dist.all_reduce(sums, group=group)
         grads = {n: p.grad.full_tensor().clone() for n, p in bundle.model.named_parameters() if p.grad is not None}
         result[weighting] = {"grads": grads, "row": strategy.summarize(sums)}
+    return result
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    """One start of 2 processes for every case (spawning dominates this test's time): the single trainer
+    with both batches runs on rank 0 over a group of its own, then the two trainers with one each."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    alone = dist.new_group([0])  # every rank takes part in creating a group, members or not
+    result = {}
+    if rank == 0:
+        result["one"] = _steps(alone, 1, [_batch(10), _batch(11)])
+    result["two"] = _steps(dist.group.WORLD, 2, [_batch(10 + rank)])
     torch.save(result, f"{out}-{rank}.pt")
     # Both ranks leave together: a rank tearing gloo down while its peer is still in the last
     # collective's cleanup aborted the peer once (std::terminate in gloo's pair threads).
-    dist.barrier(group=group)
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def _run(tmp_path, world: int, batch_seeds) -> list[dict]:
-    out = str(tmp_path / f"w{world}")
-    mp.start_processes(_worker, args=(world, f"file://{tmp_path}/store-{world}", batch_seeds, out), nprocs=world,
-                       join=True, start_method="spawn")
-    return [torch.load(f"{out}-{r}.pt") for r in range(world)]
+def _run(tmp_path) -> list[dict]:
+    out = str(tmp_path / "result")
+    mp.start_processes(_worker, args=(f"file://{tmp_path}/store", out), nprocs=2, join=True, start_method="spawn")
+    return [torch.load(f"{out}-{r}.pt") for r in range(2)]
 
 
 def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path):
-    ones = _run(tmp_path, 1, [[10, 11]])[0]
-    twos = _run(tmp_path, 2, [[10], [11]])
+    results = _run(tmp_path)
+    ones, twos = results[0]["one"], [r["two"] for r in results]
     for weighting in WEIGHTINGS:
         one, two = ones[weighting], [r[weighting] for r in twos]
         assert one["grads"] and one["grads"].keys() == two[0]["grads"].keys()

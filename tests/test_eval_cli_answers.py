@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch
 from lib.config import TINY_DATA_DIR, TINY_TARGET_DIR
 from lib.drafts.eagle3.export import export_draft
 from lib.target.weights import load_causal_lm
-from tests.helpers import REPO, cpu_env
+from tests.helpers import eval_main
 from tests.test_spec_decode import build_draft
 
 pytestmark = pytest.mark.integration
@@ -34,27 +32,29 @@ def heldout_file(path) -> list[dict]:
     return objs
 
 
-def run_eval(tmp_path, heldout) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, os.path.join(REPO, "eval.py"), "--draft", str(tmp_path / "draft"), "--out",
-           str(tmp_path / "out" / "eval.json"), "--no-progress", "--threads", "1", "--batch-size", "4",
-           "--answer-max-new-tokens", "24", f"data.heldout_path={heldout}", "eval.max_new_tokens=12",
-           "eval.draft_tokens=[1,3]"]
-    return subprocess.run(cmd, cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=300)
+def run_eval(tmp_path, heldout, capsys) -> tuple[int, str]:
+    """eval.py's main() in this process (its command line as a program is tests/test_spec_decode.py's
+    test_eval_cli_end_to_end); (exit code, what it printed)."""
+    capsys.readouterr()
+    code = eval_main(["--draft", str(tmp_path / "draft"), "--out", str(tmp_path / "out" / "eval.json"),
+                      "--no-progress", "--threads", "1", "--batch-size", "4", "--answer-max-new-tokens", "24",
+                      f"data.heldout_path={heldout}", "eval.max_new_tokens=12", "eval.draft_tokens=[1,3]"])
+    return code, capsys.readouterr().out
 
 
-def test_unanswered_heldout_prompts_are_answered_and_results_split_by_category(tmp_path):
+def test_unanswered_heldout_prompts_are_answered_and_results_split_by_category(tmp_path, capsys):
     target = load_causal_lm(TINY_TARGET_DIR, torch.float32, torch.device("cpu"))
     draft = build_draft(target, draft_vocab=800, std=0.2)
     export_draft(draft.state_dict(), draft.config, str(tmp_path / "draft"), dtype=torch.float32)
     source = heldout_file(tmp_path / "heldout.jsonl")
 
-    first = run_eval(tmp_path, tmp_path / "heldout.jsonl")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    code, first = run_eval(tmp_path, tmp_path / "heldout.jsonl", capsys)
+    assert code == 0, first[-3000:]
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     answers = report["heldout_answers"]
     assert answers["answered_lines"] == 2 and answers["reused"] is False and answers["dropped_lines"] == 0
     filled = answers["file"]
-    assert os.path.dirname(filled) == str(tmp_path / "out") and "the target answers them" in first.stdout
+    assert os.path.dirname(filled) == str(tmp_path / "out") and "the target answers them" in first
     with open(filled) as f:
         lines = [json.loads(x) for x in f]
     assert [line["conversations"] for line in lines[:4]] == [o["conversations"] for o in source[:4]]
@@ -75,12 +75,12 @@ def test_unanswered_heldout_prompts_are_answered_and_results_split_by_category(t
         produced = sum(g["tau"] * g["verify_rows"] for g in groups.values())
         assert produced == pytest.approx(row["tau"] * row["verify_rows"])
         assert len(groups["math"]["accept_rates"]) == row["k"] and row["matches_greedy"] is True
-    assert "per category" in first.stdout and "(all)" in first.stdout
+    assert "per category" in first and "(all)" in first
 
     stamp = os.stat(filled).st_mtime_ns
-    second = run_eval(tmp_path, tmp_path / "heldout.jsonl")
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    code, second = run_eval(tmp_path, tmp_path / "heldout.jsonl", capsys)
+    assert code == 0, second[-3000:]
     again = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert again["heldout_answers"]["reused"] is True and again["heldout_answers"]["file"] == filled
-    assert "reusing" in second.stdout and os.stat(filled).st_mtime_ns == stamp
+    assert "reusing" in second and os.stat(filled).st_mtime_ns == stamp
     assert [r["per_category"] for r in again["results"]] == [r["per_category"] for r in report["results"]]

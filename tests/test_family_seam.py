@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import uuid
 
@@ -19,7 +18,7 @@ import torch
 
 from lib.config import DRAFT_ROOTS_ENV, TINY_TARGET_DIR, ConfigError, compose
 from lib.drafts.base import family_of_export, get_strategy, known_strategies
-from tests.helpers import REPO, cpu_env, launch, metric_rows
+from tests.helpers import REPO, eval_main, launch, metric_rows
 from tests.toy_family import write_family
 
 
@@ -169,9 +168,9 @@ def test_a_toy_family_trains_exports_and_evaluates_with_no_draft_override(toy, t
     with open(run_dir / "draft" / "config.json") as f:
         assert json.load(f)["architectures"] == [f"{name}Draft"]
     result = tmp_path / "eval.json"
-    done = subprocess.run([sys.executable, "eval.py", "--draft", str(run_dir), "--out", str(result), "--no-progress",
-                           "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.draft_tokens=[2]"],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # eval.py's main() in this process (the family is found through $SPECDRAFT_DRAFT_ROOTS here as well);
+    # its command line as a program is tests/test_spec_decode.py's test_eval_cli_end_to_end.
+    assert eval_main(["--draft", str(run_dir), "--out", str(result), "--no-progress", "eval.num_prompts=2",
+                      "eval.max_new_tokens=8", "eval.draft_tokens=[2]"]) == 0
     (k2,) = json.loads(result.read_text())["results"]
     assert k2["k"] == 2 and k2["matches_greedy"] is True and 1.0 <= k2["tau"] <= 3.0

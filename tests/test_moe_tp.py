@@ -44,18 +44,20 @@ MEMBER_BATCHES = [batch_of((7, 30, 1), seed=1, first_id=0), batch_of((19, 35), s
                   batch_of((12,), seed=3, first_id=20), batch_of((3, 9, 25), seed=4, first_id=30)]
 
 
-def _member(rank: int, world: int, store_path: str, ckpt: str, out_dir: str, moe_impl: str) -> None:
+def _member(rank: int, world: int, store_path: str, cases: list[tuple[str, str]], out_dir: str) -> None:
+    """One member of a TP group; `cases` (checkpoint, moe_impl) run one after another in this one start."""
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         group = dist.new_group(list(range(world)), backend="gloo", use_local_synchronization=True)
-        backend = make_backend("hf")
-        backend.load(TargetConfig(path=ckpt, dtype="float32"),
-                     EngineConfig(tp=world, token_budget=BUDGET, moe_impl=moe_impl), CPU, group)
-        states = backend.capture(MEMBER_BATCHES[rank])
-        info = experts_info(moe_experts(backend.model.layers)[0])
-        torch.save({"states": states, "intermediate": info.intermediate}, os.path.join(out_dir, f"{rank}.pt"))
+        for i, (ckpt, moe_impl) in enumerate(cases):
+            backend = make_backend("hf")
+            backend.load(TargetConfig(path=ckpt, dtype="float32"),
+                         EngineConfig(tp=world, token_budget=BUDGET, moe_impl=moe_impl), CPU, group)
+            states = backend.capture(MEMBER_BATCHES[rank])
+            info = experts_info(moe_experts(backend.model.layers)[0])
+            torch.save({"states": states, "intermediate": info.intermediate}, os.path.join(out_dir, f"{i}-{rank}.pt"))
         dist.barrier()  # leave together (gloo's teardown under a peer's last collective can abort it)
     finally:
         dist.destroy_process_group()
@@ -73,19 +75,33 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("name,moe_impl,tp", [("tiny_moe", "grouped", 2), ("tiny_gpt_oss", "grouped", 2),
-                                              ("tiny_moe", "eager", 2),
-                                              # 4 members, 2 KV heads: each KV head on 2 members
-                                              ("tiny_gpt_oss", "grouped", 4)])
-def test_tp_equals_tp1_on_moe_targets(checkpoints, tmp_path, name, moe_impl, tp):
+CASES = [("tiny_moe", "grouped", 2), ("tiny_gpt_oss", "grouped", 2), ("tiny_moe", "eager", 2),
+         ("tiny_gpt_oss", "grouped", 4)]  # 4 members, 2 KV heads: each KV head on 2 members
+
+
+@pytest.fixture(scope="module")
+def captured(checkpoints, tmp_path_factory) -> dict[tuple[str, str, int], list[dict]]:
+    """Each case's per-member captures; the cases of one group size share one start of its processes
+    (spawning them costs more than the captures)."""
+    out = {}
+    for tp in sorted({tp for *_, tp in CASES}):
+        cases = [(name, moe_impl) for name, moe_impl, size in CASES if size == tp]
+        tmp = tmp_path_factory.mktemp(f"tp{tp}")
+        mp.spawn(_member, args=(tp, str(tmp / "store"), [(checkpoints[n], m) for n, m in cases], str(tmp)),
+                 nprocs=tp, join=True)
+        for i, (name, moe_impl) in enumerate(cases):
+            out[name, moe_impl, tp] = [torch.load(tmp / f"{i}-{rank}.pt") for rank in range(tp)]
+    return out
+
+
+@pytest.mark.parametrize("name,moe_impl,tp", CASES)
+def test_tp_equals_tp1_on_moe_targets(checkpoints, captured, name, moe_impl, tp):
     ckpt = checkpoints[name]
-    mp.spawn(_member, args=(tp, str(tmp_path / "store"), ckpt, str(tmp_path), moe_impl), nprocs=tp, join=True)
     single = make_backend("hf")
     single.load(TargetConfig(path=ckpt, dtype="float32"), EngineConfig(token_budget=BUDGET, moe_impl=moe_impl),
                 CPU, None)
     full_intermediate = experts_info(moe_experts(single.model.layers)[0]).intermediate
-    for rank in range(tp):
-        result = torch.load(tmp_path / f"{rank}.pt")
+    for rank, result in enumerate(captured[name, moe_impl, tp]):
         assert result["intermediate"] == full_intermediate // tp  # every expert really was split
         expected = single.capture(MEMBER_BATCHES[rank])
         for key in ("aux_hidden", "final_hidden"):

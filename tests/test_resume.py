@@ -1,6 +1,6 @@
 """Resume (fp32, CPU, real torchrun): k steps + restart + k steps equals 2k uninterrupted steps; a resume
 on another number of pairs trains every sample once and continues loss and schedule; a used run dir is
-refused unless resumed or overwritten."""
+refused unless resumed, and overwritten with run.overwrite=true."""
 from __future__ import annotations
 
 import json
@@ -29,20 +29,23 @@ def _rows(run_dir):
 @pytest.fixture(scope="module")
 def restart(tmp_path_factory, uninterrupted_tiny_run):
     """The uninterrupted run of the tiny default (tests/conftest.py, shared with tests/test_stop.py), and
-    the same run stopped after 3 steps and resumed. The stopped run is started with checkpoint.resume=true
-    into a fresh dir (as an auto-resubmitted job is), so its first launch is also the
-    resume-without-checkpoint case. The uninterrupted run is also the used run dir of the refusal test
-    (copied there)."""
+    the same run stopped after 3 steps and resumed. The stopped run is started with run.overwrite=true
+    into a copy of the finished uninterrupted run, so its first launch is also the overwrite case (the
+    used run dir is replaced by a fresh run). The uninterrupted run is also the used run dir of the
+    refusal test (copied there)."""
     tmp = tmp_path_factory.mktemp("restart")
     full, split = uninterrupted_tiny_run, str(tmp / "split")
-    first = torchrun(2, [*BASE, f"run.dir={split}", "run.stop_after_steps=3", "checkpoint.resume=true"])
+    shutil.copytree(full, split)
+    first = torchrun(2, [*BASE, f"run.dir={split}", "run.stop_after_steps=3", "run.overwrite=true"])
     assert first.returncode == 0, first.stdout[-3000:]
     first_rows = _rows(split)
+    checkpoints_after_first = sorted(os.listdir(os.path.join(split, "checkpoints")))
     checkpoint_after_first = os.path.isfile(os.path.join(split, "checkpoints", "step-3", "meta.json"))
     resumed = torchrun(2, [*BASE, f"run.dir={split}", "checkpoint.resume=true"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     return {"full": full, "split": split, "first": first, "first_rows": first_rows,
-            "checkpoint_after_first": checkpoint_after_first, "resumed": resumed}
+            "checkpoints_after_first": checkpoints_after_first, "checkpoint_after_first": checkpoint_after_first,
+            "resumed": resumed}
 
 
 def test_restart_continues_exactly(restart):
@@ -65,10 +68,12 @@ def test_restart_continues_exactly(restart):
         assert (wa[name] == wb[name]).all(), name
 
 
-def test_resume_without_checkpoint_starts_fresh(restart):
+def test_overwrite_replaces_a_used_run_dir_with_a_fresh_run(restart):
     first = restart["first"]
-    assert "no complete checkpoint" in first.stdout, first.stdout[-3000:]
+    assert "run.overwrite=true: removed the previous run's" in first.stdout, first.stdout[-3000:]
     assert "resumed from" not in first.stdout
+    # Only the new run's checkpoint: the finished run's were removed with its metrics and exports.
+    assert restart["checkpoints_after_first"] == ["step-3"]
     # Fresh: step 1 is the untrained step 1 of the uninterrupted run.
     rows, full = restart["first_rows"], _rows(restart["full"])
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -92,13 +97,16 @@ def _consumed(run_dir):
 
 def test_resume_on_another_number_of_pairs(tmp_path):
     """2 pairs for 2 steps, resume on 1 pair for 2, then on 2 again: DCP reshards the draft and its
-    optimizer, the data continues from the global position, the schedule continues."""
+    optimizer, the data continues from the global position, the schedule continues. The first launch
+    already has checkpoint.resume=true (as an auto-resubmitted job has) in a fresh dir: with no checkpoint
+    it starts fresh, which the rest of this test (data position, schedule) shows."""
     run = str(tmp_path / "run")
-    for nproc, extra, said in ((4, [], None), (2, ["checkpoint.resume=true"], "with 1 pair(s) instead of 2"),
-                               (4, ["checkpoint.resume=true"], "with 2 pair(s) instead of 1")):
-        res = torchrun(nproc, [*RESHARD, f"run.dir={run}", *extra])
+    for nproc, said in ((4, "no complete checkpoint"), (2, "with 1 pair(s) instead of 2"),
+                        (4, "with 2 pair(s) instead of 1")):
+        res = torchrun(nproc, [*RESHARD, f"run.dir={run}", "checkpoint.resume=true"])
         assert res.returncode == 0, res.stdout[-3000:]
-        assert said is None or said in res.stdout, res.stdout[-3000:]
+        assert said in res.stdout, res.stdout[-3000:]
+        assert ("resumed from" in res.stdout) == (said != "no complete checkpoint"), res.stdout[-3000:]
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
@@ -122,7 +130,7 @@ def test_resume_on_another_number_of_pairs(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_lambda(s + 1, 2, 6, 0.1) for s in range(6)], rel=1e-9)
 
 
-def test_a_reused_run_dir_is_refused_before_any_work_and_overwrite_replaces_the_run(tmp_path, restart):
+def test_a_reused_run_dir_is_refused_before_any_work(tmp_path, restart):
     """The issue's scenario: a second launch into a used run dir without checkpoint.resume=true."""
     run = str(tmp_path / "run")
     small = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.warmup_steps=0"]
@@ -144,8 +152,4 @@ def test_a_reused_run_dir_is_refused_before_any_work_and_overwrite_replaces_the_
     with open(os.path.join(run, "metrics.jsonl")) as f:
         assert f.read() == before
 
-    res = torchrun(2, [*small, "train.max_steps=1", f"run.dir={run}", "run.overwrite=true"])
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert "run.overwrite=true: removed the previous run's" in res.stdout
-    assert [r["step"] for r in _rows(run)] == [1]
-    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step-1"]
+    # run.overwrite=true replacing such a dir: test_overwrite_replaces_a_used_run_dir_with_a_fresh_run.

@@ -8,21 +8,15 @@ import re
 import pytest
 
 from lib.trainer.checkpoint import latest_checkpoint
-from tests.helpers import metric_rows, torchrun
+from tests.helpers import metric_rows
 
 pytestmark = pytest.mark.integration
 
-TINY = ["engine.token_budget=256", "data.max_length=256", "eval.every=0", "train.log_every=1",
-        "train.warmup_steps=2"]
 
-
-def test_time_budget_ends_run_at_a_checkpointed_step(tmp_path):
-    run_dir = str(tmp_path / "run")
-    # Two pairs: the trainers must agree on the last step or the next collective would hang.
-    done = torchrun(4, [*TINY, f"run.dir={run_dir}", "train.max_steps=100000", "train.max_time_s=4"],
-                    timeout=240)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
+def test_time_budget_ends_run_at_a_checkpointed_step(time_limited_run):
+    # Two pairs: the trainers must agree on the last step or the next collective would hang. The run
+    # (tests/conftest.py) also logs to TensorBoard with train.loss=lk for tests/test_metric_sinks.py.
+    run_dir, log = time_limited_run
     steps = [r["step"] for r in metric_rows(run_dir)]
     assert 1 < len(steps) < 100000
     assert steps == list(range(1, len(steps) + 1))
@@ -31,4 +25,3 @@ def test_time_budget_ends_run_at_a_checkpointed_step(tmp_path):
     assert latest_checkpoint(run_dir).endswith(f"step-{last}")
     assert os.path.isfile(os.path.join(run_dir, "draft", "config.json"))
     assert not os.path.exists(os.path.join(run_dir, "stopped.json"))  # a normal end, not a preemption
-

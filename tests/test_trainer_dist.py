@@ -53,13 +53,10 @@ def _bundle(group, recompute: bool = False) -> Eagle3Bundle:
     return Eagle3Bundle(shard(module, group, torch.device("cpu")), draft_config=cfg, target_head=head, ttt_length=TTT)
 
 
-def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_rank: int, out: str,
-            recompute: bool) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    group = dist.group.WORLD
+def _step(group, world: int, rank: int, seeds: list[int], nan: bool = False, recompute: bool = False) -> dict:
+    """One trainer's update as the trainer loop runs it (through the strategy), on the batches of `seeds`."""
     bundle = _bundle(group, recompute)
-    mine = [_batch(s, nan=(rank == nan_rank)) for s in batch_seeds[rank]]
-    # The loss step as the trainer loop runs it, through the strategy.
+    mine = [_batch(s, nan=nan) for s in seeds]
     strategy = get_strategy("eagle3")
     targets, counts = strategy.prepare(bundle, mine)
     counts = counts.float()
@@ -73,29 +70,44 @@ def _worker(rank: int, world: int, init: str, batch_seeds: list[list[int]], nan_
     norm, applied = apply_update(bundle, opt, max_norm=1e9)
     after = {n: p.full_tensor().clone() for n, p in bundle.model.named_parameters()}
     changed = any(not torch.equal(before[n], after[n]) for n in before)
-    torch.save({"grads": grads, "norm": norm, "applied": applied, "changed": changed}, f"{out}-{rank}.pt")
+    return {"grads": grads, "norm": norm, "applied": applied, "changed": changed}
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    """Every case in one start of 2 processes (spawning them dominates this module's time): the single
+    trainer with both batches runs on rank 0 over a group of its own, the two-trainer cases on both."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    alone = dist.new_group([0])  # every rank takes part in creating a group, members or not
+    result = {}
+    if rank == 0:
+        result["one"] = _step(alone, 1, 0, [10, 11])
+    world = dist.group.WORLD
+    result["plain"] = _step(world, 2, rank, [10 + rank])
+    result["two_recompute"] = _step(world, 2, rank, [10 + rank], recompute=True)
+    result["nan"] = _step(world, 2, rank, [10 + rank], nan=(rank == 1))
+    torch.save(result, f"{out}-{rank}.pt")
     dist.barrier()  # leave together: gloo's teardown while a peer is still in the last collective aborted it once
     dist.destroy_process_group()
 
 
-def _run(tmp_path, world: int, batch_seeds, nan_rank: int = -1, recompute: bool = False) -> list[dict]:
-    out = str(tmp_path / f"w{world}-{recompute}")
-    init = f"file://{tmp_path}/store-{world}-{nan_rank}-{recompute}"
-    mp.start_processes(_worker, args=(world, init, batch_seeds, nan_rank, out, recompute), nprocs=world, join=True,
-                       start_method="spawn")
-    return [torch.load(f"{out}-{r}.pt") for r in range(world)]
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    tmp_path = tmp_path_factory.mktemp("dist")
+    out = str(tmp_path / "result")
+    mp.start_processes(_worker, args=(f"file://{tmp_path}/store", out), nprocs=2, join=True, start_method="spawn")
+    return [torch.load(f"{out}-{r}.pt") for r in range(2)]
 
 
 @pytest.fixture(scope="module")
-def one(tmp_path_factory):
+def one(results) -> dict:
     """The single trainer's step on both batches: the reference of both parametrizations below."""
-    return _run(tmp_path_factory.mktemp("one"), 1, [[10, 11]])[0]
+    return results[0]["one"]
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "two_recompute"])
-def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp_path, one, recompute):
+def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(results, one, recompute):
     """Also with train.recompute on the two sharded trainers (FSDP2 regathers the weights for the rerun)."""
-    two = _run(tmp_path, 2, [[10], [11]], recompute=recompute)
+    two = [r["two_recompute" if recompute else "plain"] for r in results]
     assert one["applied"] and all(r["applied"] for r in two)
     assert one["grads"].keys() == two[0]["grads"].keys() and one["grads"]
     for name, g in one["grads"].items():
@@ -104,8 +116,8 @@ def test_two_trainers_produce_the_gradient_of_one_with_the_same_global_batch(tmp
     assert two[0]["norm"] == pytest.approx(one["norm"], rel=1e-5)
 
 
-def test_non_finite_gradient_on_one_rank_skips_the_update_on_all(tmp_path):
-    res = _run(tmp_path, 2, [[10], [11]], nan_rank=1)
+def test_non_finite_gradient_on_one_rank_skips_the_update_on_all(results):
+    res = [r["nan"] for r in results]
     for r in res:
         assert not r["applied"]
         assert not r["changed"]

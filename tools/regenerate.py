@@ -368,4 +368,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from lib.launch.exiting import exit_without_teardown
+
+    # Only as a program: main() has closed its part file and left its process group.
+    exit_without_teardown(main(sys.argv[1:]))
