@@ -32,7 +32,7 @@ def _kind(item: pytest.Item) -> str | None:
 
 def pytest_configure(config):
     # Without a GPU, torch.compile runs Dynamo and AOT autograd but not Inductor's C++ code generation
-    # (lib/compiling.py says why); launched ranks inherit it. With one, every test compiles with Inductor.
+    # (lib/launch/compiling.py says why); launched ranks inherit it. With one, every test compiles with Inductor.
     import torch
 
     if not torch.cuda.is_available():

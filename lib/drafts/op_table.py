@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lib.compiling import compile_fn
+from lib.launch.compiling import compile_fn
 
 
 class OpTable:

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from lib.compiling import compile_fn
+from lib.launch.compiling import compile_fn
 from lib.data.batch import PackedBatch
 from lib.config import AttnImpl, EngineConfig, TargetConfig, VarlenKernel
 from lib.config import resolve_attn_impl as resolve_attn_choice
